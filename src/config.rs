@@ -1,0 +1,787 @@
+//! The gateway's runtime configuration, built once from `gateway.yaml`.
+//!
+//! Loading goes text → YAML tree → `${VAR}` expansion → [`file::GatewayFile`] (strict serde
+//! mirror) → [`Config`]. Everything the request path needs is parsed here: URLs, socket
+//! addresses, durations, prebuilt client-auth headers, the STS HTTP client, and each route's
+//! exchange profile with its cache-key prefix. Any problem is a [`ConfigError`] naming the file
+//! and the key path, never a panic.
+
+pub mod env;
+pub mod file;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::secret::Secret;
+use file::{
+    AuthMethodFile, CacheFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
+    ServerFile, TokenServiceFile,
+};
+
+/// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
+const TOKEN_TYPES: &[(&str, &str)] = &[
+    ("access_token", "urn:ietf:params:oauth:token-type:access_token"),
+    ("refresh_token", "urn:ietf:params:oauth:token-type:refresh_token"),
+    ("id_token", "urn:ietf:params:oauth:token-type:id_token"),
+    ("jwt", "urn:ietf:params:oauth:token-type:jwt"),
+    ("saml1", "urn:ietf:params:oauth:token-type:saml1"),
+    ("saml2", "urn:ietf:params:oauth:token-type:saml2"),
+];
+
+/// The default `subject_token_type`: the caller presents an OAuth access token.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// A configuration error: which file, where in it, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// Key path such as `routes[1].exchange.token_service`; empty for whole-file errors.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it came from, as named on the command line (used in messages).
+    pub source: String,
+    pub server: ServerSettings,
+    pub token_services: BTreeMap<String, Arc<TokenService>>,
+    pub routes: Vec<Arc<Route>>,
+    pub cache: CacheSettings,
+}
+
+/// `server:` after validation.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub shutdown_timeout: Duration,
+    pub max_token_bytes: usize,
+}
+
+/// A Security Token Service the gateway exchanges tokens at.
+pub struct TokenService {
+    pub name: String,
+    pub token_endpoint: Url,
+    pub client_id: String,
+    /// The client secret, from the environment or a file.
+    pub client_secret: Secret,
+    pub client_auth: ClientAuth,
+    /// Total time one STS call may take; past it the caller gets 504.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Built once here with the connect timeout; the total timeout is set per request.
+    pub http: reqwest::Client,
+}
+
+impl fmt::Debug for TokenService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenService")
+            .field("name", &self.name)
+            .field("token_endpoint", &self.token_endpoint.as_str())
+            .field("client_id", &self.client_id)
+            .field("client_auth", &self.client_auth)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the gateway authenticates itself at the token endpoint (RFC 6749 §2.3.1).
+pub enum ClientAuth {
+    /// `Authorization: Basic` with the url-encoded id and secret; the header is prebuilt and
+    /// marked sensitive.
+    Basic { header: HeaderValue },
+    /// `client_id` and `client_secret` in the form body.
+    Post,
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientAuth::Basic { .. } => f.write_str("client_secret_basic"),
+            ClientAuth::Post => f.write_str("client_secret_post"),
+        }
+    }
+}
+
+/// One route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub host: Option<HostPattern>,
+    /// Starts with `/`; matches on whole path segments (see [`crate::router`]).
+    pub path_prefix: String,
+    pub upstream: Upstream,
+    pub exchange: Exchange,
+}
+
+/// `match.host`: exact (case-insensitive) or `*.suffix` (one or more labels before the suffix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    /// Holds the suffix including its leading dot, e.g. `.example.com`.
+    Suffix(String),
+}
+
+/// Where a route's requests go.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub url: Url,
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub sni: String,
+}
+
+/// What token, if any, a route sends upstream.
+#[derive(Debug)]
+pub enum Exchange {
+    /// `mode: none` — a public route; no token goes upstream at all.
+    None,
+    /// A token exchanged at a token service.
+    Token(Arc<ExchangeProfile>),
+}
+
+/// The exchange modes of DESIGN.md step 4 that call an STS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The caller's token is the subject; no actor.
+    Impersonation,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Impersonation => "impersonation",
+        }
+    }
+}
+
+/// Everything that decides what an exchange returns, fixed at load. Two routes with equal
+/// profiles may share cache entries; different profiles never do (the key prefix differs).
+#[derive(Debug)]
+pub struct ExchangeProfile {
+    pub mode: Mode,
+    pub service: Arc<TokenService>,
+    pub subject_token_type: String,
+    /// RFC 8693 §2.1 parameters other than the tokens, only those configured, in send order.
+    pub params: Vec<(&'static str, String)>,
+    /// SHA-256 over everything above: the first input of every cache key for this profile.
+    pub key_prefix: [u8; 32],
+}
+
+/// `cache:` after validation.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub max_entries: u64,
+    pub expiry_skew: Duration,
+    pub default_ttl: Duration,
+}
+
+impl Config {
+    /// Reads and validates `path`, expanding `${VAR}` from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: source.clone(),
+            path: String::new(),
+            message: format!("cannot read file: {e}"),
+        })?;
+        Config::from_yaml(&text, &source, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates YAML text; `source` names it in errors, `env` resolves `${VAR}`.
+    pub fn from_yaml(
+        text: &str,
+        source: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let err = |path: String, message: String| ConfigError {
+            file: source.to_string(),
+            path,
+            message,
+        };
+        let mut tree: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| err(String::new(), format!("invalid YAML: {e}")))?;
+        if tree.is_null() {
+            return Err(err(String::new(), "the file is empty".into()));
+        }
+        env::expand_tree(&mut tree, env).map_err(|(path, message)| err(path, message))?;
+        let raw: GatewayFile = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            err(path, describe_serde_error(&e.into_inner().to_string()))
+        })?;
+        let mut config = build(raw).map_err(|(path, message)| err(path, message))?;
+        config.source = source.to_string();
+        Ok(config)
+    }
+
+    /// A one-line summary for `txgate check`.
+    pub fn summary(&self) -> String {
+        let listen: Vec<String> = self.server.listen.iter().map(|a| a.to_string()).collect();
+        let admin = match self.server.admin_listen {
+            Some(a) => format!(", admin on {a}"),
+            None => String::new(),
+        };
+        format!(
+            "{}: ok: {} route{}, {} token service{}, listening on {}{}",
+            self.source,
+            self.routes.len(),
+            plural(self.routes.len()),
+            self.token_services.len(),
+            plural(self.token_services.len()),
+            listen.join(", "),
+            admin,
+        )
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// serde messages name Rust-side things ("a duration", "struct GatewayFile"); keep the useful
+/// part and drop serde_yaml's position suffix, which refers to the expanded tree, not the file.
+fn describe_serde_error(message: &str) -> String {
+    let message = match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    message.replace("unknown field", "unknown key")
+}
+
+type BuildResult<T> = Result<T, (String, String)>;
+
+fn build(raw: GatewayFile) -> BuildResult<Config> {
+    let GatewayFile {
+        server,
+        token_services,
+        routes,
+        cache,
+    } = raw;
+    crate::tls::install_crypto_provider();
+    let server = build_server(server)?;
+    let mut services = BTreeMap::new();
+    for (name, svc) in token_services {
+        let path = format!("token_services.{name}");
+        let built = build_token_service(&path, &name, svc)?;
+        services.insert(name, Arc::new(built));
+    }
+    let mut built_routes: Vec<Arc<Route>> = Vec::with_capacity(routes.len());
+    for (i, route) in routes.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        if let Some(first) = built_routes.iter().position(|r| r.name == route.name) {
+            return Err((
+                format!("{path}.name"),
+                format!(
+                    "duplicate route name \"{}\" (first used at routes[{first}])",
+                    route.name
+                ),
+            ));
+        }
+        built_routes.push(Arc::new(build_route(&path, route, &services)?));
+    }
+    if built_routes.is_empty() {
+        return Err(("routes".into(), "at least one route is required".into()));
+    }
+    Ok(Config {
+        source: String::new(),
+        server,
+        token_services: services,
+        routes: built_routes,
+        cache: build_cache(cache)?,
+    })
+}
+
+fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
+    let ServerFile {
+        listen,
+        admin_listen,
+        threads,
+        grace_period,
+        shutdown_timeout,
+        max_token_bytes,
+    } = raw;
+    if listen.is_empty() {
+        return Err((
+            "server.listen".into(),
+            "at least one listen address is required".into(),
+        ));
+    }
+    let listen = listen
+        .iter()
+        .enumerate()
+        .map(|(i, a)| socket_addr(&format!("server.listen[{i}]"), a))
+        .collect::<BuildResult<Vec<_>>>()?;
+    let admin_listen = admin_listen
+        .map(|a| socket_addr("server.admin_listen", &a))
+        .transpose()?;
+    let threads = threads.unwrap_or(1);
+    if threads == 0 {
+        return Err(("server.threads".into(), "must be at least 1".into()));
+    }
+    let max_token_bytes = max_token_bytes.unwrap_or(file::DEFAULT_MAX_TOKEN_BYTES);
+    if max_token_bytes == 0 {
+        return Err(("server.max_token_bytes".into(), "must be at least 1".into()));
+    }
+    Ok(ServerSettings {
+        listen,
+        admin_listen,
+        threads,
+        grace_period: grace_period.unwrap_or(file::DEFAULT_GRACE_PERIOD),
+        shutdown_timeout: shutdown_timeout.unwrap_or(file::DEFAULT_SHUTDOWN_TIMEOUT),
+        max_token_bytes,
+    })
+}
+
+fn socket_addr(path: &str, text: &str) -> BuildResult<SocketAddr> {
+    let invalid = |why: String| {
+        (
+            path.to_string(),
+            format!("invalid listen address \"{text}\": {why} (expected host:port)"),
+        )
+    };
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| invalid("it resolves to no address".into())),
+        Err(e) => Err(invalid(e.to_string())),
+    }
+}
+
+fn build_token_service(path: &str, name: &str, raw: TokenServiceFile) -> BuildResult<TokenService> {
+    let TokenServiceFile {
+        token_endpoint,
+        client_id,
+        client_secret,
+        client_secret_file,
+        auth_method,
+        timeout,
+        connect_timeout,
+    } = raw;
+    if !is_label(name) {
+        return Err((
+            path.into(),
+            "token service names may use only letters, digits, '-' and '_'".into(),
+        ));
+    }
+    let token_endpoint = http_url(&format!("{path}.token_endpoint"), &token_endpoint)?;
+    if client_id.is_empty() {
+        return Err((format!("{path}.client_id"), "must not be empty".into()));
+    }
+    let secret = match (client_secret, client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err((
+                path.into(),
+                "set either client_secret or client_secret_file, not both".into(),
+            ));
+        }
+        (Some(s), None) => Secret::new(s),
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                (
+                    format!("{path}.client_secret_file"),
+                    format!("cannot read \"{}\": {e}", file.display()),
+                )
+            })?;
+            Secret::new(text.trim_end_matches(['\r', '\n']))
+        }
+        (None, None) => {
+            return Err((
+                path.into(),
+                "one of client_secret or client_secret_file is required".into(),
+            ));
+        }
+    };
+    if secret.is_empty() {
+        return Err((
+            format!("{path}.client_secret"),
+            "the client secret is empty".into(),
+        ));
+    }
+    let client_auth = match auth_method {
+        AuthMethodFile::ClientSecretBasic => {
+            // RFC 6749 §2.3.1: id and secret are form-urlencoded before Base64.
+            let pair = format!(
+                "{}:{}",
+                form_encode(&client_id),
+                form_encode(secret.expose())
+            );
+            let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
+                .map_err(|_| {
+                    (
+                        format!("{path}.client_id"),
+                        "cannot be sent in a header".into(),
+                    )
+                })?;
+            header.set_sensitive(true);
+            ClientAuth::Basic { header }
+        }
+        AuthMethodFile::ClientSecretPost => ClientAuth::Post,
+    };
+    let timeout = positive(
+        &format!("{path}.timeout"),
+        timeout.unwrap_or(file::DEFAULT_STS_TIMEOUT),
+    )?;
+    let connect_timeout = positive(
+        &format!("{path}.connect_timeout"),
+        connect_timeout.unwrap_or(file::DEFAULT_STS_CONNECT_TIMEOUT),
+    )?
+    .min(timeout);
+    let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
+        (
+            path.into(),
+            format!("cannot build the HTTP client for this token service: {e}"),
+        )
+    })?;
+    Ok(TokenService {
+        name: name.to_string(),
+        token_endpoint,
+        client_id,
+        client_secret: secret,
+        client_auth,
+        timeout,
+        connect_timeout,
+        http,
+    })
+}
+
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn positive(path: &str, d: Duration) -> BuildResult<Duration> {
+    if d.is_zero() {
+        Err((path.into(), "must be greater than zero".into()))
+    } else {
+        Ok(d)
+    }
+}
+
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn http_url(path: &str, text: &str) -> BuildResult<Url> {
+    let url = Url::parse(text)
+        .map_err(|e| (path.to_string(), format!("invalid URL \"{text}\": {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err((
+            path.to_string(),
+            format!("invalid URL \"{text}\": the scheme must be http or https"),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err((
+            path.to_string(),
+            format!("invalid URL \"{text}\": a host is required"),
+        ));
+    }
+    Ok(url)
+}
+
+fn build_route(
+    path: &str,
+    raw: RouteFile,
+    services: &BTreeMap<String, Arc<TokenService>>,
+) -> BuildResult<Route> {
+    let RouteFile {
+        name,
+        r#match,
+        upstream,
+        exchange,
+    } = raw;
+    if !is_label(&name) {
+        return Err((
+            format!("{path}.name"),
+            format!("invalid route name \"{name}\": use 1-64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    let MatchFile { path_prefix, host } = r#match;
+    if !path_prefix.starts_with('/') {
+        return Err((
+            format!("{path}.match.path_prefix"),
+            format!("\"{path_prefix}\" must start with '/'"),
+        ));
+    }
+    let host = host
+        .map(|h| host_pattern(&format!("{path}.match.host"), &h))
+        .transpose()?;
+    let upstream = build_upstream(&format!("{path}.upstream"), &upstream)?;
+    let exchange = build_exchange(&format!("{path}.exchange"), exchange, services)?;
+    Ok(Route {
+        name,
+        host,
+        path_prefix,
+        upstream,
+        exchange,
+    })
+}
+
+fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
+    let lower = text.to_ascii_lowercase();
+    let valid_name = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+    };
+    if let Some(suffix) = lower.strip_prefix("*.") {
+        if valid_name(suffix) {
+            return Ok(HostPattern::Suffix(format!(".{suffix}")));
+        }
+    } else if valid_name(&lower) {
+        return Ok(HostPattern::Exact(lower));
+    }
+    Err((
+        path.into(),
+        format!("invalid host \"{text}\": expected a host name or *.suffix, without a port"),
+    ))
+}
+
+fn build_upstream(path: &str, text: &str) -> BuildResult<Upstream> {
+    let url = http_url(path, text)?;
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err((
+            path.into(),
+            format!("invalid upstream \"{text}\": only scheme, host and port are allowed"),
+        ));
+    }
+    let tls = url.scheme() == "https";
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let host_for_lookup = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (host_for_lookup, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            (
+                path.to_string(),
+                format!("cannot resolve upstream \"{host}\": {e}"),
+            )
+        })?
+        .next()
+        .ok_or_else(|| {
+            (
+                path.to_string(),
+                format!("upstream \"{host}\" resolves to no address"),
+            )
+        })?;
+    Ok(Upstream {
+        sni: host_for_lookup.to_string(),
+        url,
+        addr,
+        tls,
+    })
+}
+
+fn build_exchange(
+    path: &str,
+    raw: ExchangeFile,
+    services: &BTreeMap<String, Arc<TokenService>>,
+) -> BuildResult<Exchange> {
+    let ExchangeFile {
+        mode,
+        token_service,
+        audience,
+        resource,
+        scope,
+        subject_token_type,
+        requested_token_type,
+    } = raw;
+    let mode = match mode {
+        ModeFile::None => {
+            let configured = [
+                ("token_service", token_service.is_some()),
+                ("audience", !audience.is_empty()),
+                ("resource", !resource.is_empty()),
+                ("scope", scope.is_some()),
+                ("subject_token_type", subject_token_type.is_some()),
+                ("requested_token_type", requested_token_type.is_some()),
+            ];
+            if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
+                return Err((
+                    format!("{path}.{key}"),
+                    "mode none sends no token upstream; remove this key".into(),
+                ));
+            }
+            return Ok(Exchange::None);
+        }
+        ModeFile::Impersonation => Mode::Impersonation,
+        ModeFile::Delegation | ModeFile::ClientCredentials => {
+            let name = if mode == ModeFile::Delegation {
+                "delegation"
+            } else {
+                "client_credentials"
+            };
+            return Err((
+                format!("{path}.mode"),
+                format!("mode \"{name}\" is not available yet (available: impersonation, none)"),
+            ));
+        }
+    };
+    let service_name = token_service.ok_or_else(|| {
+        (
+            format!("{path}.token_service"),
+            format!("required for mode {}", mode.as_str()),
+        )
+    })?;
+    let service = services.get(&service_name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = services.keys().map(String::as_str).collect();
+        (
+            format!("{path}.token_service"),
+            format!(
+                "unknown token service \"{service_name}\" (known: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
+    })?;
+    let subject_token_type = match subject_token_type {
+        Some(t) => token_type(&format!("{path}.subject_token_type"), &t)?,
+        None => ACCESS_TOKEN_TYPE.to_string(),
+    };
+    let mut params: Vec<(&'static str, String)> = Vec::new();
+    for (i, a) in audience.into_iter().enumerate() {
+        if a.is_empty() {
+            return Err((format!("{path}.audience[{i}]"), "must not be empty".into()));
+        }
+        params.push(("audience", a));
+    }
+    for (i, r) in resource.into_iter().enumerate() {
+        // RFC 8693 §2.1: a resource is an absolute URI without a fragment.
+        let url = Url::parse(&r).map_err(|e| {
+            (
+                format!("{path}.resource[{i}]"),
+                format!("invalid URL \"{r}\": {e}"),
+            )
+        })?;
+        if url.fragment().is_some() {
+            return Err((
+                format!("{path}.resource[{i}]"),
+                format!("\"{r}\" must not have a fragment"),
+            ));
+        }
+        params.push(("resource", r));
+    }
+    if let Some(scope) = scope {
+        if scope.split(' ').any(str::is_empty) {
+            return Err((
+                format!("{path}.scope"),
+                "scopes are separated by single spaces (RFC 6749 §3.3)".into(),
+            ));
+        }
+        params.push(("scope", scope));
+    }
+    if let Some(t) = requested_token_type {
+        params.push((
+            "requested_token_type",
+            token_type(&format!("{path}.requested_token_type"), &t)?,
+        ));
+    }
+    let key_prefix = profile_digest(mode, &service, &subject_token_type, &params);
+    Ok(Exchange::Token(Arc::new(ExchangeProfile {
+        mode,
+        service,
+        subject_token_type,
+        params,
+        key_prefix,
+    })))
+}
+
+fn token_type(path: &str, text: &str) -> BuildResult<String> {
+    if let Some((_, urn)) = TOKEN_TYPES.iter().find(|(short, _)| *short == text) {
+        return Ok((*urn).to_string());
+    }
+    if text.starts_with("urn:") && !text.contains(char::is_whitespace) {
+        return Ok(text.to_string());
+    }
+    let short: Vec<&str> = TOKEN_TYPES.iter().map(|(s, _)| *s).collect();
+    Err((
+        path.into(),
+        format!(
+            "unknown token type \"{text}\" (expected one of {} or a urn: URI)",
+            short.join(", ")
+        ),
+    ))
+}
+
+/// Length-prefixed SHA-256 over the profile, so no two distinct profiles collide by
+/// concatenation.
+fn profile_digest(
+    mode: Mode,
+    service: &TokenService,
+    subject_token_type: &str,
+    params: &[(&'static str, String)],
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut put = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    put(b"txgate-exchange-profile-v1");
+    put(mode.as_str().as_bytes());
+    put(service.name.as_bytes());
+    put(service.token_endpoint.as_str().as_bytes());
+    put(service.client_id.as_bytes());
+    put(subject_token_type.as_bytes());
+    for (k, v) in params {
+        put(k.as_bytes());
+        put(v.as_bytes());
+    }
+    h.finalize().into()
+}
+
+fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
+    let CacheFile {
+        max_entries,
+        expiry_skew,
+        default_ttl,
+    } = raw;
+    let max_entries = max_entries.unwrap_or(file::DEFAULT_CACHE_MAX_ENTRIES);
+    if max_entries == 0 {
+        return Err(("cache.max_entries".into(), "must be at least 1".into()));
+    }
+    Ok(CacheSettings {
+        max_entries,
+        expiry_skew: expiry_skew.unwrap_or(file::DEFAULT_CACHE_EXPIRY_SKEW),
+        default_ttl: positive(
+            "cache.default_ttl",
+            default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
+        )?,
+    })
+}

@@ -1,0 +1,235 @@
+//! The one error type of the request path, and its single translation into a response.
+//!
+//! Every way a request can fail before reaching the upstream is a [`GatewayError`]. Its
+//! [`status`](GatewayError::status), [`outcome`](GatewayError::outcome) and public body are
+//! decided here and nowhere else (DESIGN.md steps 2 and 6). Public messages reveal nothing
+//! internal: no STS error text, no endpoint, no token.
+
+use std::time::Duration;
+
+use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError};
+
+/// The realm in every `WWW-Authenticate` challenge (RFC 6750 §3).
+pub const REALM: &str = "txgate";
+
+/// Why the gateway answered a request itself instead of forwarding it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches the request")]
+    NoRoute,
+    /// No `Authorization: Bearer` credential (RFC 6750 §3.1: no error code in the challenge).
+    #[error("no bearer token")]
+    MissingToken,
+    /// More than one `Authorization` header.
+    #[error("more than one Authorization header")]
+    DuplicateCredential,
+    /// A bearer credential that is not RFC 6750 §2.1 syntax.
+    #[error("malformed bearer credential: {0}")]
+    MalformedCredential(&'static str),
+    #[error("bearer token longer than {0} bytes")]
+    TokenTooLarge(usize),
+    /// The caller's token appears in the request URL outside `access_token`.
+    #[error("the bearer token appears in the request URL")]
+    TokenInUrl,
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+}
+
+impl GatewayError {
+    /// The HTTP status the caller gets.
+    pub fn status(&self) -> u16 {
+        match self {
+            GatewayError::NoRoute => 404,
+            GatewayError::MissingToken | GatewayError::TokenTooLarge(_) => 401,
+            GatewayError::DuplicateCredential
+            | GatewayError::MalformedCredential(_)
+            | GatewayError::TokenInUrl => 400,
+            GatewayError::Exchange(e) => match e {
+                ExchangeError::SubjectRejected { .. } => 401,
+                ExchangeError::Forbidden { .. } => 403,
+                ExchangeError::ClientRejected { .. } | ExchangeError::BadResponse(_) => 502,
+                ExchangeError::Unavailable { .. } => 503,
+                ExchangeError::Timeout(_) => 504,
+            },
+        }
+    }
+
+    /// A short, bounded label for metrics and access logs.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "no_route",
+            GatewayError::MissingToken => "missing_token",
+            GatewayError::DuplicateCredential => "duplicate_credential",
+            GatewayError::MalformedCredential(_) => "malformed_credential",
+            GatewayError::TokenTooLarge(_) => "token_too_large",
+            GatewayError::TokenInUrl => "token_in_url",
+            GatewayError::Exchange(e) => e.outcome(),
+        }
+    }
+
+    /// The OAuth error code of the body and of the `WWW-Authenticate` challenge.
+    pub fn code(&self) -> &'static str {
+        match self.status() {
+            400 => "invalid_request",
+            401 if matches!(self, GatewayError::MissingToken) => "unauthorized",
+            401 => "invalid_token",
+            403 => "insufficient_scope",
+            404 => "not_found",
+            503 => "temporarily_unavailable",
+            504 => "gateway_timeout",
+            _ => "bad_gateway",
+        }
+    }
+
+    /// The public description: what the caller can act on, nothing internal.
+    pub fn description(&self) -> &'static str {
+        match self {
+            GatewayError::NoRoute => "no route matches this request",
+            GatewayError::MissingToken => "a bearer token is required",
+            GatewayError::DuplicateCredential => "send exactly one Authorization header",
+            GatewayError::MalformedCredential(why) => why,
+            GatewayError::TokenTooLarge(_) => "the bearer token is too large",
+            GatewayError::TokenInUrl => "bearer tokens must not be sent in the URL",
+            GatewayError::Exchange(e) => match e {
+                ExchangeError::SubjectRejected { .. } => "the bearer token was rejected",
+                ExchangeError::Forbidden { .. } => {
+                    "the bearer token does not grant access to this resource"
+                }
+                ExchangeError::ClientRejected { .. } | ExchangeError::BadResponse(_) => {
+                    "the token exchange failed"
+                }
+                ExchangeError::Unavailable { .. } => {
+                    "the token service is unavailable; retry later"
+                }
+                ExchangeError::Timeout(_) => "the token service did not answer in time",
+            },
+        }
+    }
+
+    /// RFC 6750 §3 challenge for 400/401/403; `None` for other statuses.
+    pub fn www_authenticate(&self) -> Option<String> {
+        match self.status() {
+            401 if matches!(self, GatewayError::MissingToken) => {
+                Some(format!("Bearer realm=\"{REALM}\""))
+            }
+            400 | 401 | 403 => Some(format!(
+                "Bearer realm=\"{REALM}\", error=\"{}\", error_description=\"{}\"",
+                self.code(),
+                self.description()
+            )),
+            _ => None,
+        }
+    }
+
+    /// `Retry-After` for 503 answers.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::Exchange(ExchangeError::Unavailable { retry_after, .. }) => {
+                Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
+            }
+            _ => None,
+        }
+    }
+
+    /// The JSON body: `{"error": ..., "error_description": ...}`.
+    pub fn body(&self) -> String {
+        serde_json::json!({
+            "error": self.code(),
+            "error_description": self.description(),
+        })
+        .to_string()
+    }
+
+    /// Logs the error at the level its cause deserves: our own credentials being rejected is an
+    /// operator problem (`error!`), an STS outage a warning, a bad caller token only `debug!`.
+    pub fn log(&self, route: &str) {
+        let outcome = self.outcome();
+        match self {
+            GatewayError::Exchange(ExchangeError::ClientRejected { .. }) => {
+                tracing::error!(route, outcome, error = %self, "token service rejected the gateway's credentials; check client_id and secret");
+            }
+            GatewayError::Exchange(
+                ExchangeError::BadResponse(_)
+                | ExchangeError::Unavailable { .. }
+                | ExchangeError::Timeout(_),
+            ) => tracing::warn!(route, outcome, error = %self, "token exchange failed"),
+            _ => tracing::debug!(route, outcome, error = %self, "request rejected"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_matches_the_design() {
+        let ex = |e| GatewayError::Exchange(e);
+        let cases = [
+            (GatewayError::NoRoute, 404),
+            (GatewayError::MissingToken, 401),
+            (GatewayError::DuplicateCredential, 400),
+            (GatewayError::TokenTooLarge(10), 401),
+            (
+                ex(ExchangeError::SubjectRejected {
+                    code: "invalid_grant".into(),
+                }),
+                401,
+            ),
+            (
+                ex(ExchangeError::Forbidden {
+                    code: "invalid_target".into(),
+                }),
+                403,
+            ),
+            (
+                ex(ExchangeError::ClientRejected {
+                    status: 401,
+                    code: "invalid_client".into(),
+                }),
+                502,
+            ),
+            (
+                ex(ExchangeError::Unavailable {
+                    detail: String::new(),
+                    retry_after: None,
+                }),
+                503,
+            ),
+            (ex(ExchangeError::Timeout(Duration::from_secs(1))), 504),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.status(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn challenges_follow_rfc_6750() {
+        assert_eq!(
+            GatewayError::MissingToken.www_authenticate().unwrap(),
+            "Bearer realm=\"txgate\""
+        );
+        let rejected = GatewayError::Exchange(ExchangeError::SubjectRejected {
+            code: "invalid_grant".into(),
+        });
+        assert!(
+            rejected
+                .www_authenticate()
+                .unwrap()
+                .starts_with("Bearer realm=\"txgate\", error=\"invalid_token\"")
+        );
+        assert!(GatewayError::NoRoute.www_authenticate().is_none());
+    }
+
+    #[test]
+    fn bodies_reveal_no_internal_detail() {
+        let e = GatewayError::Exchange(ExchangeError::BadResponse(
+            "HTTP 400 with unknown error code \"secret-internal\"".into(),
+        ));
+        assert!(!e.body().contains("secret-internal"));
+        assert_eq!(
+            e.body(),
+            r#"{"error":"bad_gateway","error_description":"the token exchange failed"}"#
+        );
+    }
+}

@@ -1,0 +1,385 @@
+//! OAuth 2.0 Token Exchange (RFC 8693) at a token service.
+//!
+//! One function, [`exchange`], sends the §2.1 request for an [`ExchangeProfile`] and turns the
+//! answer into an [`ExchangedToken`] or an [`ExchangeError`] whose variant decides the caller's
+//! status (DESIGN.md step 6). The STS is a remote dependency that can be slow, down, or wrong,
+//! so the whole call is bounded by the token service's `timeout`, the answer's body is capped,
+//! and the JSON is read defensively: RFC 8693 §2.2.1 says `issued_token_type` and `token_type`
+//! are required, but real servers omit them (Entra's on-behalf-of has no `issued_token_type`),
+//! send `expires_in` as a string, or answer `N_A`.
+
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode, header};
+use serde::Deserialize;
+
+use crate::config::{ClientAuth, ExchangeProfile, TokenService};
+
+/// RFC 8693 §2.1 `grant_type`.
+pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The largest STS answer read; token responses are a few KiB at most.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// `Retry-After` sent to callers when the STS is unavailable and gave no hint of its own.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// Longest lifetime believed from `expires_in`; longer values are clamped.
+const MAX_EXPIRES_IN: Duration = Duration::from_secs(24 * 3600);
+
+/// Builds the HTTP client for one token service. Called once per token service at config load;
+/// the total timeout is applied per call by [`exchange`].
+pub fn http_client(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    crate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        // A token endpoint that redirects would make us resend credentials elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("txgate/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
+/// A token issued by the STS.
+pub struct ExchangedToken {
+    pub access_token: String,
+    /// `expires_in`, clamped to a day; `None` when the STS omitted it.
+    pub expires_in: Option<Duration>,
+    pub issued_token_type: Option<String>,
+}
+
+/// Why an exchange failed. Each variant maps to one caller status (see [`crate::error`]).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExchangeError {
+    /// `invalid_grant` / `invalid_request`: the STS rejected the caller's token.
+    #[error("the token service rejected the subject token ({code})")]
+    SubjectRejected { code: String },
+    /// `invalid_target` / `invalid_scope` / `unauthorized_client` / `access_denied`.
+    #[error("the token service refused the requested access ({code})")]
+    Forbidden { code: String },
+    /// `invalid_client` (or a bare 401): the gateway's own credentials are wrong.
+    #[error("the token service rejected the gateway's client credentials (HTTP {status}, {code})")]
+    ClientRejected { status: u16, code: String },
+    /// 5xx, 429, or no connection.
+    #[error("the token service is unavailable ({detail})")]
+    Unavailable {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    /// No complete answer within the token service's `timeout`.
+    #[error("the token service did not answer within {0:?}")]
+    Timeout(Duration),
+    /// An answer the gateway cannot use.
+    #[error("the token service sent an unusable answer: {0}")]
+    BadResponse(String),
+}
+
+impl ExchangeError {
+    /// The `outcome` label of `txgate_token_exchanges_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ExchangeError::SubjectRejected { .. } => "subject_rejected",
+            ExchangeError::Forbidden { .. } => "forbidden",
+            ExchangeError::ClientRejected { .. } => "client_rejected",
+            ExchangeError::Unavailable { .. } => "unavailable",
+            ExchangeError::Timeout(_) => "timeout",
+            ExchangeError::BadResponse(_) => "bad_response",
+        }
+    }
+}
+
+/// Exchanges `subject_token` per `profile` (RFC 8693 §2.1). Called on a cache miss; the caller
+/// coalesces concurrent misses, so this runs once per key at a time.
+pub async fn exchange(
+    profile: &ExchangeProfile,
+    subject_token: &str,
+) -> Result<ExchangedToken, ExchangeError> {
+    let service = &profile.service;
+    let body = form_body(profile, subject_token);
+    let call = send(service, body);
+    match tokio::time::timeout(service.timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(ExchangeError::Timeout(service.timeout)),
+    }
+}
+
+/// The §2.1 form: grant type, subject, configured parameters, and client credentials when the
+/// service authenticates with `client_secret_post`.
+fn form_body(profile: &ExchangeProfile, subject_token: &str) -> String {
+    let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
+        256 + subject_token.len(),
+    ));
+    form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT);
+    form.append_pair("subject_token", subject_token);
+    form.append_pair("subject_token_type", &profile.subject_token_type);
+    for (key, value) in &profile.params {
+        form.append_pair(key, value);
+    }
+    if let ClientAuth::Post = &profile.service.client_auth {
+        form.append_pair("client_id", &profile.service.client_id);
+        form.append_pair("client_secret", profile.service.client_secret.expose());
+    }
+    form.finish()
+}
+
+async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, ExchangeError> {
+    let mut request = service
+        .http
+        .post(service.token_endpoint.clone())
+        .timeout(service.timeout)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .body(body);
+    if let ClientAuth::Basic { header } = &service.client_auth {
+        request = request.header(header::AUTHORIZATION, header.clone());
+    }
+    let mut response = request.send().await.map_err(transport_error)?;
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(parse_retry_after);
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport_error)? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(ExchangeError::BadResponse(format!(
+                "response body larger than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    interpret(status, retry_after, &body)
+}
+
+fn transport_error(e: reqwest::Error) -> ExchangeError {
+    if e.is_timeout() && !e.is_connect() {
+        // reqwest's own total timeout equals ours; report it the same way.
+        return ExchangeError::Timeout(Duration::ZERO);
+    }
+    let detail = if e.is_connect() {
+        "cannot connect"
+    } else {
+        "connection failed"
+    };
+    ExchangeError::Unavailable {
+        detail: detail.to_string(),
+        retry_after: None,
+    }
+}
+
+/// `Retry-After` as delta-seconds (RFC 9110 §10.2.3); HTTP dates are ignored.
+fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let secs: u64 = value.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.min(3600)))
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: Option<serde_json::Value>,
+    token_type: Option<serde_json::Value>,
+    issued_token_type: Option<serde_json::Value>,
+    expires_in: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ErrorResponse {
+    error: Option<serde_json::Value>,
+}
+
+/// Turns an STS answer into a token or an error (RFC 8693 §2.2.1 and §2.2.2, RFC 6749 §5.2).
+pub(crate) fn interpret(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<ExchangedToken, ExchangeError> {
+    if status == StatusCode::OK {
+        return parse_success(body);
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Err(ExchangeError::Unavailable {
+            detail: format!("HTTP {}", status.as_u16()),
+            retry_after,
+        });
+    }
+    let code = serde_json::from_slice::<ErrorResponse>(body)
+        .ok()
+        .and_then(|e| e.error)
+        .and_then(|e| e.as_str().map(str::to_string));
+    match (status.as_u16(), code.as_deref()) {
+        (400 | 401 | 403, Some("invalid_grant" | "invalid_request")) => {
+            Err(ExchangeError::SubjectRejected {
+                code: code.unwrap_or_default(),
+            })
+        }
+        (
+            400 | 401 | 403,
+            Some("invalid_target" | "invalid_scope" | "unauthorized_client" | "access_denied"),
+        ) => Err(ExchangeError::Forbidden {
+            code: code.unwrap_or_default(),
+        }),
+        (400 | 401, Some("invalid_client" | "unsupported_grant_type")) | (401, None) => {
+            Err(ExchangeError::ClientRejected {
+                status: status.as_u16(),
+                code: code.unwrap_or_else(|| "no error code".into()),
+            })
+        }
+        (_, Some("temporarily_unavailable" | "server_error")) => {
+            Err(ExchangeError::Unavailable {
+                detail: code.unwrap_or_default(),
+                retry_after,
+            })
+        }
+        (s, Some(other)) => Err(ExchangeError::BadResponse(format!(
+            "HTTP {s} with unknown error code \"{}\"",
+            other.chars().take(64).collect::<String>()
+        ))),
+        (s, None) => Err(ExchangeError::BadResponse(format!(
+            "HTTP {s} without an OAuth error body"
+        ))),
+    }
+}
+
+fn parse_success(body: &[u8]) -> Result<ExchangedToken, ExchangeError> {
+    let bad = |m: &str| ExchangeError::BadResponse(m.to_string());
+    let parsed: TokenResponse =
+        serde_json::from_slice(body).map_err(|_| bad("the token response is not a JSON object"))?;
+    let access_token = match parsed.access_token {
+        Some(serde_json::Value::String(t)) if !t.is_empty() => t,
+        Some(_) => return Err(bad("access_token is not a non-empty string")),
+        None => return Err(bad("the token response has no access_token")),
+    };
+    // The token goes into an Authorization header: RFC 6750 b64token characters only.
+    if !access_token.bytes().all(is_token_char) {
+        return Err(bad("access_token has characters not allowed in a bearer token"));
+    }
+    match parsed.token_type {
+        None => {}
+        Some(serde_json::Value::String(t))
+            if t.eq_ignore_ascii_case("bearer") || t == "N_A" => {}
+        Some(_) => {
+            return Err(bad(
+                "token_type is neither Bearer nor N_A; the gateway forwards bearer tokens only",
+            ));
+        }
+    }
+    let issued_token_type = match parsed.issued_token_type {
+        Some(serde_json::Value::String(t)) => Some(t),
+        None | Some(serde_json::Value::Null) => None,
+        Some(_) => return Err(bad("issued_token_type is not a string")),
+    };
+    let expires_in = match parsed.expires_in {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) => Some(seconds(n.as_f64())?),
+        Some(serde_json::Value::String(s)) => Some(seconds(s.trim().parse::<f64>().ok())?),
+        Some(_) => return Err(bad("expires_in is not a number")),
+    };
+    Ok(ExchangedToken {
+        access_token,
+        expires_in,
+        issued_token_type,
+    })
+}
+
+/// `expires_in` as a duration: negative means already expired, huge is clamped.
+fn seconds(value: Option<f64>) -> Result<Duration, ExchangeError> {
+    match value {
+        Some(v) if v.is_finite() => Ok(Duration::from_secs_f64(v.max(0.0)).min(MAX_EXPIRES_IN)),
+        _ => Err(ExchangeError::BadResponse(
+            "expires_in is not a number".into(),
+        )),
+    }
+}
+
+/// RFC 6750 §2.1 b64token characters, plus the trailing `=` padding.
+pub fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Result<ExchangedToken, ExchangeError> {
+        interpret(StatusCode::OK, None, body.as_bytes())
+    }
+
+    fn err(status: u16, body: &str) -> ExchangeError {
+        match interpret(StatusCode::from_u16(status).unwrap(), None, body.as_bytes()) {
+            Err(e) => e,
+            Ok(_) => panic!("expected an error for {status} {body}"),
+        }
+    }
+
+    #[test]
+    fn full_response_is_parsed() {
+        let t = ok(r#"{"access_token":"abc.def.ghi","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","token_type":"Bearer","expires_in":300}"#).unwrap();
+        assert_eq!(t.access_token, "abc.def.ghi");
+        assert_eq!(t.expires_in, Some(Duration::from_secs(300)));
+        assert!(t.issued_token_type.is_some());
+    }
+
+    #[test]
+    fn optional_fields_may_be_missing_or_odd() {
+        let t = ok(r#"{"access_token":"x"}"#).unwrap();
+        assert_eq!(t.expires_in, None);
+        assert_eq!(t.issued_token_type, None);
+        let t = ok(r#"{"access_token":"x","token_type":"N_A","expires_in":"120"}"#).unwrap();
+        assert_eq!(t.expires_in, Some(Duration::from_secs(120)));
+        let t = ok(r#"{"access_token":"x","expires_in":-5}"#).unwrap();
+        assert_eq!(t.expires_in, Some(Duration::ZERO));
+        let t = ok(r#"{"access_token":"x","expires_in":1e12}"#).unwrap();
+        assert_eq!(t.expires_in, Some(MAX_EXPIRES_IN));
+    }
+
+    #[test]
+    fn unusable_success_bodies_are_bad_responses() {
+        for body in [
+            "<html>oops</html>",
+            "{}",
+            r#"{"access_token":""}"#,
+            r#"{"access_token":42}"#,
+            r#"{"access_token":"a b"}"#,
+            r#"{"access_token":"x","token_type":"DPoP"}"#,
+            r#"{"access_token":"x","expires_in":"soon"}"#,
+            r#"{"access_token":"x","expires_in":[1]}"#,
+        ] {
+            assert!(
+                matches!(ok(body), Err(ExchangeError::BadResponse(_))),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_codes_map_to_classes() {
+        assert!(matches!(
+            err(400, r#"{"error":"invalid_grant"}"#),
+            ExchangeError::SubjectRejected { .. }
+        ));
+        assert!(matches!(
+            err(400, r#"{"error":"invalid_request"}"#),
+            ExchangeError::SubjectRejected { .. }
+        ));
+        for code in [
+            "invalid_target",
+            "invalid_scope",
+            "unauthorized_client",
+            "access_denied",
+        ] {
+            assert!(matches!(
+                err(400, &format!(r#"{{"error":"{code}"}}"#)),
+                ExchangeError::Forbidden { .. }
+            ));
+        }
+        assert!(matches!(
+            err(401, r#"{"error":"invalid_client"}"#),
+            ExchangeError::ClientRejected { .. }
+        ));
+        assert!(matches!(err(401, ""), ExchangeError::ClientRejected { .. }));
+        assert!(matches!(err(500, ""), ExchangeError::Unavailable { .. }));
+        assert!(matches!(err(429, ""), ExchangeError::Unavailable { .. }));
+        assert!(matches!(err(400, "nope"), ExchangeError::BadResponse(_)));
+        assert!(matches!(
+            err(400, r#"{"error":"weird"}"#),
+            ExchangeError::BadResponse(_)
+        ));
+        assert!(matches!(err(302, ""), ExchangeError::BadResponse(_)));
+    }
+}

@@ -1,0 +1,22 @@
+//! txgate: a reverse-proxy gateway that performs OAuth 2.0 Token Exchange (RFC 8693) inline.
+//!
+//! For each inbound request the gateway matches a route, takes the caller's bearer token,
+//! exchanges it at a Security Token Service for a token restricted to the route's audience and
+//! scopes, caches the result, and forwards the request with the new token. Backends never see
+//! the caller's original token.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod devsts;
+pub mod echo;
+pub mod error;
+pub mod exchange;
+pub mod jwt;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod secret;
+pub mod server;
+pub mod tls;

@@ -1,0 +1,172 @@
+//! The `txgate` command: wiring only. Each subcommand calls into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use txgate::config::Config;
+use txgate::devsts::{DevClient, DevSts, DevStsOptions};
+use txgate::secret::Secret;
+use txgate::server::{self, BoundListeners};
+
+/// Exit status for configuration errors (the contract: `txgate check` exits 2).
+const EXIT_CONFIG: u8 = 2;
+/// Exit status for failures to start (an address in use, ...).
+const EXIT_START: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "txgate",
+    version,
+    about = "A reverse-proxy gateway that exchanges the caller's token (RFC 8693) per route"
+)]
+struct Cli {
+    /// Log format on stderr. The level comes from TXGATE_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        #[arg(long, default_value = "gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration: exit 0 with a summary, or 2 with the error.
+    Check {
+        #[arg(long, default_value = "gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Run the development STS, an echo backend and the gateway on loopback.
+    Demo {
+        #[arg(long, default_value = "gateway.yaml")]
+        config: PathBuf,
+    },
+    /// Run the development STS alone (development only: it signs tokens for anyone).
+    DevSts {
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        listen: SocketAddr,
+        /// The client allowed at /token; its secret is TXGATE_CLIENT_SECRET or the file.
+        #[arg(long, default_value = "gateway")]
+        client_id: String,
+        #[arg(long)]
+        client_secret_file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(config) => {
+                println!("{}", config.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(EXIT_CONFIG, &e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(EXIT_CONFIG, &e),
+            };
+            let listeners = match BoundListeners::bind(&config.server) {
+                Ok(l) => l,
+                Err(e) => return fail(EXIT_START, &e),
+            };
+            tracing::info!(
+                listen = ?listeners.proxy_addrs(),
+                admin = ?listeners.admin_addr(),
+                routes = config.routes.len(),
+                "txgate {} starting",
+                env!("CARGO_PKG_VERSION")
+            );
+            match server::run_until_signal(&config, listeners) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(EXIT_START, &e),
+            }
+        }
+        Command::Demo { config } => match txgate::demo::run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e @ txgate::demo::DemoError::Config(_)) => fail(EXIT_CONFIG, &e),
+            Err(e) => fail(EXIT_START, &e),
+        },
+        Command::DevSts {
+            listen,
+            client_id,
+            client_secret_file,
+        } => dev_sts(listen, client_id, client_secret_file),
+    }
+}
+
+fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(code)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("TXGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) -> ExitCode {
+    let secret = match (&secret_file, std::env::var(txgate::demo::CLIENT_SECRET_VAR)) {
+        (Some(path), _) => match std::fs::read_to_string(path) {
+            Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
+            Err(e) => {
+                return fail(EXIT_CONFIG, &format!("{}: cannot read: {e}", path.display()));
+            }
+        },
+        (None, Ok(s)) if !s.is_empty() => s,
+        _ => {
+            return fail(
+                EXIT_CONFIG,
+                &"set TXGATE_CLIENT_SECRET or --client-secret-file for the STS client",
+            );
+        }
+    };
+    let client = DevClient {
+        client_id,
+        client_secret: Secret::new(secret),
+    };
+    let sts = match DevSts::new(DevStsOptions::new(format!("http://{listen}"), vec![client])) {
+        Ok(sts) => sts,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(EXIT_START, &e),
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(EXIT_START, &format!("cannot listen on {listen}: {e}")),
+        };
+        println!("development STS on http://{listen} (development only)");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        match sts.serve(listener, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EXIT_START, &e),
+        }
+    })
+}

@@ -1,0 +1,110 @@
+//! Prometheus metrics, registered once per gateway.
+//!
+//! Every metric is created here with a fixed name (the DESIGN.md contract) and bounded labels:
+//! route and token-service names from the config, status codes, and small enums. Never a path,
+//! user or token. Each gateway has its own registry, so two gateways in one process (tests)
+//! never mix their numbers; the admin listener encodes it.
+
+use pingora_prometheus::prometheus::{
+    self, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets (seconds): sub-millisecond cache hits up to multi-second STS timeouts.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The gateway's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// `txgate_requests_total{route,status}`
+    pub requests: IntCounterVec,
+    /// `txgate_request_duration_seconds{route}`
+    pub request_duration: HistogramVec,
+    /// `txgate_token_exchanges_total{token_service,outcome}`
+    pub exchanges: IntCounterVec,
+    /// `txgate_token_exchange_duration_seconds{token_service}`
+    pub exchange_duration: HistogramVec,
+    /// `txgate_token_cache_lookups_total{route,result}` (result: hit|miss|coalesced)
+    pub cache_lookups: IntCounterVec,
+    /// `txgate_token_cache_entries`
+    pub cache_entries: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("txgate_requests_total", "Requests answered, by route and HTTP status."),
+            &["route", "status"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "txgate_request_duration_seconds",
+                "Time from request header to the end of the response, by route.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        let exchanges = IntCounterVec::new(
+            Opts::new(
+                "txgate_token_exchanges_total",
+                "Token exchange calls to a token service, by outcome.",
+            ),
+            &["token_service", "outcome"],
+        )?;
+        let exchange_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "txgate_token_exchange_duration_seconds",
+                "Duration of token exchange calls to a token service.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["token_service"],
+        )?;
+        let cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "txgate_token_cache_lookups_total",
+                "Exchanged-token cache lookups, by route and result (hit, miss, coalesced).",
+            ),
+            &["route", "result"],
+        )?;
+        let cache_entries = IntGauge::new(
+            "txgate_token_cache_entries",
+            "Exchanged tokens currently cached.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("txgate_build_info", "Always 1; the version label says which build runs."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(exchanges.clone()))?;
+        registry.register(Box::new(exchange_duration.clone()))?;
+        registry.register(Box::new(cache_lookups.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(build_info))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            exchanges,
+            exchange_duration,
+            cache_lookups,
+            cache_entries,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}

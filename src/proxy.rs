@@ -1,0 +1,583 @@
+//! The pingora proxy: one request through route, credential, exchange, forward and record.
+//!
+//! Each `ProxyHttp` phase is a few lines that call one function returning our own types;
+//! pingora's `bool` and error conventions are translated in exactly one place each
+//! (`request_filter` and `fail_to_proxy`). Nothing borrowed from the session is held across an
+//! `.await`: what the exchange needs is copied out first.
+
+pub mod credential;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, header};
+use pingora::prelude::{HttpPeer, ProxyHttp, Session};
+use pingora::proxy::FailToProxy;
+use pingora::{Error as PingoraError, ErrorSource, ErrorType};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora_prometheus::prometheus::{Histogram, IntCounter};
+use sha2::{Digest, Sha256};
+
+use crate::cache::{Lookup, TokenCache};
+use crate::config::{Config, Exchange, ExchangeProfile, Route};
+use crate::error::GatewayError;
+use crate::exchange;
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+/// Upstream connect timeout until routes configure their own.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest `X-Request-Id` kept from a client.
+const MAX_REQUEST_ID: usize = 128;
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Everything requests share: built once per configuration.
+pub struct GatewayState {
+    pub router: Router,
+    pub routes: Vec<Arc<Route>>,
+    pub cache: TokenCache,
+    pub metrics: Metrics,
+    route_metrics: Vec<RouteMetrics>,
+    max_token_bytes: usize,
+    /// Set when the proxy service has started accepting; read by `/readyz`.
+    pub ready: AtomicBool,
+    /// Set when shutdown begins; `/readyz` then fails so load balancers drain us.
+    pub shutting_down: AtomicBool,
+}
+
+/// Per-route metric handles, resolved once so the hot path does no label hashing for them.
+struct RouteMetrics {
+    duration: Histogram,
+    hit: IntCounter,
+    miss: IntCounter,
+    coalesced: IntCounter,
+}
+
+impl GatewayState {
+    /// Builds the shared state for `config`.
+    pub fn new(config: &Config) -> Result<GatewayState, String> {
+        let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
+        let route_metrics = config
+            .routes
+            .iter()
+            .map(|r| RouteMetrics {
+                duration: metrics.request_duration.with_label_values(&[r.name.as_str()]),
+                hit: metrics.cache_lookups.with_label_values(&[r.name.as_str(), "hit"]),
+                miss: metrics.cache_lookups.with_label_values(&[r.name.as_str(), "miss"]),
+                coalesced: metrics
+                    .cache_lookups
+                    .with_label_values(&[r.name.as_str(), "coalesced"]),
+            })
+            .collect();
+        Ok(GatewayState {
+            router: Router::new(&config.routes),
+            routes: config.routes.clone(),
+            cache: TokenCache::new(&config.cache),
+            metrics,
+            route_metrics,
+            max_token_bytes: config.server.max_token_bytes,
+            ready: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+}
+
+/// The pingora proxy application.
+pub struct Gateway {
+    state: Arc<GatewayState>,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<GatewayState>) -> Gateway {
+        Gateway { state }
+    }
+}
+
+/// What one request carries between phases.
+pub struct RequestCtx {
+    started: Instant,
+    route: Option<usize>,
+    request_id: Option<HeaderValue>,
+    /// The `Authorization` value sent upstream; `None` sends none.
+    upstream_authorization: Option<HeaderValue>,
+    /// The caller's token values (header and query): no upstream header may contain them.
+    caller_tokens: Vec<Box<str>>,
+    /// Set when the URI must change (an `access_token` query parameter was removed).
+    upstream_uri: Option<http::Uri>,
+    lookup: Option<Lookup>,
+    exchange_wait: Option<Duration>,
+    error: Option<GatewayError>,
+    /// First 8 bytes of SHA-256 of the caller's token, hex: correlates log lines, reveals nothing.
+    fingerprint: Option<String>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            request_id: None,
+            upstream_authorization: None,
+            caller_tokens: Vec::new(),
+            upstream_uri: None,
+            lookup: None,
+            exchange_wait: None,
+            error: None,
+            fingerprint: None,
+        }
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        ctx.request_id = Some(request_id(session.req_header()));
+        match self.admit(session, ctx).await {
+            // pingora: `false` = not answered here, go on to the upstream.
+            Ok(()) => Ok(false),
+            Err(error) => {
+                let route = self.route_name(ctx);
+                error.log(route);
+                let reply = Reply::from_error(&error);
+                ctx.error = Some(error);
+                reply.send(session, ctx.request_id.as_ref()).await?;
+                // pingora: `true` = a response was sent, stop here.
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let route = self.route(ctx).ok_or_else(|| {
+            PingoraError::explain(ErrorType::InternalError, "no route selected")
+        })?;
+        let upstream = &route.upstream;
+        let mut peer = HttpPeer::new(upstream.addr, upstream.tls, upstream.sni.clone());
+        peer.options.connection_timeout = Some(UPSTREAM_CONNECT_TIMEOUT);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let client = session.client_addr().and_then(|a| a.as_inet()).copied();
+        rewrite_upstream_request(upstream, ctx, client);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let Some(id) = &ctx.request_id {
+            response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &PingoraError,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let status = proxy_error_status(e);
+        if status != 0 {
+            let reply = Reply::proxy_failure(status);
+            if let Err(write) = reply.send(session, ctx.request_id.as_ref()).await {
+                tracing::debug!(error = %write, "cannot send the error response downstream");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&PingoraError>, ctx: &mut RequestCtx) {
+        self.record(session, e, ctx);
+    }
+}
+
+impl Gateway {
+    fn route(&self, ctx: &RequestCtx) -> Option<&Arc<Route>> {
+        ctx.route.and_then(|i| self.state.routes.get(i))
+    }
+
+    fn route_name(&self, ctx: &RequestCtx) -> &str {
+        self.route(ctx).map_or("", |r| r.name.as_str())
+    }
+
+    /// DESIGN.md steps 1, 2, 4 and 5: pick the route, read the credential, obtain the token to
+    /// send upstream. `Ok` means forward; `Err` is answered by the gateway.
+    async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        // Phase 1: everything from the request header, copied out; no borrow crosses an await.
+        let request = session.req_header();
+        let host = request
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri.host());
+        let (index, route) = self
+            .state
+            .router
+            .find(host, request.uri.path())
+            .ok_or(GatewayError::NoRoute)?;
+        ctx.route = Some(index);
+        if let Some(query) = request.uri.query() {
+            let (rest, removed) = credential::strip_query_token(query);
+            if !removed.is_empty() {
+                ctx.upstream_uri = Some(with_query(&request.uri, rest.as_deref()));
+                ctx.caller_tokens
+                    .extend(removed.into_iter().filter(|t| !t.is_empty()).map(Into::into));
+            }
+        }
+        let bearer = credential::bearer(&request.headers, self.state.max_token_bytes);
+        let profile = match &route.exchange {
+            Exchange::None => {
+                // A public route: no token goes upstream, but any the caller sent is still
+                // guarded against.
+                if let Ok(token) = bearer {
+                    ctx.caller_tokens.push(token.into());
+                }
+                return Ok(());
+            }
+            Exchange::Token(profile) => profile.clone(),
+        };
+        let caller: String = bearer?.to_string();
+        ctx.fingerprint = Some(fingerprint(&caller));
+        ctx.caller_tokens.push(caller.as_str().into());
+        let target = ctx.upstream_uri.as_ref().unwrap_or(&request.uri);
+        if contains(target.to_string().as_bytes(), caller.as_bytes()) {
+            return Err(GatewayError::TokenInUrl);
+        }
+
+        // Phase 2: the exchange, through the cache.
+        let key = TokenCache::key(&profile, &caller, None);
+        let waited = Instant::now();
+        let (result, lookup) = self
+            .state
+            .cache
+            .get_or_exchange(key, &caller, self.timed_exchange(&profile, &caller))
+            .await;
+        let metrics = &self.state.route_metrics[index];
+        match lookup {
+            Lookup::Hit => metrics.hit.inc(),
+            Lookup::Miss => metrics.miss.inc(),
+            Lookup::Coalesced => metrics.coalesced.inc(),
+        }
+        ctx.lookup = Some(lookup);
+        if lookup != Lookup::Hit {
+            ctx.exchange_wait = Some(waited.elapsed());
+        }
+        ctx.upstream_authorization = Some(result?.authorization.clone());
+        Ok(())
+    }
+
+    /// One STS call, recorded in the exchange metrics.
+    async fn timed_exchange(
+        &self,
+        profile: &ExchangeProfile,
+        subject: &str,
+    ) -> Result<exchange::ExchangedToken, exchange::ExchangeError> {
+        let started = Instant::now();
+        let result = exchange::exchange(profile, subject).await;
+        let service = profile.service.name.as_str();
+        let outcome = match &result {
+            Ok(_) => "success",
+            Err(e) => e.outcome(),
+        };
+        let metrics = &self.state.metrics;
+        metrics
+            .exchange_duration
+            .with_label_values(&[service])
+            .observe(started.elapsed().as_secs_f64());
+        metrics
+            .exchanges
+            .with_label_values(&[service, outcome])
+            .inc();
+        result
+    }
+
+    /// DESIGN.md step 8: metrics and one access-log event. Never a token.
+    fn record(&self, session: &Session, e: Option<&PingoraError>, ctx: &RequestCtx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let route = self.route_name(ctx);
+        let label = if route.is_empty() { "_none" } else { route };
+        let status_label = http::StatusCode::from_u16(status)
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_else(|_| "0".to_string());
+        let elapsed = ctx.started.elapsed();
+        self.state
+            .metrics
+            .requests
+            .with_label_values(&[label, status_label.as_str()])
+            .inc();
+        match ctx.route {
+            Some(i) => self.state.route_metrics[i]
+                .duration
+                .observe(elapsed.as_secs_f64()),
+            None => self
+                .state
+                .metrics
+                .request_duration
+                .with_label_values(&[label])
+                .observe(elapsed.as_secs_f64()),
+        }
+        let outcome = match (&ctx.error, e) {
+            (Some(err), _) => err.outcome(),
+            (None, Some(_)) => "proxy_error",
+            (None, None) => "forwarded",
+        };
+        let request = session.req_header();
+        tracing::info!(
+            target: "txgate::access",
+            route = label,
+            method = request.method.as_str(),
+            path = request.uri.path(),
+            status,
+            outcome,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            exchange_ms = ctx.exchange_wait.map(|d| d.as_secs_f64() * 1000.0),
+            cache = ctx.lookup.map(Lookup::as_str),
+            upstream = self.route(ctx).map(|r| r.upstream.url.as_str()),
+            request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
+            caller = ctx.fingerprint.as_deref(),
+            error = e.map(|e| e.etype().as_str()),
+        );
+    }
+}
+
+/// DESIGN.md step 7: the caller's credential out, the exchanged one in, forwarding headers, and
+/// the leak guard last so nothing added or left can carry the caller's token.
+fn rewrite_upstream_request(
+    upstream: &mut RequestHeader,
+    ctx: &RequestCtx,
+    client: Option<SocketAddr>,
+) {
+    while upstream.remove_header(&header::AUTHORIZATION).is_some() {}
+    if let Some(uri) = &ctx.upstream_uri {
+        upstream.set_uri(uri.clone());
+    }
+    if let Some(ip) = client.map(|a| a.ip().to_string()) {
+        let value = match upstream
+            .headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip,
+        };
+        if let Ok(value) = HeaderValue::try_from(value) {
+            let _ = upstream.insert_header(X_FORWARDED_FOR.clone(), value);
+        }
+    }
+    let _ = upstream.insert_header(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if let Some(id) = &ctx.request_id {
+        let _ = upstream.insert_header(X_REQUEST_ID.clone(), id.clone());
+    }
+    leak_guard(upstream, &ctx.caller_tokens);
+    if let Some(authorization) = &ctx.upstream_authorization {
+        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
+    }
+}
+
+/// Drops every header whose value still contains one of the caller's tokens (e.g. an
+/// `X-Forwarded-Access-Token` set by an edge proxy).
+fn leak_guard(upstream: &mut RequestHeader, tokens: &[Box<str>]) {
+    if tokens.is_empty() {
+        return;
+    }
+    let leaking: Vec<HeaderName> = upstream
+        .headers
+        .iter()
+        .filter(|(_, value)| {
+            tokens
+                .iter()
+                .any(|t| contains(value.as_bytes(), t.as_bytes()))
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in leaking {
+        tracing::debug!(header = %name, "dropped a header carrying the caller's token");
+        while upstream.remove_header(&name).is_some() {}
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty()
+        && haystack.len() >= needle.len()
+        && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn with_query(uri: &http::Uri, query: Option<&str>) -> http::Uri {
+    let path_and_query = match query {
+        Some(q) => format!("{}?{q}", uri.path()),
+        None => uri.path().to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// The client's `X-Request-Id` if it is short and plain, else a new random one.
+fn request_id(request: &RequestHeader) -> HeaderValue {
+    if let Some(value) = request.headers.get(&X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        if !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        {
+            return value.clone();
+        }
+    }
+    let id: u128 = rand::random();
+    HeaderValue::try_from(format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// A short fingerprint of a token for logs: 16 hex digits of its SHA-256.
+pub fn fingerprint(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// The status for a failure after admission (connecting to or talking with the upstream).
+fn proxy_error_status(e: &PingoraError) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            if e.esource() == &ErrorSource::Upstream =>
+        {
+            504
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+/// A response written by the gateway itself.
+struct Reply {
+    status: u16,
+    body: String,
+    www_authenticate: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl Reply {
+    fn from_error(error: &GatewayError) -> Reply {
+        Reply {
+            status: error.status(),
+            body: error.body(),
+            www_authenticate: error.www_authenticate(),
+            retry_after: error.retry_after(),
+        }
+    }
+
+    fn proxy_failure(status: u16) -> Reply {
+        let (code, description) = match status {
+            502 => ("bad_gateway", "the upstream is unavailable"),
+            504 => ("gateway_timeout", "the upstream did not answer in time"),
+            400..=499 => ("invalid_request", "the request could not be read"),
+            _ => ("internal_error", "the gateway failed to proxy the request"),
+        };
+        Reply {
+            status,
+            body: serde_json::json!({"error": code, "error_description": description}).to_string(),
+            www_authenticate: None,
+            retry_after: None,
+        }
+    }
+
+    async fn send(self, session: &mut Session, request_id: Option<&HeaderValue>) -> pingora::Result<()> {
+        let mut response = ResponseHeader::build(self.status, Some(6))?;
+        response.insert_header(header::CONTENT_TYPE, "application/json")?;
+        response.insert_header(header::CACHE_CONTROL, "no-store")?;
+        response.insert_header(header::CONTENT_LENGTH, self.body.len().to_string())?;
+        if let Some(challenge) = self.www_authenticate {
+            response.insert_header(header::WWW_AUTHENTICATE, challenge)?;
+        }
+        if let Some(after) = self.retry_after {
+            response.insert_header(header::RETRY_AFTER, after.as_secs().max(1).to_string())?;
+        }
+        if let Some(id) = request_id {
+            response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(response), false)
+            .await?;
+        session
+            .write_response_body(Some(Bytes::from(self.body)), true)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leak_guard_drops_headers_carrying_the_token() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("x-forwarded-access-token", "tok123").unwrap();
+        req.insert_header("x-other", "prefix-tok123-suffix").unwrap();
+        req.insert_header("x-fine", "nothing").unwrap();
+        leak_guard(&mut req, &["tok123".into()]);
+        assert!(req.headers.get("x-forwarded-access-token").is_none());
+        assert!(req.headers.get("x-other").is_none());
+        assert_eq!(req.headers.get("x-fine").unwrap(), "nothing");
+    }
+
+    #[test]
+    fn query_rewrite_keeps_other_parameters() {
+        let uri: http::Uri = "/orders?access_token=t&x=1".parse().unwrap();
+        assert_eq!(with_query(&uri, Some("x=1")).to_string(), "/orders?x=1");
+        assert_eq!(with_query(&uri, None).to_string(), "/orders");
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_plain() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("x-request-id", "abc-123").unwrap();
+        assert_eq!(request_id(&req), "abc-123");
+        req.insert_header("x-request-id", "has space").unwrap();
+        assert_ne!(request_id(&req), "has space");
+        assert_eq!(request_id(&req).len(), 32);
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_stable() {
+        assert_eq!(fingerprint("a"), fingerprint("a"));
+        assert_eq!(fingerprint("a").len(), 16);
+        assert_ne!(fingerprint("a"), fingerprint("b"));
+    }
+}

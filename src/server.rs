@@ -1,0 +1,260 @@
+//! Assembling and running the pingora server: proxy listeners, admin listener, shutdown.
+//!
+//! Listening sockets are bound here, before pingora starts, and handed to it through its
+//! listener fd table. That gives a clear error when an address is taken (instead of a panic
+//! inside a service), lets port 0 work (tests learn the real port), and means connections
+//! queue in the kernel backlog from the moment [`RunningGateway::start`] returns.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::IntoRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::Service;
+use pingora::services::listening::Service as ListeningService;
+use tokio::sync::oneshot;
+
+use crate::admin::AdminApp;
+use crate::config::{Config, ServerSettings};
+use crate::proxy::{Gateway, GatewayState};
+
+/// A startup failure (bind, metrics registration). `txgate run` prints it and exits 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StartError(String);
+
+/// Sockets bound for one configuration.
+pub struct BoundListeners {
+    pub proxy: Vec<(SocketAddr, TcpListener)>,
+    pub admin: Option<(SocketAddr, TcpListener)>,
+}
+
+impl BoundListeners {
+    /// Binds every listener in `server:`; fails on the first address that cannot be bound.
+    pub fn bind(settings: &ServerSettings) -> Result<BoundListeners, StartError> {
+        let proxy = settings
+            .listen
+            .iter()
+            .map(|addr| bind_one(*addr, "server.listen"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin = settings
+            .admin_listen
+            .map(|addr| bind_one(addr, "server.admin_listen"))
+            .transpose()?;
+        Ok(BoundListeners { proxy, admin })
+    }
+
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.proxy.iter().map(|(a, _)| *a).collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+}
+
+fn bind_one(addr: SocketAddr, key: &str) -> Result<(SocketAddr, TcpListener), StartError> {
+    let listener = TcpListener::bind(addr)
+        .map_err(|e| StartError(format!("{key}: cannot listen on {addr}: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError(format!("{key}: {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| StartError(format!("{key}: {addr}: {e}")))?;
+    Ok((bound, listener))
+}
+
+/// A listening service whose sockets were bound before the server started. pingora adopts an
+/// fd from its table when the table has one under the service's listen address.
+struct Prebound<S> {
+    inner: S,
+    sockets: Vec<(String, TcpListener)>,
+    on_start: Option<Box<dyn FnOnce(ShutdownWatch) + Send + Sync>>,
+}
+
+#[async_trait]
+impl<S: Service> Service for Prebound<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        if let Some(table) = &fds {
+            let mut table = table.lock();
+            for (addr, socket) in self.sockets.drain(..) {
+                table.add(addr, socket.into_raw_fd());
+            }
+        }
+        if let Some(on_start) = self.on_start.take() {
+            on_start(shutdown.clone());
+        }
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
+}
+
+/// Builds the pingora server for `config` on already-bound sockets.
+pub fn build(
+    config: &Config,
+    listeners: BoundListeners,
+) -> Result<(Server, Arc<GatewayState>), StartError> {
+    let settings = &config.server;
+    let conf = ServerConf {
+        threads: settings.threads,
+        grace_period_seconds: Some(settings.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(settings.shutdown_timeout.as_secs()),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let state = Arc::new(GatewayState::new(config).map_err(StartError)?);
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(state.clone()),
+        "txgate proxy",
+    );
+    let mut proxy_sockets = Vec::new();
+    for (addr, socket) in listeners.proxy {
+        proxy.add_tcp(&addr.to_string());
+        proxy_sockets.push((addr.to_string(), socket));
+    }
+    let ready_state = state.clone();
+    server.add_service(Prebound {
+        inner: proxy,
+        sockets: proxy_sockets,
+        on_start: Some(Box::new(move |mut shutdown: ShutdownWatch| {
+            ready_state.ready.store(true, Ordering::Release);
+            // Readiness fails as soon as shutdown begins, so load balancers stop sending.
+            let watcher = ready_state.clone();
+            tokio::spawn(async move {
+                while shutdown.changed().await.is_ok() {
+                    if *shutdown.borrow() {
+                        watcher.shutting_down.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            });
+        })),
+    });
+
+    if let Some((addr, socket)) = listeners.admin {
+        let mut admin = ListeningService::new("txgate admin".to_string(), AdminApp::new(state.clone()));
+        admin.add_tcp(&addr.to_string());
+        admin.threads = Some(1);
+        server.add_service(Prebound {
+            inner: admin,
+            sockets: vec![(addr.to_string(), socket)],
+            on_start: None,
+        });
+    }
+    Ok((server, state))
+}
+
+/// Runs `config` in the foreground until SIGTERM (graceful), SIGINT (fast) or SIGQUIT
+/// (graceful upgrade). Used by `txgate run` and `txgate demo`.
+pub fn run_until_signal(config: &Config, listeners: BoundListeners) -> Result<(), StartError> {
+    let (server, _state) = build(config, listeners)?;
+    server.run(RunArgs::default());
+    Ok(())
+}
+
+/// Resolves when the owner of a [`RunningGateway`] asks it to stop (or drops it).
+struct ChannelSignal(Mutex<Option<oneshot::Receiver<ShutdownSignal>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let receiver = self.0.lock().ok().and_then(|mut r| r.take());
+        match receiver {
+            Some(receiver) => receiver.await.unwrap_or(ShutdownSignal::FastShutdown),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A gateway running on a background thread, stopped by [`RunningGateway::stop`] or drop.
+/// Used by tests and embedders; the sockets are listening when `start` returns.
+pub struct RunningGateway {
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
+    pub state: Arc<GatewayState>,
+    stop: Option<oneshot::Sender<ShutdownSignal>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RunningGateway {
+    /// Binds, builds and starts `config`.
+    pub fn start(config: &Config) -> Result<RunningGateway, StartError> {
+        let listeners = BoundListeners::bind(&config.server)?;
+        let proxy_addrs = listeners.proxy_addrs();
+        let admin_addr = listeners.admin_addr();
+        let (server, state) = build(config, listeners)?;
+        let (stop, receiver) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("txgate-server".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(ChannelSignal(Mutex::new(Some(receiver)))),
+                })
+            })
+            .map_err(|e| StartError(format!("cannot start the server thread: {e}")))?;
+        Ok(RunningGateway {
+            proxy_addrs,
+            admin_addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The first proxy address as a base URL, e.g. `http://127.0.0.1:40123`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.proxy_addrs[0])
+    }
+
+    /// Stops the server and waits for its thread. `graceful` lets in-flight requests finish
+    /// within the configured grace period and shutdown timeout.
+    pub fn stop(mut self, graceful: bool) {
+        self.shutdown(graceful);
+    }
+
+    fn shutdown(&mut self, graceful: bool) {
+        if let Some(stop) = self.stop.take() {
+            let signal = if graceful {
+                ShutdownSignal::GracefulTerminate
+            } else {
+                ShutdownSignal::FastShutdown
+            };
+            let _ = stop.send(signal);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.shutdown(false);
+    }
+}
