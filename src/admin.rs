@@ -23,7 +23,11 @@ impl AdminApp {
         AdminApp { state }
     }
 
-    async fn answer(&self, method: &http::Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
+    async fn answer(
+        &self,
+        method: &http::Method,
+        path: &str,
+    ) -> (StatusCode, &'static str, Vec<u8>) {
         if method != http::Method::GET && method != http::Method::HEAD {
             return (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -44,12 +48,20 @@ impl AdminApp {
                     self.state.metrics.encode(),
                 )
             }
-            "/healthz" => (StatusCode::OK, "text/plain; charset=utf-8", b"ok\n".to_vec()),
+            "/healthz" => (
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                b"ok\n".to_vec(),
+            ),
             "/readyz" => {
                 let ready = self.state.ready.load(Ordering::Acquire)
                     && !self.state.shutting_down.load(Ordering::Acquire);
                 if ready {
-                    (StatusCode::OK, "text/plain; charset=utf-8", b"ready\n".to_vec())
+                    (
+                        StatusCode::OK,
+                        "text/plain; charset=utf-8",
+                        b"ready\n".to_vec(),
+                    )
                 } else {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -74,7 +86,11 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         let (status, content_type, body) = self.answer(&method, &path).await;
         let length = body.len();
-        let body = if method == http::Method::HEAD { Vec::new() } else { body };
+        let body = if method == http::Method::HEAD {
+            Vec::new()
+        } else {
+            body
+        };
         Response::builder()
             .status(status)
             .header(header::CONTENT_TYPE, content_type)

@@ -198,7 +198,10 @@ mod tests {
 
     #[test]
     fn ttl_is_the_earliest_bound_minus_skew() {
-        assert_eq!(entry_ttl(1000, Some(S(300)), None, None, S(30), S(60)), S(270));
+        assert_eq!(
+            entry_ttl(1000, Some(S(300)), None, None, S(30), S(60)),
+            S(270)
+        );
         assert_eq!(
             entry_ttl(1000, Some(S(300)), Some(1100), None, S(30), S(60)),
             S(70)
@@ -219,6 +222,9 @@ mod tests {
     #[test]
     fn expired_or_short_tokens_are_not_cached() {
         assert_eq!(entry_ttl(1000, Some(S(10)), None, None, S(30), S(60)), S(0));
-        assert_eq!(entry_ttl(1000, Some(S(300)), None, Some(900), S(0), S(60)), S(0));
+        assert_eq!(
+            entry_ttl(1000, Some(S(300)), None, Some(900), S(0), S(60)),
+            S(0)
+        );
     }
 }

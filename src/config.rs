@@ -30,8 +30,14 @@ use file::{
 
 /// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
 const TOKEN_TYPES: &[(&str, &str)] = &[
-    ("access_token", "urn:ietf:params:oauth:token-type:access_token"),
-    ("refresh_token", "urn:ietf:params:oauth:token-type:refresh_token"),
+    (
+        "access_token",
+        "urn:ietf:params:oauth:token-type:access_token",
+    ),
+    (
+        "refresh_token",
+        "urn:ietf:params:oauth:token-type:refresh_token",
+    ),
     ("id_token", "urn:ietf:params:oauth:token-type:id_token"),
     ("jwt", "urn:ietf:params:oauth:token-type:jwt"),
     ("saml1", "urn:ietf:params:oauth:token-type:saml1"),
@@ -272,7 +278,18 @@ fn describe_serde_error(message: &str) -> String {
         Some(i) => &message[..i],
         None => message,
     };
-    message.replace("unknown field", "unknown key")
+    if let Some(rest) = message.strip_prefix("invalid value: string ")
+        && rest.ends_with("expected a duration")
+    {
+        let value = rest
+            .trim_end_matches("expected a duration")
+            .trim_end_matches([',', ' ']);
+        return format!("invalid duration {value} (expected e.g. 500ms, 2s, 1m 30s)");
+    }
+    message
+        .replace("unknown field", "unknown key")
+        .replace("missing field", "missing key")
+        .replace("unknown variant", "unknown value")
 }
 
 type BuildResult<T> = Result<T, (String, String)>;
@@ -486,14 +503,13 @@ fn positive(path: &str, d: Duration) -> BuildResult<Duration> {
 fn is_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 fn http_url(path: &str, text: &str) -> BuildResult<Url> {
-    let url = Url::parse(text)
-        .map_err(|e| (path.to_string(), format!("invalid URL \"{text}\": {e}")))?;
+    let url =
+        Url::parse(text).map_err(|e| (path.to_string(), format!("invalid URL \"{text}\": {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err((
             path.to_string(),
@@ -581,7 +597,9 @@ fn build_upstream(path: &str, text: &str) -> BuildResult<Upstream> {
     }
     let tls = url.scheme() == "https";
     let host = url.host_str().unwrap_or_default().to_string();
-    let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
     let host_for_lookup = host.trim_start_matches('[').trim_end_matches(']');
     let addr = (host_for_lookup, port)
         .to_socket_addrs()

@@ -62,15 +62,19 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
             client_secret: s.client_secret.clone(),
         })
         .collect::<Vec<_>>();
-    let sts = DevSts::new(DevStsOptions::new(format!("http://{sts_addr}"), dedup(clients)))
-        .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
+    let sts = DevSts::new(DevStsOptions::new(
+        format!("http://{sts_addr}"),
+        dedup(clients),
+    ))
+    .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
 
     let sts_socket = bind(sts_addr, "development STS")?;
     let backend_sockets = backends
         .iter()
         .map(|a| bind(*a, "echo backend"))
         .collect::<Result<Vec<_>, _>>()?;
-    let gateway = BoundListeners::bind(&config.server).map_err(|e| DemoError::Setup(e.to_string()))?;
+    let gateway =
+        BoundListeners::bind(&config.server).map_err(|e| DemoError::Setup(e.to_string()))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -163,7 +167,10 @@ fn banner(
     out.push_str("txgate demo is running (Ctrl-C to stop)\n\n");
     out.push_str(&format!("  gateway          http://{proxy}\n"));
     if let Some(admin) = gateway.admin_addr() {
-        out.push_str(&format!("  metrics          http://{}/metrics\n", host_of(admin)));
+        out.push_str(&format!(
+            "  metrics          http://{}/metrics\n",
+            host_of(admin)
+        ));
     }
     out.push_str(&format!(
         "  development STS  http://{sts}   (development only: it signs tokens for anyone)\n"
@@ -182,7 +189,12 @@ fn banner(
                     .filter(|(k, _)| *k == "audience")
                     .map(|(_, v)| v.as_str())
                     .collect();
-                format!("{} at {}, audience {}", p.mode.as_str(), p.service.name, audience.join(" "))
+                format!(
+                    "{} at {}, audience {}",
+                    p.mode.as_str(),
+                    p.service.name,
+                    audience.join(" ")
+                )
             }
         };
         out.push_str(&format!(

@@ -103,9 +103,8 @@ pub async fn exchange(
 /// The §2.1 form: grant type, subject, configured parameters, and client credentials when the
 /// service authenticates with `client_secret_post`.
 fn form_body(profile: &ExchangeProfile, subject_token: &str) -> String {
-    let mut form = url::form_urlencoded::Serializer::new(String::with_capacity(
-        256 + subject_token.len(),
-    ));
+    let mut form =
+        url::form_urlencoded::Serializer::new(String::with_capacity(256 + subject_token.len()));
     form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT);
     form.append_pair("subject_token", subject_token);
     form.append_pair("subject_token_type", &profile.subject_token_type);
@@ -220,12 +219,10 @@ pub(crate) fn interpret(
                 code: code.unwrap_or_else(|| "no error code".into()),
             })
         }
-        (_, Some("temporarily_unavailable" | "server_error")) => {
-            Err(ExchangeError::Unavailable {
-                detail: code.unwrap_or_default(),
-                retry_after,
-            })
-        }
+        (_, Some("temporarily_unavailable" | "server_error")) => Err(ExchangeError::Unavailable {
+            detail: code.unwrap_or_default(),
+            retry_after,
+        }),
         (s, Some(other)) => Err(ExchangeError::BadResponse(format!(
             "HTTP {s} with unknown error code \"{}\"",
             other.chars().take(64).collect::<String>()
@@ -247,12 +244,13 @@ fn parse_success(body: &[u8]) -> Result<ExchangedToken, ExchangeError> {
     };
     // The token goes into an Authorization header: RFC 6750 b64token characters only.
     if !access_token.bytes().all(is_token_char) {
-        return Err(bad("access_token has characters not allowed in a bearer token"));
+        return Err(bad(
+            "access_token has characters not allowed in a bearer token",
+        ));
     }
     match parsed.token_type {
         None => {}
-        Some(serde_json::Value::String(t))
-            if t.eq_ignore_ascii_case("bearer") || t == "N_A" => {}
+        Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("bearer") || t == "N_A" => {}
         Some(_) => {
             return Err(bad(
                 "token_type is neither Bearer nor N_A; the gateway forwards bearer tokens only",

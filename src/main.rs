@@ -75,12 +75,12 @@ fn main() -> ExitCode {
                 println!("{}", config.summary());
                 ExitCode::SUCCESS
             }
-            Err(e) => fail(EXIT_CONFIG, &e),
+            Err(e) => config_error(&e),
         },
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
-                Err(e) => return fail(EXIT_CONFIG, &e),
+                Err(e) => return config_error(&e),
             };
             let listeners = match BoundListeners::bind(&config.server) {
                 Ok(l) => l,
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
         }
         Command::Demo { config } => match txgate::demo::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ txgate::demo::DemoError::Config(_)) => fail(EXIT_CONFIG, &e),
+            Err(txgate::demo::DemoError::Config(e)) => config_error(&e),
             Err(e) => fail(EXIT_START, &e),
         },
         Command::DevSts {
@@ -114,6 +114,13 @@ fn main() -> ExitCode {
 fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {error}");
     ExitCode::from(code)
+}
+
+/// Config errors print as `file: key.path: message`, alone on the line, so scripts and tests can
+/// match them exactly.
+fn config_error(error: &txgate::config::ConfigError) -> ExitCode {
+    eprintln!("{error}");
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn init_logging(format: LogFormat) {
@@ -132,7 +139,10 @@ fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) 
         (Some(path), _) => match std::fs::read_to_string(path) {
             Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
             Err(e) => {
-                return fail(EXIT_CONFIG, &format!("{}: cannot read: {e}", path.display()));
+                return fail(
+                    EXIT_CONFIG,
+                    &format!("{}: cannot read: {e}", path.display()),
+                );
             }
         },
         (None, Ok(s)) if !s.is_empty() => s,
@@ -151,7 +161,10 @@ fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) 
         Ok(sts) => sts,
         Err(e) => return fail(EXIT_CONFIG, &e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(EXIT_START, &e),
     };

@@ -37,7 +37,10 @@ impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("txgate_requests_total", "Requests answered, by route and HTTP status."),
+            Opts::new(
+                "txgate_requests_total",
+                "Requests answered, by route and HTTP status.",
+            ),
             &["route", "status"],
         )?;
         let request_duration = HistogramVec::new(
@@ -75,7 +78,10 @@ impl Metrics {
             "Exchanged tokens currently cached.",
         )?;
         let build_info = IntGaugeVec::new(
-            Opts::new("txgate_build_info", "Always 1; the version label says which build runs."),
+            Opts::new(
+                "txgate_build_info",
+                "Always 1; the version label says which build runs.",
+            ),
             &["version"],
         )?;
         build_info

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, header};
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error as PingoraError, ErrorSource, ErrorType};
-use pingora::http::{RequestHeader, ResponseHeader};
 use pingora_prometheus::prometheus::{Histogram, IntCounter};
 use sha2::{Digest, Sha256};
 
@@ -67,9 +67,15 @@ impl GatewayState {
             .routes
             .iter()
             .map(|r| RouteMetrics {
-                duration: metrics.request_duration.with_label_values(&[r.name.as_str()]),
-                hit: metrics.cache_lookups.with_label_values(&[r.name.as_str(), "hit"]),
-                miss: metrics.cache_lookups.with_label_values(&[r.name.as_str(), "miss"]),
+                duration: metrics
+                    .request_duration
+                    .with_label_values(&[r.name.as_str()]),
+                hit: metrics
+                    .cache_lookups
+                    .with_label_values(&[r.name.as_str(), "hit"]),
+                miss: metrics
+                    .cache_lookups
+                    .with_label_values(&[r.name.as_str(), "miss"]),
                 coalesced: metrics
                     .cache_lookups
                     .with_label_values(&[r.name.as_str(), "coalesced"]),
@@ -162,9 +168,9 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        let route = self.route(ctx).ok_or_else(|| {
-            PingoraError::explain(ErrorType::InternalError, "no route selected")
-        })?;
+        let route = self
+            .route(ctx)
+            .ok_or_else(|| PingoraError::explain(ErrorType::InternalError, "no route selected"))?;
         let upstream = &route.upstream;
         let mut peer = HttpPeer::new(upstream.addr, upstream.tls, upstream.sni.clone());
         peer.options.connection_timeout = Some(UPSTREAM_CONNECT_TIMEOUT);
@@ -247,8 +253,12 @@ impl Gateway {
             let (rest, removed) = credential::strip_query_token(query);
             if !removed.is_empty() {
                 ctx.upstream_uri = Some(with_query(&request.uri, rest.as_deref()));
-                ctx.caller_tokens
-                    .extend(removed.into_iter().filter(|t| !t.is_empty()).map(Into::into));
+                ctx.caller_tokens.extend(
+                    removed
+                        .into_iter()
+                        .filter(|t| !t.is_empty())
+                        .map(Into::into),
+                );
             }
         }
         let bearer = credential::bearer(&request.headers, self.state.max_token_bytes);
@@ -320,9 +330,7 @@ impl Gateway {
 
     /// DESIGN.md step 8: metrics and one access-log event. Never a token.
     fn record(&self, session: &Session, e: Option<&PingoraError>, ctx: &RequestCtx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = self.route_name(ctx);
         let label = if route.is_empty() { "_none" } else { route };
         let status_label = http::StatusCode::from_u16(status)
@@ -517,7 +525,11 @@ impl Reply {
         }
     }
 
-    async fn send(self, session: &mut Session, request_id: Option<&HeaderValue>) -> pingora::Result<()> {
+    async fn send(
+        self,
+        session: &mut Session,
+        request_id: Option<&HeaderValue>,
+    ) -> pingora::Result<()> {
         let mut response = ResponseHeader::build(self.status, Some(6))?;
         response.insert_header(header::CONTENT_TYPE, "application/json")?;
         response.insert_header(header::CACHE_CONTROL, "no-store")?;
@@ -548,8 +560,10 @@ mod tests {
     #[test]
     fn leak_guard_drops_headers_carrying_the_token() {
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-        req.insert_header("x-forwarded-access-token", "tok123").unwrap();
-        req.insert_header("x-other", "prefix-tok123-suffix").unwrap();
+        req.insert_header("x-forwarded-access-token", "tok123")
+            .unwrap();
+        req.insert_header("x-other", "prefix-tok123-suffix")
+            .unwrap();
         req.insert_header("x-fine", "nothing").unwrap();
         leak_guard(&mut req, &["tok123".into()]);
         assert!(req.headers.get("x-forwarded-access-token").is_none());

@@ -93,9 +93,7 @@ mod tests {
     use crate::config::Config;
 
     fn router(routes: &str) -> Router {
-        let yaml = format!(
-            "server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n{routes}"
-        );
+        let yaml = format!("server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n{routes}");
         let config = Config::from_yaml(&yaml, "test.yaml", &|_| None).unwrap();
         Router::new(&config.routes)
     }
@@ -113,7 +111,11 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins_on_segment_boundaries() {
-        let r = router(&(route("root", "/", None) + &route("orders", "/orders", None) + &route("items", "/orders/items", None)));
+        let r = router(
+            &(route("root", "/", None)
+                + &route("orders", "/orders", None)
+                + &route("items", "/orders/items", None)),
+        );
         assert_eq!(found(&r, None, "/orders").as_deref(), Some("orders"));
         assert_eq!(found(&r, None, "/orders/7").as_deref(), Some("orders"));
         assert_eq!(found(&r, None, "/orders/items/3").as_deref(), Some("items"));
@@ -135,17 +137,31 @@ mod tests {
                 + &route("wild", "/", Some("*.example.com"))
                 + &route("any", "/", None)),
         );
-        assert_eq!(found(&r, Some("API.example.com:8080"), "/x").as_deref(), Some("exact"));
-        assert_eq!(found(&r, Some("a.b.example.com"), "/x").as_deref(), Some("wild"));
+        assert_eq!(
+            found(&r, Some("API.example.com:8080"), "/x").as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            found(&r, Some("a.b.example.com"), "/x").as_deref(),
+            Some("wild")
+        );
         assert_eq!(found(&r, Some("example.com"), "/x").as_deref(), Some("any"));
         assert_eq!(found(&r, None, "/x").as_deref(), Some("any"));
     }
 
     #[test]
     fn longer_prefix_beats_more_specific_host() {
-        let r = router(&(route("host", "/", Some("api.example.com")) + &route("path", "/orders", None)));
-        assert_eq!(found(&r, Some("api.example.com"), "/orders/1").as_deref(), Some("path"));
-        assert_eq!(found(&r, Some("api.example.com"), "/other").as_deref(), Some("host"));
+        let r = router(
+            &(route("host", "/", Some("api.example.com")) + &route("path", "/orders", None)),
+        );
+        assert_eq!(
+            found(&r, Some("api.example.com"), "/orders/1").as_deref(),
+            Some("path")
+        );
+        assert_eq!(
+            found(&r, Some("api.example.com"), "/other").as_deref(),
+            Some("host")
+        );
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{
+    ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
 use pingora::services::Service;
 use pingora::services::listening::Service as ListeningService;
 use tokio::sync::oneshot;
@@ -158,7 +160,8 @@ pub fn build(
     });
 
     if let Some((addr, socket)) = listeners.admin {
-        let mut admin = ListeningService::new("txgate admin".to_string(), AdminApp::new(state.clone()));
+        let mut admin =
+            ListeningService::new("txgate admin".to_string(), AdminApp::new(state.clone()));
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
         server.add_service(Prebound {

@@ -119,8 +119,16 @@ mod tests {
             expand("${NOPE}", &env).unwrap_err(),
             "environment variable NOPE is not set"
         );
-        assert!(expand("${SECRET", &env).unwrap_err().contains("unterminated"));
-        assert!(expand("${1X}", &env).unwrap_err().contains("invalid variable"));
+        assert!(
+            expand("${SECRET", &env)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(
+            expand("${1X}", &env)
+                .unwrap_err()
+                .contains("invalid variable")
+        );
     }
 
     #[test]

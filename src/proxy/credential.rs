@@ -28,7 +28,9 @@ pub fn bearer(headers: &HeaderMap, max_bytes: usize) -> Result<&str, GatewayErro
     }
     let token = trim_spaces(rest);
     if token.is_empty() {
-        return Err(GatewayError::MalformedCredential("the bearer token is empty"));
+        return Err(GatewayError::MalformedCredential(
+            "the bearer token is empty",
+        ));
     }
     if token.len() > max_bytes {
         return Err(GatewayError::TokenTooLarge(max_bytes));
@@ -116,16 +118,43 @@ mod tests {
     #[test]
     fn rejects_what_rfc_6750_does_not_allow() {
         assert!(matches!(parse(&[]), Err(GatewayError::MissingToken)));
-        assert!(matches!(parse(&[b"Basic dXNlcjpwYXNz"]), Err(GatewayError::MissingToken)));
-        assert!(matches!(parse(&[b"Bearer"]), Err(GatewayError::MalformedCredential(_))));
-        assert!(matches!(parse(&[b"Bearer "]), Err(GatewayError::MalformedCredential(_))));
-        assert!(matches!(parse(&[b"Bearer a b"]), Err(GatewayError::MalformedCredential(_))));
-        assert!(matches!(parse(&[b"Bearer a=b"]), Err(GatewayError::MalformedCredential(_))));
-        assert!(matches!(parse(&[b"Bearer ==="]), Err(GatewayError::MalformedCredential(_))));
-        assert!(matches!(parse(&[b"Bearer \xc3\xa9t\xc3\xa9"]), Err(GatewayError::MalformedCredential(_))));
-        assert!(matches!(parse(&[b"Bearer a", b"Bearer b"]), Err(GatewayError::DuplicateCredential)));
+        assert!(matches!(
+            parse(&[b"Basic dXNlcjpwYXNz"]),
+            Err(GatewayError::MissingToken)
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer"]),
+            Err(GatewayError::MalformedCredential(_))
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer "]),
+            Err(GatewayError::MalformedCredential(_))
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer a b"]),
+            Err(GatewayError::MalformedCredential(_))
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer a=b"]),
+            Err(GatewayError::MalformedCredential(_))
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer ==="]),
+            Err(GatewayError::MalformedCredential(_))
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer \xc3\xa9t\xc3\xa9"]),
+            Err(GatewayError::MalformedCredential(_))
+        ));
+        assert!(matches!(
+            parse(&[b"Bearer a", b"Bearer b"]),
+            Err(GatewayError::DuplicateCredential)
+        ));
         let long = format!("Bearer {}", "a".repeat(65));
-        assert!(matches!(parse(&[long.as_bytes()]), Err(GatewayError::TokenTooLarge(64))));
+        assert!(matches!(
+            parse(&[long.as_bytes()]),
+            Err(GatewayError::TokenTooLarge(64))
+        ));
     }
 
     #[test]
@@ -134,8 +163,17 @@ mod tests {
             strip_query_token("a=1&access_token=tok%2Bx&b=2"),
             (Some("a=1&b=2".to_string()), vec!["tok+x".to_string()])
         );
-        assert_eq!(strip_query_token("access_token=t"), (None, vec!["t".to_string()]));
-        assert_eq!(strip_query_token("access%5Ftoken=t&x"), (Some("x".to_string()), vec!["t".to_string()]));
-        assert_eq!(strip_query_token("a=%zz"), (Some("a=%zz".to_string()), vec![]));
+        assert_eq!(
+            strip_query_token("access_token=t"),
+            (None, vec!["t".to_string()])
+        );
+        assert_eq!(
+            strip_query_token("access%5Ftoken=t&x"),
+            (Some("x".to_string()), vec!["t".to_string()])
+        );
+        assert_eq!(
+            strip_query_token("a=%zz"),
+            (Some("a=%zz".to_string()), vec![])
+        );
     }
 }

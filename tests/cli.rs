@@ -1,0 +1,246 @@
+//! The `txgate` command as users run it: `check` on every shipped and every invalid config,
+//! `--version`, and the demo's printed curl commands run for real.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_txgate");
+
+fn check(file: &str, secret: Option<&str>) -> (i32, String, String) {
+    let mut command = Command::new(BIN);
+    command
+        .args(["check", "--config", file])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("TXGATE_CLIENT_SECRET")
+        .env_remove("TXGATE_FIXTURE_UNSET_SECRET");
+    if let Some(secret) = secret {
+        command.env("TXGATE_CLIENT_SECRET", secret);
+    }
+    let output = command.output().expect("txgate runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_shipped_gateway_yaml_passes_check() {
+    let (code, stdout, stderr) = check("gateway.yaml", Some("any-secret"));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "gateway.yaml: ok: 3 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
+    );
+}
+
+#[test]
+fn the_shipped_gateway_yaml_needs_its_secret_from_the_environment() {
+    let (code, _, stderr) = check("gateway.yaml", None);
+    assert_eq!(code, 2);
+    assert_eq!(
+        stderr.trim(),
+        "gateway.yaml: token_services.corp.client_secret: environment variable TXGATE_CLIENT_SECRET is not set"
+    );
+}
+
+/// Every file in tests/fixtures/invalid has exactly one expected message here, and vice versa.
+const INVALID: &[(&str, &str)] = &[
+    (
+        "bad_duration.yaml",
+        r#"token_services.corp.timeout: invalid duration "2 parsecs" (expected e.g. 500ms, 2s, 1m 30s)"#,
+    ),
+    (
+        "bad_path_prefix.yaml",
+        r#"routes[0].match.path_prefix: "orders" must start with '/'"#,
+    ),
+    (
+        "bad_upstream.yaml",
+        r#"routes[0].upstream: invalid upstream "http://127.0.0.1:9001/api": only scheme, host and port are allowed"#,
+    ),
+    (
+        "bad_url.yaml",
+        r#"token_services.corp.token_endpoint: invalid URL "htp//sts.example.com/token": relative URL without a base"#,
+    ),
+    (
+        "bad_yaml.yaml",
+        "invalid YAML: did not find expected ',' or ']' at line 3 column 1, while parsing a flow sequence at line 2 column 11",
+    ),
+    (
+        "both_secrets.yaml",
+        "token_services.corp: set either client_secret or client_secret_file, not both",
+    ),
+    (
+        "duplicate_route_name.yaml",
+        r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
+    ),
+    (
+        "missing_env_var.yaml",
+        "token_services.corp.client_secret: environment variable TXGATE_FIXTURE_UNSET_SECRET is not set",
+    ),
+    ("missing_key.yaml", "routes[0]: missing key `upstream`"),
+    (
+        "none_with_token_service.yaml",
+        "routes[0].exchange.token_service: mode none sends no token upstream; remove this key",
+    ),
+    (
+        "unknown_key.yaml",
+        "server.admin_lisen: unknown key `admin_lisen`, expected one of `listen`, `admin_listen`, `threads`, `grace_period`, `shutdown_timeout`, `max_token_bytes`",
+    ),
+    (
+        "unknown_mode.yaml",
+        "routes[0].exchange.mode: unknown value `impersonate`, expected one of `impersonation`, `delegation`, `client_credentials`, `none`",
+    ),
+    (
+        "unknown_token_service.yaml",
+        r#"routes[1].exchange.token_service: unknown token service "corp2" (known: corp)"#,
+    ),
+];
+
+#[test]
+fn each_invalid_fixture_exits_2_with_its_exact_message() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    on_disk.sort();
+    let listed: Vec<String> = INVALID.iter().map(|(f, _)| f.to_string()).collect();
+    assert_eq!(
+        on_disk, listed,
+        "fixtures and expectations must match one to one"
+    );
+    for (file, message) in INVALID {
+        let path = format!("tests/fixtures/invalid/{file}");
+        let (code, stdout, stderr) = check(&path, Some("unused"));
+        assert_eq!(code, 2, "{file}: {stderr}");
+        assert_eq!(stdout, "", "{file}");
+        assert_eq!(stderr.trim_end(), format!("{path}: {message}"), "{file}");
+    }
+}
+
+#[test]
+fn a_missing_file_is_a_config_error() {
+    let (code, _, stderr) = check("does-not-exist.yaml", None);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.starts_with("does-not-exist.yaml: cannot read file:"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let output = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("txgate {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A port nothing listens on right now. The demo binds fixed addresses from its config, so the
+/// test gives it a copy of gateway.yaml on free ports.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.yaml"))
+            .unwrap();
+    let yaml = shipped
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9090", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9400", &format!("127.0.0.1:{}", free_port()))
+        .replace("127.0.0.1:9001", &format!("127.0.0.1:{}", free_port()));
+    let dir = std::env::temp_dir().join(format!("txgate-demo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["demo", "--config"])
+        .arg(&config)
+        .env_remove("TXGATE_CLIENT_SECRET")
+        .env("TXGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _demo = Demo(child);
+
+    // The banner is printed once every listener is bound: read it up to its end.
+    let mut commands = Vec::new();
+    let mut in_try = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line.starts_with("Try it:") {
+            in_try = true;
+            continue;
+        }
+        if in_try {
+            let trimmed = line.trim();
+            if trimmed.starts_with("curl") || trimmed.starts_with("TOKEN=") {
+                commands.push(trimmed.to_string());
+            }
+            if trimmed.starts_with("curl -s -H") {
+                break;
+            }
+        }
+    }
+    assert_eq!(commands.len(), 3, "{commands:?}");
+
+    let shell = |script: &str| {
+        let output = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        assert!(output.status.success(), "{script}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let refused = shell(&commands[0]);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(
+        refused
+            .to_lowercase()
+            .contains("www-authenticate: bearer realm=\"txgate\""),
+        "{refused}"
+    );
+
+    let script = format!("{}\n{}\necho\necho \"$TOKEN\"\n", commands[1], commands[2]);
+    let output = shell(&script);
+    let mut lines = output.lines().filter(|l| !l.is_empty());
+    let echoed: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let caller = lines.next().unwrap();
+    let forwarded = echoed["headers"]["authorization"][0].as_str().unwrap();
+    assert_eq!(
+        forwarded.strip_prefix("Bearer ").map(|t| t == caller),
+        Some(false)
+    );
+    assert!(
+        !echoed.to_string().contains(caller),
+        "the caller's token reached the backend"
+    );
+    assert_eq!(
+        echoed["token"]["claims"]["aud"],
+        "https://orders.example.com"
+    );
+    assert_eq!(echoed["token"]["claims"]["sub"], "alice");
+    assert_eq!(echoed["token"]["claims"]["scope"], "orders:read");
+    let _ = std::fs::remove_dir_all(&dir);
+}

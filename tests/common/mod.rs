@@ -1,0 +1,335 @@
+//! Test parts: a scriptable in-process STS, a recording upstream, and a gateway started from
+//! YAML. Everything binds `127.0.0.1:0`; nothing waits on sleeps for readiness (the gateway's
+//! sockets are listening when `RunningGateway::start` returns, and axum servers are spawned on
+//! already-bound listeners).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+use txgate::config::Config;
+use txgate::server::RunningGateway;
+
+/// The client secret every test token service uses, via `${TEST_CLIENT_SECRET}`.
+pub const CLIENT_SECRET: &str = "test-secret-value";
+
+/// What the test STS answers.
+#[derive(Clone)]
+pub enum Behavior {
+    /// A 200 token response with a unique token `xt-<n>`; `expires_in` as given (JSON value,
+    /// `None` to omit).
+    Issue {
+        expires_in: Option<serde_json::Value>,
+    },
+    /// A fixed answer.
+    Reply {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
+    /// Waits, then behaves as the inner behavior.
+    Delay(Duration, Box<Behavior>),
+}
+
+impl Behavior {
+    pub fn issue() -> Behavior {
+        Behavior::Issue {
+            expires_in: Some(serde_json::json!(300)),
+        }
+    }
+
+    pub fn error(status: u16, code: &str) -> Behavior {
+        Behavior::Reply {
+            status,
+            body: serde_json::json!({"error": code, "error_description": "from the test STS"})
+                .to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+        }
+    }
+}
+
+/// One request the STS received.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    pub form: Vec<(String, String)>,
+}
+
+impl Captured {
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.form
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn params(&self, key: &str) -> Vec<&str> {
+        self.form
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+struct StsState {
+    behavior: Mutex<Behavior>,
+    calls: AtomicUsize,
+    captured: Mutex<Vec<Captured>>,
+    /// issued token → subject token it was issued for
+    issued: Mutex<HashMap<String, String>>,
+}
+
+/// A token endpoint whose answers the test scripts.
+pub struct TestSts {
+    pub addr: SocketAddr,
+    state: Arc<StsState>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestSts {
+    pub async fn start(behavior: Behavior) -> TestSts {
+        let state = Arc::new(StsState {
+            behavior: Mutex::new(behavior),
+            calls: AtomicUsize::new(0),
+            captured: Mutex::new(Vec::new()),
+            issued: Mutex::new(HashMap::new()),
+        });
+        let app = Router::new()
+            .route("/token", axum::routing::post(sts_token))
+            .with_state(state.clone());
+        let (addr, stop) = serve(app).await;
+        TestSts {
+            addr,
+            state,
+            _stop: stop,
+        }
+    }
+
+    pub fn token_endpoint(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+
+    pub fn set(&self, behavior: Behavior) {
+        *self.state.behavior.lock().unwrap() = behavior;
+    }
+
+    pub fn calls(&self) -> usize {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn captured(&self) -> Vec<Captured> {
+        self.state.captured.lock().unwrap().clone()
+    }
+
+    /// The subject token a given issued token was minted for.
+    pub fn subject_of(&self, issued: &str) -> Option<String> {
+        self.state.issued.lock().unwrap().get(issued).cloned()
+    }
+}
+
+async fn sts_token(
+    State(state): State<Arc<StsState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let n = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let captured = Captured {
+        authorization: header(&headers, "authorization"),
+        content_type: header(&headers, "content-type"),
+        form,
+    };
+    let subject = captured
+        .param("subject_token")
+        .unwrap_or_default()
+        .to_string();
+    state.captured.lock().unwrap().push(captured);
+    let mut behavior = state.behavior.lock().unwrap().clone();
+    while let Behavior::Delay(wait, inner) = behavior {
+        tokio::time::sleep(wait).await;
+        behavior = *inner;
+    }
+    match behavior {
+        Behavior::Issue { expires_in } => {
+            let token = format!("xt-{n}");
+            state.issued.lock().unwrap().insert(token.clone(), subject);
+            let mut body = serde_json::json!({
+                "access_token": token,
+                "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                "token_type": "Bearer",
+            });
+            if let Some(e) = expires_in {
+                body["expires_in"] = e;
+            }
+            ([("content-type", "application/json")], body.to_string()).into_response()
+        }
+        Behavior::Reply {
+            status,
+            body,
+            headers,
+        } => {
+            let mut response = Response::builder().status(status);
+            for (k, v) in headers {
+                response = response.header(k, v);
+            }
+            response
+                .body(Body::from(body))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
+        Behavior::Delay(..) => unreachable!(),
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// One request the upstream received.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn bearer(&self) -> Option<&str> {
+        self.header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+    }
+
+    /// Everything the upstream saw, as one string, to search for leaks.
+    pub fn everything(&self) -> String {
+        let mut s = format!("{} {}\n", self.method, self.uri);
+        for (k, v) in &self.headers {
+            s.push_str(&format!("{k}: {v}\n"));
+        }
+        s
+    }
+}
+
+/// An upstream that records every request and answers 200.
+pub struct RecordingUpstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl RecordingUpstream {
+    pub async fn start() -> RecordingUpstream {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let app = Router::new().fallback(record).with_state(seen.clone());
+        let (addr, stop) = serve(app).await;
+        RecordingUpstream {
+            addr,
+            seen,
+            _stop: stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn record(State(seen): State<Arc<Mutex<Vec<Seen>>>>, request: Request) -> Response {
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    seen.lock().unwrap().push(Seen {
+        method: request.method().to_string(),
+        uri: request.uri().to_string(),
+        headers,
+    });
+    "upstream ok".into_response()
+}
+
+async fn serve(app: Router) -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (addr, stop)
+}
+
+/// Parses a gateway config; `${TEST_CLIENT_SECRET}` resolves to [`CLIENT_SECRET`].
+pub fn config(yaml: &str) -> Config {
+    Config::from_yaml(yaml, "test.yaml", &|name| {
+        (name == "TEST_CLIENT_SECRET").then(|| CLIENT_SECRET.to_string())
+    })
+    .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"))
+}
+
+/// Starts a gateway from YAML.
+pub fn gateway(yaml: &str) -> RunningGateway {
+    txgate::tls::install_crypto_provider();
+    RunningGateway::start(&config(yaml)).expect("gateway starts")
+}
+
+/// A token service block named `corp` pointing at `sts`.
+pub fn token_service(sts: &TestSts, extra: &str) -> String {
+    format!(
+        "token_services:\n  corp:\n    token_endpoint: \"{}\"\n    client_id: \"gateway\"\n    client_secret: \"${{TEST_CLIENT_SECRET}}\"\n{extra}",
+        sts.token_endpoint()
+    )
+}
+
+/// A plain HTTP client for driving the gateway.
+pub fn client() -> reqwest::Client {
+    txgate::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A fresh opaque-looking caller token, unique per call.
+pub fn caller_token() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "caller-{}-{:016x}",
+        N.fetch_add(1, Ordering::SeqCst),
+        rand::random::<u64>()
+    )
+}
