@@ -223,7 +223,7 @@ fn banner(
             "  curl -s -H \"Authorization: Bearer $TOKEN\" {url}\n"
         ));
     }
-    out.push_str("\n");
+    out.push('\n');
     out
 }
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages txgate's build and tests need, only those that are missing.
+#   scripts/setup.sh          build needs: cmake (pingora builds zlib-ng with it), a C compiler
+#   scripts/setup.sh --test   also promtool (Debian's prometheus) and curl, used by the tests
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+if [[ "${1:-}" == "--test" ]]; then
+  command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+fi
+
+if ((${#need[@]})); then
+  echo "txgate setup: installing ${need[*]}" >&2
+  sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || { echo "txgate setup: run as root or install: ${need[*]}" >&2; exit 1; }
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
