@@ -4,7 +4,6 @@
 //! behind proxy traffic and are never reachable through a proxy route.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use http::{Response, StatusCode, header};
@@ -54,9 +53,7 @@ impl AdminApp {
                 b"ok\n".to_vec(),
             ),
             "/readyz" => {
-                let ready = self.state.ready.load(Ordering::Acquire)
-                    && !self.state.shutting_down.load(Ordering::Acquire);
-                if ready {
+                if self.state.is_ready() {
                     (
                         StatusCode::OK,
                         "text/plain; charset=utf-8",

@@ -29,6 +29,17 @@ pub struct CachedToken {
     pub ttl: Duration,
 }
 
+impl CachedToken {
+    /// The token itself (the header value without `Bearer `).
+    pub fn token(&self) -> &str {
+        self.authorization
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+    }
+}
+
 /// How a lookup was answered; the `result` label of `txgate_token_cache_lookups_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup {

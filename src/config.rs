@@ -8,6 +8,7 @@
 
 pub mod env;
 pub mod file;
+pub mod token_service;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,17 +17,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use http::HeaderValue;
 use sha2::{Digest, Sha256};
 use url::Url;
 
-use crate::secret::Secret;
 use file::{
-    AuthMethodFile, CacheFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
-    ServerFile, TokenServiceFile,
+    ActorFile, CacheFile, CallerFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
+    ServerFile,
 };
+pub use token_service::{ClientAuth, Inbound, Profile, TokenService};
 
 /// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
 const TOKEN_TYPES: &[(&str, &str)] = &[
@@ -90,51 +88,6 @@ pub struct ServerSettings {
     pub max_token_bytes: usize,
 }
 
-/// A Security Token Service the gateway exchanges tokens at.
-pub struct TokenService {
-    pub name: String,
-    pub token_endpoint: Url,
-    pub client_id: String,
-    /// The client secret, from the environment or a file.
-    pub client_secret: Secret,
-    pub client_auth: ClientAuth,
-    /// Total time one STS call may take; past it the caller gets 504.
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    /// Built once here with the connect timeout; the total timeout is set per request.
-    pub http: reqwest::Client,
-}
-
-impl fmt::Debug for TokenService {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenService")
-            .field("name", &self.name)
-            .field("token_endpoint", &self.token_endpoint.as_str())
-            .field("client_id", &self.client_id)
-            .field("client_auth", &self.client_auth)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How the gateway authenticates itself at the token endpoint (RFC 6749 §2.3.1).
-pub enum ClientAuth {
-    /// `Authorization: Basic` with the url-encoded id and secret; the header is prebuilt and
-    /// marked sensitive.
-    Basic { header: HeaderValue },
-    /// `client_id` and `client_secret` in the form body.
-    Post,
-}
-
-impl fmt::Debug for ClientAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClientAuth::Basic { .. } => f.write_str("client_secret_basic"),
-            ClientAuth::Post => f.write_str("client_secret_post"),
-        }
-    }
-}
-
 /// One route.
 #[derive(Debug)]
 pub struct Route {
@@ -144,6 +97,9 @@ pub struct Route {
     pub path_prefix: String,
     pub upstream: Upstream,
     pub exchange: Exchange,
+    /// Local validation of the caller's token: the route's own `inbound`, else its token
+    /// service's; `None` leaves validation to the STS.
+    pub inbound: Option<Arc<Inbound>>,
 }
 
 /// `match.host`: exact (case-insensitive) or `*.suffix` (one or more labels before the suffix).
@@ -177,14 +133,40 @@ pub enum Exchange {
 pub enum Mode {
     /// The caller's token is the subject; no actor.
     Impersonation,
+    /// The caller's token is the subject; the gateway's (or a configured) token is the actor.
+    Delegation,
+    /// The gateway's own token for the route; the caller's token is checked, never sent.
+    ClientCredentials,
 }
 
 impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Impersonation => "impersonation",
+            Mode::Delegation => "delegation",
+            Mode::ClientCredentials => "client_credentials",
         }
     }
+}
+
+/// The grant an STS call uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// RFC 8693 token exchange.
+    TokenExchange,
+    /// Microsoft Entra on-behalf-of: RFC 7523 jwt-bearer with `requested_token_use`.
+    OnBehalfOf,
+    /// RFC 6749 §4.4 client credentials.
+    ClientCredentials,
+}
+
+/// Where a delegation's actor token comes from.
+#[derive(Debug)]
+pub enum ActorSource {
+    /// The gateway's own token: client credentials per this profile, cached like any token.
+    Own(Arc<ExchangeProfile>),
+    /// A file a platform keeps current (re-read when it changes).
+    File(crate::exchange::actor::TokenFile),
 }
 
 /// Everything that decides what an exchange returns, fixed at load. Two routes with equal
@@ -192,8 +174,17 @@ impl Mode {
 #[derive(Debug)]
 pub struct ExchangeProfile {
     pub mode: Mode,
+    pub grant: Grant,
     pub service: Arc<TokenService>,
     pub subject_token_type: String,
+    /// `delegation` only.
+    pub actor: Option<ActorSource>,
+    /// `actor_token_type`, sent only with an actor token.
+    pub actor_token_type: String,
+    /// `delegation`: refuse unless the subject's `may_act` names the actor (RFC 8693 §4.4).
+    pub require_may_act: bool,
+    /// `client_credentials`: the caller need not present a token.
+    pub anonymous_caller: bool,
     /// RFC 8693 §2.1 parameters other than the tokens, only those configured, in send order.
     pub params: Vec<(&'static str, String)>,
     /// SHA-256 over everything above: the first input of every cache key for this profile.
@@ -245,6 +236,52 @@ impl Config {
         let mut config = build(raw).map_err(|(path, message)| err(path, message))?;
         config.source = source.to_string();
         Ok(config)
+    }
+
+    /// `txgate check --verbose`: the summary, then each token service's endpoints and each
+    /// route's exact STS request (tokens as placeholders, secrets redacted).
+    pub fn describe(&self) -> String {
+        let mut out = self.summary();
+        for (name, service) in &self.token_services {
+            out.push_str(&format!(
+                "\n  token_services.{name}: profile {}, token endpoint {}, client {} ({:?})",
+                service.profile.as_str(),
+                service.token_endpoint,
+                service.client_id,
+                service.client_auth
+            ));
+            if let Some(jwks) = &service.jwks_uri {
+                out.push_str(&format!(", jwks {jwks}"));
+            }
+            if let Some(inbound) = &service.inbound {
+                out.push_str(&format!(", inbound {inbound:?}"));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let what = match &route.exchange {
+                Exchange::None => "mode none: no token upstream".to_string(),
+                Exchange::Token(p) => {
+                    let mut line = format!(
+                        "mode {} at {}: {}",
+                        p.mode.as_str(),
+                        p.service.name,
+                        crate::exchange::describe_request(p)
+                    );
+                    if let Some(ActorSource::Own(own)) = &p.actor {
+                        line.push_str(&format!(
+                            "; actor token: {}",
+                            crate::exchange::describe_request(own)
+                        ));
+                    }
+                    line
+                }
+            };
+            out.push_str(&format!(
+                "\n  routes[{i}] {} {} -> {}: {what}",
+                route.name, route.path_prefix, route.upstream.url
+            ));
+        }
+        out
     }
 
     /// A one-line summary for `txgate check`.
@@ -306,7 +343,7 @@ fn build(raw: GatewayFile) -> BuildResult<Config> {
     let mut services = BTreeMap::new();
     for (name, svc) in token_services {
         let path = format!("token_services.{name}");
-        let built = build_token_service(&path, &name, svc)?;
+        let built = token_service::build_token_service(&path, &name, svc)?;
         services.insert(name, Arc::new(built));
     }
     let mut built_routes: Vec<Arc<Route>> = Vec::with_capacity(routes.len());
@@ -391,107 +428,6 @@ fn socket_addr(path: &str, text: &str) -> BuildResult<SocketAddr> {
     }
 }
 
-fn build_token_service(path: &str, name: &str, raw: TokenServiceFile) -> BuildResult<TokenService> {
-    let TokenServiceFile {
-        token_endpoint,
-        client_id,
-        client_secret,
-        client_secret_file,
-        auth_method,
-        timeout,
-        connect_timeout,
-    } = raw;
-    if !is_label(name) {
-        return Err((
-            path.into(),
-            "token service names may use only letters, digits, '-' and '_'".into(),
-        ));
-    }
-    let token_endpoint = http_url(&format!("{path}.token_endpoint"), &token_endpoint)?;
-    if client_id.is_empty() {
-        return Err((format!("{path}.client_id"), "must not be empty".into()));
-    }
-    let secret = match (client_secret, client_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err((
-                path.into(),
-                "set either client_secret or client_secret_file, not both".into(),
-            ));
-        }
-        (Some(s), None) => Secret::new(s),
-        (None, Some(file)) => {
-            let text = std::fs::read_to_string(&file).map_err(|e| {
-                (
-                    format!("{path}.client_secret_file"),
-                    format!("cannot read \"{}\": {e}", file.display()),
-                )
-            })?;
-            Secret::new(text.trim_end_matches(['\r', '\n']))
-        }
-        (None, None) => {
-            return Err((
-                path.into(),
-                "one of client_secret or client_secret_file is required".into(),
-            ));
-        }
-    };
-    if secret.is_empty() {
-        return Err((
-            format!("{path}.client_secret"),
-            "the client secret is empty".into(),
-        ));
-    }
-    let client_auth = match auth_method {
-        AuthMethodFile::ClientSecretBasic => {
-            // RFC 6749 §2.3.1: id and secret are form-urlencoded before Base64.
-            let pair = format!(
-                "{}:{}",
-                form_encode(&client_id),
-                form_encode(secret.expose())
-            );
-            let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
-                .map_err(|_| {
-                    (
-                        format!("{path}.client_id"),
-                        "cannot be sent in a header".into(),
-                    )
-                })?;
-            header.set_sensitive(true);
-            ClientAuth::Basic { header }
-        }
-        AuthMethodFile::ClientSecretPost => ClientAuth::Post,
-    };
-    let timeout = positive(
-        &format!("{path}.timeout"),
-        timeout.unwrap_or(file::DEFAULT_STS_TIMEOUT),
-    )?;
-    let connect_timeout = positive(
-        &format!("{path}.connect_timeout"),
-        connect_timeout.unwrap_or(file::DEFAULT_STS_CONNECT_TIMEOUT),
-    )?
-    .min(timeout);
-    let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
-        (
-            path.into(),
-            format!("cannot build the HTTP client for this token service: {e}"),
-        )
-    })?;
-    Ok(TokenService {
-        name: name.to_string(),
-        token_endpoint,
-        client_id,
-        client_secret: secret,
-        client_auth,
-        timeout,
-        connect_timeout,
-        http,
-    })
-}
-
-fn form_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 fn positive(path: &str, d: Duration) -> BuildResult<Duration> {
     if d.is_zero() {
         Err((path.into(), "must be greater than zero".into()))
@@ -535,6 +471,7 @@ fn build_route(
         r#match,
         upstream,
         exchange,
+        inbound,
     } = raw;
     if !is_label(&name) {
         return Err((
@@ -553,13 +490,55 @@ fn build_route(
         .map(|h| host_pattern(&format!("{path}.match.host"), &h))
         .transpose()?;
     let upstream = build_upstream(&format!("{path}.upstream"), &upstream)?;
+    let anonymous = exchange.caller == Some(CallerFile::Anonymous);
     let exchange = build_exchange(&format!("{path}.exchange"), exchange, services)?;
+    let service = match &exchange {
+        Exchange::Token(profile) => Some(&profile.service),
+        Exchange::None => None,
+    };
+    let inbound = match (inbound, service) {
+        (Some(_), None) => {
+            return Err((
+                format!("{path}.inbound"),
+                "mode none forwards no token, so there is nothing to validate; remove this key"
+                    .into(),
+            ));
+        }
+        (Some(raw), Some(service)) => Some(Arc::new(token_service::build_inbound(
+            &format!("{path}.inbound"),
+            raw,
+            &token_service::InboundDefaults {
+                issuer: service.issuer.as_deref(),
+                jwks_uri: service.jwks_uri.as_ref(),
+                introspection_endpoint: service.introspection_endpoint.as_ref(),
+                client_id: &service.client_id,
+                secret: service.client_secret.as_ref(),
+                timeout: service.timeout,
+                http: &service.http,
+            },
+        )?)),
+        (None, Some(service)) => service.inbound.clone(),
+        (None, None) => None,
+    };
+    if let Exchange::Token(profile) = &exchange
+        && profile.mode == Mode::ClientCredentials
+        && inbound.is_none()
+        && !anonymous
+    {
+        return Err((
+            format!("{path}.exchange.caller"),
+            "mode client_credentials forwards the gateway's own token, so callers must be validated: \
+             configure inbound (on the route or its token service), or set caller: anonymous"
+                .into(),
+        ));
+    }
     Ok(Route {
         name,
         host,
         path_prefix,
         upstream,
         exchange,
+        inbound,
     })
 }
 
@@ -637,6 +616,9 @@ fn build_exchange(
         scope,
         subject_token_type,
         requested_token_type,
+        actor,
+        require_may_act,
+        caller,
     } = raw;
     let mode = match mode {
         ModeFile::None => {
@@ -647,6 +629,9 @@ fn build_exchange(
                 ("scope", scope.is_some()),
                 ("subject_token_type", subject_token_type.is_some()),
                 ("requested_token_type", requested_token_type.is_some()),
+                ("actor", actor.is_some()),
+                ("require_may_act", require_may_act),
+                ("caller", caller.is_some()),
             ];
             if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
                 return Err((
@@ -657,18 +642,34 @@ fn build_exchange(
             return Ok(Exchange::None);
         }
         ModeFile::Impersonation => Mode::Impersonation,
-        ModeFile::Delegation | ModeFile::ClientCredentials => {
-            let name = if mode == ModeFile::Delegation {
-                "delegation"
-            } else {
-                "client_credentials"
-            };
+        ModeFile::Delegation => Mode::Delegation,
+        ModeFile::ClientCredentials => Mode::ClientCredentials,
+    };
+    let only_for = |key: &str, set: bool, wanted: Mode| -> BuildResult<()> {
+        if set && mode != wanted {
             return Err((
-                format!("{path}.mode"),
-                format!("mode \"{name}\" is not available yet (available: impersonation, none)"),
+                format!("{path}.{key}"),
+                format!("applies to mode {} only", wanted.as_str()),
             ));
         }
+        Ok(())
     };
+    only_for("actor", actor.is_some(), Mode::Delegation)?;
+    only_for("require_may_act", require_may_act, Mode::Delegation)?;
+    only_for("caller", caller.is_some(), Mode::ClientCredentials)?;
+    if mode == Mode::ClientCredentials {
+        for (key, set) in [
+            ("subject_token_type", subject_token_type.is_some()),
+            ("requested_token_type", requested_token_type.is_some()),
+        ] {
+            if set {
+                return Err((
+                    format!("{path}.{key}"),
+                    "mode client_credentials sends no subject token; remove this key".into(),
+                ));
+            }
+        }
+    }
     let service_name = token_service.ok_or_else(|| {
         (
             format!("{path}.token_service"),
@@ -689,10 +690,79 @@ fn build_exchange(
             ),
         )
     })?;
+    let grant = match (mode, service.profile) {
+        (Mode::ClientCredentials, _) => Grant::ClientCredentials,
+        (Mode::Impersonation, Profile::EntraObo) => Grant::OnBehalfOf,
+        (Mode::Delegation, Profile::EntraObo) => {
+            return Err((
+                format!("{path}.mode"),
+                "Entra on-behalf-of has no actor token; use mode impersonation".into(),
+            ));
+        }
+        _ => Grant::TokenExchange,
+    };
+    if grant == Grant::OnBehalfOf {
+        if !audience.is_empty() || !resource.is_empty() {
+            return Err((
+                format!("{path}.audience"),
+                "Entra on-behalf-of selects the API by scope (e.g. api://orders/.default); \
+                 remove audience and resource"
+                    .into(),
+            ));
+        }
+        if scope.is_none() {
+            return Err((
+                format!("{path}.scope"),
+                "required by Entra on-behalf-of (e.g. api://orders/.default)".into(),
+            ));
+        }
+    }
     let subject_token_type = match subject_token_type {
         Some(t) => token_type(&format!("{path}.subject_token_type"), &t)?,
         None => ACCESS_TOKEN_TYPE.to_string(),
     };
+    let params = exchange_params(
+        path,
+        audience,
+        resource,
+        scope,
+        requested_token_type
+            .map(|t| token_type(&format!("{path}.requested_token_type"), &t))
+            .transpose()?,
+    )?;
+    let (actor, actor_token_type) = match (mode, actor) {
+        (Mode::Delegation, actor) => build_actor(&format!("{path}.actor"), actor, &service)?,
+        _ => (None, ACCESS_TOKEN_TYPE.to_string()),
+    };
+    let key_prefix = profile_digest(
+        mode,
+        &service,
+        &subject_token_type,
+        &params,
+        &actor_token_type,
+    );
+    Ok(Exchange::Token(Arc::new(ExchangeProfile {
+        mode,
+        grant,
+        service,
+        subject_token_type,
+        params,
+        key_prefix,
+        actor,
+        actor_token_type,
+        require_may_act,
+        anonymous_caller: caller == Some(CallerFile::Anonymous),
+    })))
+}
+
+/// RFC 8693 §2.1 parameters other than the tokens, validated, in send order.
+fn exchange_params(
+    path: &str,
+    audience: Vec<String>,
+    resource: Vec<String>,
+    scope: Option<String>,
+    requested_token_type: Option<String>,
+) -> BuildResult<Vec<(&'static str, String)>> {
     let mut params: Vec<(&'static str, String)> = Vec::new();
     for (i, a) in audience.into_iter().enumerate() {
         if a.is_empty() {
@@ -726,19 +796,64 @@ fn build_exchange(
         params.push(("scope", scope));
     }
     if let Some(t) = requested_token_type {
-        params.push((
-            "requested_token_type",
-            token_type(&format!("{path}.requested_token_type"), &t)?,
-        ));
+        params.push(("requested_token_type", t));
     }
-    let key_prefix = profile_digest(mode, &service, &subject_token_type, &params);
-    Ok(Exchange::Token(Arc::new(ExchangeProfile {
-        mode,
-        service,
-        subject_token_type,
-        params,
-        key_prefix,
-    })))
+    Ok(params)
+}
+
+/// The actor of a delegation: a token file, or the gateway's own client-credentials token at
+/// the route's token service.
+fn build_actor(
+    path: &str,
+    raw: Option<ActorFile>,
+    service: &Arc<TokenService>,
+) -> BuildResult<(Option<ActorSource>, String)> {
+    let ActorFile {
+        token_file,
+        token_type: actor_type,
+        audience,
+        scope,
+    } = raw.unwrap_or(ActorFile {
+        token_file: None,
+        token_type: None,
+        audience: Vec::new(),
+        scope: None,
+    });
+    let actor_token_type = match actor_type {
+        Some(t) => token_type(&format!("{path}.token_type"), &t)?,
+        None => ACCESS_TOKEN_TYPE.to_string(),
+    };
+    let source = match token_file {
+        Some(file) => {
+            if !audience.is_empty() || scope.is_some() {
+                return Err((
+                    format!("{path}.token_file"),
+                    "a token file replaces the gateway's own token; audience and scope apply only without it"
+                        .into(),
+                ));
+            }
+            let file = crate::exchange::actor::TokenFile::open(&file)
+                .map_err(|m| (format!("{path}.token_file"), m))?;
+            ActorSource::File(file)
+        }
+        None => {
+            let params = exchange_params(path, audience, Vec::new(), scope, None)?;
+            let key_prefix = profile_digest(Mode::ClientCredentials, service, "actor", &params, "");
+            ActorSource::Own(Arc::new(ExchangeProfile {
+                mode: Mode::ClientCredentials,
+                grant: Grant::ClientCredentials,
+                service: service.clone(),
+                subject_token_type: String::new(),
+                params,
+                key_prefix,
+                actor: None,
+                actor_token_type: String::new(),
+                require_may_act: false,
+                anonymous_caller: true,
+            }))
+        }
+    };
+    Ok((Some(source), actor_token_type))
 }
 
 fn token_type(path: &str, text: &str) -> BuildResult<String> {
@@ -765,6 +880,7 @@ fn profile_digest(
     service: &TokenService,
     subject_token_type: &str,
     params: &[(&'static str, String)],
+    actor_token_type: &str,
 ) -> [u8; 32] {
     let mut h = Sha256::new();
     let mut put = |bytes: &[u8]| {
@@ -777,6 +893,7 @@ fn profile_digest(
     put(service.token_endpoint.as_str().as_bytes());
     put(service.client_id.as_bytes());
     put(subject_token_type.as_bytes());
+    put(actor_token_type.as_bytes());
     for (k, v) in params {
         put(k.as_bytes());
         put(v.as_bytes());

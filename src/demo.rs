@@ -57,9 +57,11 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
     let clients = config
         .token_services
         .values()
-        .map(|s| DevClient {
-            client_id: s.client_id.clone(),
-            client_secret: s.client_secret.clone(),
+        .filter_map(|s| {
+            Some(DevClient {
+                client_id: s.client_id.clone(),
+                client_secret: s.client_secret.clone()?,
+            })
         })
         .collect::<Vec<_>>();
     let sts = DevSts::new(DevStsOptions::new(

@@ -31,8 +31,28 @@ pub enum GatewayError {
     /// The caller's token appears in the request URL outside `access_token`.
     #[error("the bearer token appears in the request URL")]
     TokenInUrl,
+    /// The caller's token failed local validation (signature, expiry, issuer, audience...).
+    #[error("the bearer token failed local validation: {0}")]
+    InvalidToken(String),
+    /// Local validation cannot decide now (no JWKS yet, introspection endpoint down).
+    #[error("the token validator is unavailable: {0}")]
+    ValidatorUnavailable(String),
+    /// `require_may_act`: the subject's `may_act` does not name the actor (RFC 8693 §4.4).
+    #[error("the subject token's may_act does not name the actor")]
+    MayActDenied,
     #[error(transparent)]
     Exchange(#[from] ExchangeError),
+}
+
+impl From<crate::inbound::InboundError> for GatewayError {
+    fn from(e: crate::inbound::InboundError) -> GatewayError {
+        match e {
+            crate::inbound::InboundError::Invalid(why) => GatewayError::InvalidToken(why),
+            crate::inbound::InboundError::Unavailable(why) => {
+                GatewayError::ValidatorUnavailable(why)
+            }
+        }
+    }
 }
 
 impl GatewayError {
@@ -40,7 +60,11 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             GatewayError::NoRoute => 404,
-            GatewayError::MissingToken | GatewayError::TokenTooLarge(_) => 401,
+            GatewayError::MissingToken
+            | GatewayError::TokenTooLarge(_)
+            | GatewayError::InvalidToken(_) => 401,
+            GatewayError::MayActDenied => 403,
+            GatewayError::ValidatorUnavailable(_) => 503,
             GatewayError::DuplicateCredential
             | GatewayError::MalformedCredential(_)
             | GatewayError::TokenInUrl => 400,
@@ -63,6 +87,9 @@ impl GatewayError {
             GatewayError::MalformedCredential(_) => "malformed_credential",
             GatewayError::TokenTooLarge(_) => "token_too_large",
             GatewayError::TokenInUrl => "token_in_url",
+            GatewayError::InvalidToken(_) => "invalid_token",
+            GatewayError::ValidatorUnavailable(_) => "validator_unavailable",
+            GatewayError::MayActDenied => "may_act_denied",
             GatewayError::Exchange(e) => e.outcome(),
         }
     }
@@ -90,6 +117,11 @@ impl GatewayError {
             GatewayError::MalformedCredential(why) => why,
             GatewayError::TokenTooLarge(_) => "the bearer token is too large",
             GatewayError::TokenInUrl => "bearer tokens must not be sent in the URL",
+            GatewayError::InvalidToken(_) => "the bearer token was rejected",
+            GatewayError::ValidatorUnavailable(_) => {
+                "the token cannot be validated right now; retry later"
+            }
+            GatewayError::MayActDenied => "the gateway may not act for this token",
             GatewayError::Exchange(e) => match e {
                 ExchangeError::SubjectRejected { .. } => "the bearer token was rejected",
                 ExchangeError::Forbidden { .. } => {
@@ -127,6 +159,7 @@ impl GatewayError {
             GatewayError::Exchange(ExchangeError::Unavailable { retry_after, .. }) => {
                 Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
             }
+            GatewayError::ValidatorUnavailable(_) => Some(DEFAULT_RETRY_AFTER),
             _ => None,
         }
     }
@@ -147,6 +180,9 @@ impl GatewayError {
         match self {
             GatewayError::Exchange(ExchangeError::ClientRejected { .. }) => {
                 tracing::error!(route, outcome, error = %self, "token service rejected the gateway's credentials; check client_id and secret");
+            }
+            GatewayError::ValidatorUnavailable(_) => {
+                tracing::warn!(route, outcome, error = %self, "token validation unavailable")
             }
             GatewayError::Exchange(
                 ExchangeError::BadResponse(_)

@@ -8,15 +8,20 @@
 //! are required, but real servers omit them (Entra's on-behalf-of has no `issued_token_type`),
 //! send `expires_in` as a string, or answer `N_A`.
 
+pub mod actor;
+pub mod assertion;
+
 use std::time::Duration;
 
 use http::{HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
-use crate::config::{ClientAuth, ExchangeProfile, TokenService};
+use crate::config::{ClientAuth, ExchangeProfile, Grant, TokenService};
 
 /// RFC 8693 §2.1 `grant_type`.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 7523 §2.1 `grant_type`, used by Entra's on-behalf-of flow.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// The largest STS answer read; token responses are a few KiB at most.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// `Retry-After` sent to callers when the STS is unavailable and gave no hint of its own.
@@ -85,14 +90,24 @@ impl ExchangeError {
     }
 }
 
-/// Exchanges `subject_token` per `profile` (RFC 8693 §2.1). Called on a cache miss; the caller
-/// coalesces concurrent misses, so this runs once per key at a time.
+/// The tokens an STS call carries.
+#[derive(Clone, Copy)]
+pub struct Tokens<'a> {
+    /// The caller's token; `None` for client credentials.
+    pub subject: Option<&'a str>,
+    /// The actor token of a delegation.
+    pub actor: Option<&'a str>,
+}
+
+/// Obtains a token per `profile` (RFC 8693 §2.1 token exchange, Entra on-behalf-of, or client
+/// credentials). Called on a cache miss; the caller coalesces concurrent misses, so this runs
+/// once per key at a time.
 pub async fn exchange(
     profile: &ExchangeProfile,
-    subject_token: &str,
+    tokens: Tokens<'_>,
 ) -> Result<ExchangedToken, ExchangeError> {
     let service = &profile.service;
-    let body = form_body(profile, subject_token);
+    let body = form_body(profile, tokens, Render::Send)?;
     let call = send(service, body);
     match tokio::time::timeout(service.timeout, call).await {
         Ok(result) => result,
@@ -100,22 +115,87 @@ pub async fn exchange(
     }
 }
 
-/// The §2.1 form: grant type, subject, configured parameters, and client credentials when the
-/// service authenticates with `client_secret_post`.
-fn form_body(profile: &ExchangeProfile, subject_token: &str) -> String {
+/// Whether a form is for the wire or for showing to an operator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Render {
+    Send,
+    /// Secrets as `<redacted>`, assertions as `<signed JWT>`.
+    Describe,
+}
+
+/// The request a profile sends, for `txgate check --verbose`: the endpoint, the client
+/// authentication, and the form with the caller's and actor's tokens as placeholders and no
+/// secret.
+pub fn describe_request(profile: &ExchangeProfile) -> String {
+    let tokens = Tokens {
+        subject: Some("CALLER_TOKEN"),
+        actor: Some("ACTOR_TOKEN").filter(|_| profile.actor.is_some()),
+    };
+    let body = form_body(profile, tokens, Render::Describe).unwrap_or_default();
+    format!(
+        "POST {} ({:?}) {body}",
+        profile.service.token_endpoint, profile.service.client_auth
+    )
+}
+
+/// The form: grant, tokens, configured parameters, and client credentials for the methods that
+/// put them in the body. Only what is configured is sent.
+fn form_body(
+    profile: &ExchangeProfile,
+    tokens: Tokens<'_>,
+    render: Render,
+) -> Result<String, ExchangeError> {
+    let subject = tokens.subject.unwrap_or_default();
     let mut form =
-        url::form_urlencoded::Serializer::new(String::with_capacity(256 + subject_token.len()));
-    form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT);
-    form.append_pair("subject_token", subject_token);
-    form.append_pair("subject_token_type", &profile.subject_token_type);
+        url::form_urlencoded::Serializer::new(String::with_capacity(512 + subject.len()));
+    match profile.grant {
+        Grant::TokenExchange => {
+            form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT);
+            form.append_pair("subject_token", subject);
+            form.append_pair("subject_token_type", &profile.subject_token_type);
+            if let Some(actor) = tokens.actor {
+                form.append_pair("actor_token", actor);
+                form.append_pair("actor_token_type", &profile.actor_token_type);
+            }
+        }
+        Grant::OnBehalfOf => {
+            form.append_pair("grant_type", JWT_BEARER_GRANT);
+            form.append_pair("assertion", subject);
+            form.append_pair("requested_token_use", "on_behalf_of");
+        }
+        Grant::ClientCredentials => {
+            form.append_pair("grant_type", "client_credentials");
+        }
+    }
     for (key, value) in &profile.params {
         form.append_pair(key, value);
     }
-    if let ClientAuth::Post = &profile.service.client_auth {
-        form.append_pair("client_id", &profile.service.client_id);
-        form.append_pair("client_secret", profile.service.client_secret.expose());
+    let service = &profile.service;
+    match &service.client_auth {
+        ClientAuth::Basic { .. } => {}
+        ClientAuth::Post => {
+            form.append_pair("client_id", &service.client_id);
+            if let Some(secret) = &service.client_secret {
+                let secret = match render {
+                    Render::Send => secret.expose(),
+                    Render::Describe => "<redacted>",
+                };
+                form.append_pair("client_secret", secret);
+            }
+        }
+        ClientAuth::PrivateKeyJwt(signer) | ClientAuth::SecretJwt(signer) => {
+            let assertion = match render {
+                Render::Send => signer
+                    .sign(&service.client_id, service.token_endpoint.as_str())
+                    .map_err(|e| ExchangeError::ClientRejected { status: 0, code: e })?,
+                Render::Describe => "<signed JWT>".to_string(),
+            };
+            form.append_pair("client_id", &service.client_id);
+            form.append_pair("client_assertion_type", assertion::JWT_BEARER_ASSERTION);
+            form.append_pair("client_assertion", &assertion);
+        }
     }
-    form.finish()
+    Ok(form.finish())
 }
 
 async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, ExchangeError> {

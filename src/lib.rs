@@ -13,6 +13,7 @@ pub mod devsts;
 pub mod echo;
 pub mod error;
 pub mod exchange;
+pub mod inbound;
 pub mod jwt;
 pub mod metrics;
 pub mod proxy;

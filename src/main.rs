@@ -48,6 +48,9 @@ enum Command {
     Check {
         #[arg(long, default_value = "gateway.yaml")]
         config: PathBuf,
+        /// Also print each token service's endpoints and each route's STS request.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Run the development STS, an echo backend and the gateway on loopback.
     Demo {
@@ -70,9 +73,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config, verbose } => match Config::load(&config) {
             Ok(config) => {
-                println!("{}", config.summary());
+                if verbose {
+                    println!("{}", config.describe());
+                } else {
+                    println!("{}", config.summary());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(&e),

@@ -8,8 +8,8 @@
 pub mod credential;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,9 +23,10 @@ use pingora_prometheus::prometheus::{Histogram, IntCounter};
 use sha2::{Digest, Sha256};
 
 use crate::cache::{Lookup, TokenCache};
-use crate::config::{Config, Exchange, ExchangeProfile, Route};
+use crate::config::{ActorSource, Config, Exchange, ExchangeProfile, Inbound, Mode, Route};
 use crate::error::GatewayError;
-use crate::exchange;
+use crate::exchange::{self, Tokens};
+use crate::inbound::{JwtValidator, RefresherGuard, ValidatedToken};
 use crate::metrics::Metrics;
 use crate::router::Router;
 
@@ -49,6 +50,10 @@ pub struct GatewayState {
     pub ready: AtomicBool,
     /// Set when shutdown begins; `/readyz` then fails so load balancers drain us.
     pub shutting_down: AtomicBool,
+    /// Every distinct JWT validator; readiness waits for their first JWKS.
+    pub jwt_validators: Vec<Arc<JwtValidator>>,
+    /// Keeps the validators' background JWKS refreshers running.
+    refreshers: Mutex<Vec<RefresherGuard>>,
 }
 
 /// Per-route metric handles, resolved once so the hot path does no label hashing for them.
@@ -60,6 +65,36 @@ struct RouteMetrics {
 }
 
 impl GatewayState {
+    /// Starts the JWKS refreshers (first fetch now). Called once, on a runtime, when the proxy
+    /// starts.
+    pub fn start_background(&self) {
+        let guards: Vec<RefresherGuard> = self
+            .jwt_validators
+            .iter()
+            .map(|v| v.spawn_refresher())
+            .collect();
+        if let Ok(mut refreshers) = self.refreshers.lock() {
+            refreshers.extend(guards);
+        }
+    }
+
+    /// Ready: the proxy accepts, shutdown has not begun, and every JWKS has loaded once.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+            && !self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+            && self.jwt_validators.iter().all(|v| v.is_ready())
+    }
+
+    /// Waits until every JWT validator has loaded its JWKS (used by embedders and tests that
+    /// must not send traffic before the gateway can validate it).
+    pub async fn wait_ready(&self) {
+        for v in &self.jwt_validators {
+            v.wait_ready().await;
+        }
+    }
+
     /// Builds the shared state for `config`.
     pub fn new(config: &Config) -> Result<GatewayState, String> {
         let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
@@ -81,7 +116,17 @@ impl GatewayState {
                     .with_label_values(&[r.name.as_str(), "coalesced"]),
             })
             .collect();
+        let mut jwt_validators: Vec<Arc<JwtValidator>> = Vec::new();
+        for inbound in config.routes.iter().filter_map(|r| r.inbound.as_ref()) {
+            if let Some(jwt) = &inbound.jwt
+                && !jwt_validators.iter().any(|v| Arc::ptr_eq(v, jwt))
+            {
+                jwt_validators.push(jwt.clone());
+            }
+        }
         Ok(GatewayState {
+            jwt_validators,
+            refreshers: Mutex::new(Vec::new()),
             router: Router::new(&config.routes),
             routes: config.routes.clone(),
             cache: TokenCache::new(&config.cache),
@@ -233,8 +278,8 @@ impl Gateway {
         self.route(ctx).map_or("", |r| r.name.as_str())
     }
 
-    /// DESIGN.md steps 1, 2, 4 and 5: pick the route, read the credential, obtain the token to
-    /// send upstream. `Ok` means forward; `Err` is answered by the gateway.
+    /// DESIGN.md steps 1 to 5: pick the route, read and validate the credential, obtain the
+    /// token to send upstream. `Ok` means forward; `Err` is answered by the gateway.
     async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
         // Phase 1: everything from the request header, copied out; no borrow crosses an await.
         let request = session.req_header();
@@ -263,6 +308,7 @@ impl Gateway {
         }
         let bearer = credential::bearer(&request.headers, self.state.max_token_bytes);
         let profile = match &route.exchange {
+            Exchange::Token(profile) => profile.clone(),
             Exchange::None => {
                 // A public route: no token goes upstream, but any the caller sent is still
                 // guarded against.
@@ -271,24 +317,81 @@ impl Gateway {
                 }
                 return Ok(());
             }
-            Exchange::Token(profile) => profile.clone(),
         };
-        let caller: String = bearer?.to_string();
-        ctx.fingerprint = Some(fingerprint(&caller));
-        ctx.caller_tokens.push(caller.as_str().into());
-        let target = ctx.upstream_uri.as_ref().unwrap_or(&request.uri);
-        if contains(target.to_string().as_bytes(), caller.as_bytes()) {
-            return Err(GatewayError::TokenInUrl);
+        let caller: Option<String> = match bearer {
+            Ok(token) => Some(token.to_string()),
+            // `caller: anonymous`: a token is not required; one that is sent is still guarded.
+            Err(_) if profile.anonymous_caller => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(token) = &caller {
+            ctx.fingerprint = Some(fingerprint(token));
+            ctx.caller_tokens.push(token.as_str().into());
+            let target = ctx.upstream_uri.as_ref().unwrap_or(&request.uri);
+            if contains(target.to_string().as_bytes(), token.as_bytes()) {
+                return Err(GatewayError::TokenInUrl);
+            }
         }
+        let inbound = route.inbound.clone();
 
-        // Phase 2: the exchange, through the cache.
-        let key = TokenCache::key(&profile, &caller, None);
+        // Phase 2: local validation; a token that fails here never reaches the STS.
+        let validated = match (&inbound, &caller) {
+            (Some(inbound), Some(token)) if !profile.anonymous_caller => {
+                Some(validate(inbound, token).await?)
+            }
+            _ => None,
+        };
+
+        // Phase 3: the token for the upstream, through the cache.
+        let subject = caller.as_deref().unwrap_or_default();
         let waited = Instant::now();
-        let (result, lookup) = self
-            .state
-            .cache
-            .get_or_exchange(key, &caller, self.timed_exchange(&profile, &caller))
-            .await;
+        let (result, lookup) = match profile.mode {
+            Mode::Impersonation => {
+                let key = TokenCache::key(&profile, subject, None);
+                let tokens = Tokens {
+                    subject: Some(subject),
+                    actor: None,
+                };
+                self.state
+                    .cache
+                    .get_or_exchange(key, subject, self.timed_exchange(&profile, tokens))
+                    .await
+            }
+            Mode::Delegation => {
+                let actor = self.actor_token(&profile).await?;
+                let subject_claims = match &validated {
+                    Some(v) => Some(v.claims.clone()),
+                    None => crate::jwt::unverified_claims(subject),
+                };
+                let actor_claims = crate::jwt::unverified_claims(&actor);
+                if profile.require_may_act
+                    && !may_act_allows(subject_claims.as_ref(), actor_claims.as_ref(), &profile)
+                {
+                    return Err(GatewayError::MayActDenied);
+                }
+                let identity = actor_identity(&actor, actor_claims.as_ref());
+                let key = TokenCache::key(&profile, subject, Some(identity.as_bytes()));
+                let tokens = Tokens {
+                    subject: Some(subject),
+                    actor: Some(&actor),
+                };
+                self.state
+                    .cache
+                    .get_or_exchange(key, subject, self.timed_exchange(&profile, tokens))
+                    .await
+            }
+            Mode::ClientCredentials => {
+                let key = TokenCache::key(&profile, "", None);
+                let tokens = Tokens {
+                    subject: None,
+                    actor: None,
+                };
+                self.state
+                    .cache
+                    .get_or_exchange(key, "", self.timed_exchange(&profile, tokens))
+                    .await
+            }
+        };
         let metrics = &self.state.route_metrics[index];
         match lookup {
             Lookup::Hit => metrics.hit.inc(),
@@ -303,14 +406,41 @@ impl Gateway {
         Ok(())
     }
 
+    /// The actor token of a delegation: a token file, or the gateway's own client-credentials
+    /// token (cached and refreshed by its own expiry like any exchanged token).
+    async fn actor_token(&self, profile: &ExchangeProfile) -> Result<String, GatewayError> {
+        match &profile.actor {
+            Some(ActorSource::File(file)) => Ok(file.token().to_string()),
+            Some(ActorSource::Own(own)) => {
+                let key = TokenCache::key(own, "", None);
+                let tokens = Tokens {
+                    subject: None,
+                    actor: None,
+                };
+                let (result, _) = self
+                    .state
+                    .cache
+                    .get_or_exchange(key, "", self.timed_exchange(own, tokens))
+                    .await;
+                Ok(result?.token().to_string())
+            }
+            None => Err(GatewayError::Exchange(
+                exchange::ExchangeError::ClientRejected {
+                    status: 0,
+                    code: "no actor configured".into(),
+                },
+            )),
+        }
+    }
+
     /// One STS call, recorded in the exchange metrics.
     async fn timed_exchange(
         &self,
         profile: &ExchangeProfile,
-        subject: &str,
+        tokens: Tokens<'_>,
     ) -> Result<exchange::ExchangedToken, exchange::ExchangeError> {
         let started = Instant::now();
-        let result = exchange::exchange(profile, subject).await;
+        let result = exchange::exchange(profile, tokens).await;
         let service = profile.service.name.as_str();
         let outcome = match &result {
             Ok(_) => "success",
@@ -375,6 +505,68 @@ impl Gateway {
             error = e.map(|e| e.etype().as_str()),
         );
     }
+}
+
+/// DESIGN.md step 3: a JWT goes to the JWT validator; anything else to introspection when
+/// configured (opaque tokens), else to the JWT validator, which refuses it.
+async fn validate(inbound: &Inbound, token: &str) -> Result<Arc<ValidatedToken>, GatewayError> {
+    let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
+    let result = match (&inbound.jwt, &inbound.introspection) {
+        (Some(jwt), _) if looks_like_jwt => jwt.validate(token).await,
+        (_, Some(introspection)) => introspection.validate(token).await,
+        (Some(jwt), None) => jwt.validate(token).await,
+        (None, None) => return Err(GatewayError::InvalidToken("no validator".into())),
+    };
+    result.map_err(GatewayError::from)
+}
+
+type Claims = serde_json::Map<String, serde_json::Value>;
+
+/// RFC 8693 §4.4: the subject's `may_act` names who may act for it. It matches when its `sub`
+/// equals the actor's `sub` (or `client_id` for tokens without `sub`), and its `iss`, when
+/// present, equals the actor's.
+fn may_act_allows(
+    subject: Option<&Claims>,
+    actor: Option<&Claims>,
+    profile: &ExchangeProfile,
+) -> bool {
+    let Some(may_act) = subject
+        .and_then(|c| c.get("may_act"))
+        .and_then(|m| m.as_object())
+    else {
+        return false;
+    };
+    let actor_sub = actor
+        .and_then(|a| a.get("sub").or_else(|| a.get("client_id")))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .or_else(|| match &profile.actor {
+            // The gateway's own opaque token: the actor is our client.
+            Some(ActorSource::Own(_)) => Some(profile.service.client_id.clone()),
+            _ => None,
+        });
+    let Some(actor_sub) = actor_sub else {
+        return false;
+    };
+    let sub_matches = may_act.get("sub").and_then(|v| v.as_str()) == Some(actor_sub.as_str());
+    let iss_matches = match may_act.get("iss").and_then(|v| v.as_str()) {
+        None => true,
+        Some(iss) => actor.and_then(|a| a.get("iss")).and_then(|v| v.as_str()) == Some(iss),
+    };
+    sub_matches && iss_matches
+}
+
+/// What identifies an actor in cache keys: its issuer and `sub` (or `client_id`), else a
+/// digest of the token. Never the raw token.
+fn actor_identity(token: &str, claims: Option<&Claims>) -> String {
+    let named = claims.and_then(|c| {
+        let iss = c.get("iss").and_then(|v| v.as_str()).unwrap_or_default();
+        c.get("sub")
+            .or_else(|| c.get("client_id"))
+            .and_then(|v| v.as_str())
+            .map(|sub| format!("{iss}\u{0}{sub}"))
+    });
+    named.unwrap_or_else(|| hex::encode(Sha256::digest(token.as_bytes())))
 }
 
 /// DESIGN.md step 7: the caller's credential out, the exchanged one in, forwarding headers, and

@@ -146,6 +146,7 @@ pub fn build(
         sockets: proxy_sockets,
         on_start: Some(Box::new(move |mut shutdown: ShutdownWatch| {
             ready_state.ready.store(true, Ordering::Release);
+            ready_state.start_background();
             // Readiness fails as soon as shutdown begins, so load balancers stop sending.
             let watcher = ready_state.clone();
             tokio::spawn(async move {

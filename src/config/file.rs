@@ -65,28 +65,129 @@ pub struct ServerFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenServiceFile {
-    pub token_endpoint: String,
+    /// Which STS family this is; decides endpoint derivation and the grant used.
+    #[serde(default)]
+    pub profile: ProfileFile,
+    /// The issuer; with the generic profile and no `token_endpoint`, OIDC discovery at
+    /// `<issuer>/.well-known/openid-configuration` fills the endpoints.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    #[serde(default)]
+    pub introspection_endpoint: Option<String>,
+    /// `profile: pingone`
+    #[serde(default)]
+    pub environment_id: Option<String>,
+    /// `profile: pingone`: `com` (default), `eu`, `ca`, `asia`, `com.au`, `sg`.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// `profile: keycloak`
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// `profile: keycloak`
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// `profile: okta`: the authorization server URL, e.g. `https://x.okta.com/oauth2/default`.
+    #[serde(default)]
+    pub authorization_server: Option<String>,
+    /// `profile: entra_obo`: the directory (tenant) id or domain.
+    #[serde(default)]
+    pub tenant: Option<String>,
     pub client_id: String,
     #[serde(default)]
     pub client_secret: Option<String>,
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
+    /// `private_key_jwt`: PEM RSA or EC private key.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: `kid` header of the assertions.
+    #[serde(default)]
+    pub private_key_id: Option<String>,
+    /// Assertion algorithm for `private_key_jwt` / `client_secret_jwt`; from the key if absent.
+    #[serde(default)]
+    pub assertion_alg: Option<String>,
     #[serde(default)]
     pub auth_method: AuthMethodFile,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// Validation of callers' tokens issued by this service, for every route using it.
+    #[serde(default)]
+    pub inbound: Option<InboundFile>,
 }
 
-/// `token_services.<name>.auth_method:` — how the gateway authenticates to the STS
-/// (RFC 6749 §2.3.1).
+/// `token_services.<name>.auth_method:` — how the gateway authenticates to the STS.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthMethodFile {
+    /// RFC 6749 §2.3.1, HTTP Basic.
     #[default]
     ClientSecretBasic,
+    /// RFC 6749 §2.3.1, credentials in the form body.
     ClientSecretPost,
+    /// RFC 7523 assertion signed with a private key.
+    PrivateKeyJwt,
+    /// RFC 7523 assertion signed with HMAC over the client secret.
+    ClientSecretJwt,
+}
+
+/// `token_services.<name>.profile:`
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileFile {
+    #[default]
+    Generic,
+    Pingone,
+    Keycloak,
+    Okta,
+    EntraObo,
+}
+
+/// `inbound:` on a token service or a route.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct InboundFile {
+    #[serde(default)]
+    pub jwt: Option<JwtFile>,
+    #[serde(default)]
+    pub introspection: Option<IntrospectionFile>,
+}
+
+/// `inbound.jwt:`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct JwtFile {
+    /// Required `iss`; the token service's issuer when absent.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The token service's `jwks_uri` (explicit, profile or discovery) when absent.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// Accepted `aud` values; empty accepts any audience.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Allowed `alg` values; RS256 and ES256 when absent. `none` and HMAC are refused.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub leeway: Option<Duration>,
+}
+
+/// `inbound.introspection:` (RFC 7662), authenticated as the token service's client.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionFile {
+    /// The token service's `introspection_endpoint` when absent.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Longest reuse of an `active` answer (never past the token's `exp`); default 60 s.
+    #[serde(default, with = "humantime_serde")]
+    pub cache_ttl: Option<Duration>,
 }
 
 /// `routes[]`
@@ -97,6 +198,9 @@ pub struct RouteFile {
     pub r#match: MatchFile,
     pub upstream: String,
     pub exchange: ExchangeFile,
+    /// Validation of callers' tokens on this route; overrides the token service's `inbound`.
+    #[serde(default)]
+    pub inbound: Option<InboundFile>,
 }
 
 /// `routes[].match:`
@@ -125,6 +229,42 @@ pub struct ExchangeFile {
     pub subject_token_type: Option<String>,
     #[serde(default)]
     pub requested_token_type: Option<String>,
+    /// `delegation`: where the actor token comes from; the gateway's own client-credentials
+    /// token at the route's token service when absent.
+    #[serde(default)]
+    pub actor: Option<ActorFile>,
+    /// `delegation`: the subject token's `may_act` claim must name the actor (RFC 8693 §4.4).
+    #[serde(default)]
+    pub require_may_act: bool,
+    /// `client_credentials`: `required` (default) or `anonymous`.
+    #[serde(default)]
+    pub caller: Option<CallerFile>,
+}
+
+/// `routes[].exchange.actor:`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ActorFile {
+    /// A file holding the actor token, re-read when it changes (a platform rotates it).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// `actor_token_type`; `access_token` when absent.
+    #[serde(default)]
+    pub token_type: Option<String>,
+    /// For the gateway's own token: `audience` of its client-credentials request.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// For the gateway's own token: `scope` of its client-credentials request.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+/// `routes[].exchange.caller:`
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CallerFile {
+    Required,
+    Anonymous,
 }
 
 /// `routes[].exchange.mode:`

@@ -333,3 +333,110 @@ pub fn caller_token() -> String {
         rand::random::<u64>()
     )
 }
+
+/// An issuer of caller tokens with its own JWKS endpoint: signs whatever claims a test wants
+/// (including tokens without `sub`, with `may_act`, expired ...).
+pub struct TestIssuer {
+    pub issuer: String,
+    pub jwks_uri: String,
+    key: jsonwebtoken::EncodingKey,
+    kid: String,
+    _stop: oneshot::Sender<()>,
+}
+
+impl TestIssuer {
+    pub async fn start() -> TestIssuer {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let der = pair.to_pkcs8v1().unwrap();
+        let public = pair.public_key().as_ref().to_vec();
+        let b64 = |b: &[u8]| {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        };
+        let kid = format!("test-{:08x}", rand::random::<u32>());
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+            "x": b64(&public[1..33]), "y": b64(&public[33..65]),
+        }]})
+        .to_string();
+        let app = Router::new().route(
+            "/jwks",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                async move { ([("content-type", "application/json")], jwks) }
+            }),
+        );
+        let (addr, stop) = serve(app).await;
+        TestIssuer {
+            issuer: format!("http://{addr}"),
+            jwks_uri: format!("http://{addr}/jwks"),
+            key: jsonwebtoken::EncodingKey::from_ec_der(der.as_ref()),
+            kid,
+            _stop: stop,
+        }
+    }
+
+    /// Signs `claims` (ES256, with this issuer's kid). `iss` and `exp` are added unless present.
+    pub fn sign(&self, mut claims: serde_json::Value) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if claims.get("iss").is_none() {
+            claims["iss"] = self.issuer.clone().into();
+        }
+        if claims.get("exp").is_none() {
+            claims["exp"] = (now + 600).into();
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+}
+
+/// A JWT with the given claims and a meaningless signature, for paths that do not verify.
+pub fn unsigned_jwt(claims: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "{}.{}.c2ln",
+        b64(r#"{"alg":"ES256","typ":"JWT"}"#),
+        b64(&claims.to_string())
+    )
+}
+
+/// Writes a freshly generated private key as PEM (PKCS#8) into a temp file; returns the path
+/// and the public key in SPKI DER for verifying what it signed.
+pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::KeyPair;
+    use base64::Engine;
+    let (der, public): (Vec<u8>, Vec<u8>) = match kind {
+        "ec" => {
+            use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+            let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+            (
+                pair.to_pkcs8v1().unwrap().as_ref().to_vec(),
+                pair.public_key().as_ref().to_vec(),
+            )
+        }
+        _ => {
+            let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+            let der: aws_lc_rs::encoding::Pkcs8V1Der = pair.as_der().unwrap();
+            // PKCS#1 RSAPublicKey, what jsonwebtoken's `from_rsa_der` takes.
+            (der.as_ref().to_vec(), pair.public_key().as_ref().to_vec())
+        }
+    };
+    let body = base64::engine::general_purpose::STANDARD.encode(&der);
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for chunk in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(chunk).unwrap());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    let path =
+        std::env::temp_dir().join(format!("txgate-key-{}-{kind}.pem", rand::random::<u64>()));
+    std::fs::write(&path, pem).unwrap();
+    (path, public)
+}

@@ -1,0 +1,762 @@
+//! Token services: provider profiles, endpoint discovery, client authentication and inbound
+//! validation, resolved once at load.
+//!
+//! Endpoint precedence: explicit keys, then the profile's documented endpoints (PingOne,
+//! Keycloak, Okta, Entra), then OIDC discovery from `issuer` for whatever is still missing.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use http::HeaderValue;
+use jsonwebtoken::Algorithm;
+use url::Url;
+
+use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
+use super::{BuildResult, http_url, is_label, positive};
+use crate::exchange::assertion::AssertionSigner;
+use crate::inbound::{
+    IntrospectionAuth, IntrospectionSettings, IntrospectionValidator, JwtSettings, JwtValidator,
+};
+use crate::secret::Secret;
+
+/// PingOne regions and their top-level domains.
+pub const PINGONE_REGIONS: &[(&str, &str)] = &[
+    ("com", "auth.pingone.com"),
+    ("eu", "auth.pingone.eu"),
+    ("ca", "auth.pingone.ca"),
+    ("asia", "auth.pingone.asia"),
+    ("com.au", "auth.pingone.com.au"),
+    ("sg", "auth.pingone.sg"),
+];
+/// Default `inbound.introspection.cache_ttl`.
+pub const DEFAULT_INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Bound of each inbound validation cache.
+const INBOUND_CACHE_ENTRIES: u64 = 100_000;
+
+/// Which STS family a token service is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Generic,
+    PingOne,
+    Keycloak,
+    Okta,
+    /// Microsoft Entra ID on-behalf-of: the jwt-bearer grant instead of token exchange.
+    EntraObo,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Generic => "generic",
+            Profile::PingOne => "pingone",
+            Profile::Keycloak => "keycloak",
+            Profile::Okta => "okta",
+            Profile::EntraObo => "entra_obo",
+        }
+    }
+}
+
+/// A Security Token Service the gateway exchanges tokens at.
+pub struct TokenService {
+    pub name: String,
+    pub profile: Profile,
+    pub issuer: Option<String>,
+    pub token_endpoint: Url,
+    pub jwks_uri: Option<Url>,
+    pub introspection_endpoint: Option<Url>,
+    pub client_id: String,
+    /// The client secret, when the auth method uses one.
+    pub client_secret: Option<Secret>,
+    pub client_auth: ClientAuth,
+    /// Total time one STS call may take; past it the caller gets 504.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Built once here with the connect timeout; the total timeout is set per request.
+    pub http: reqwest::Client,
+    /// Validation of callers' tokens this service issued, for routes without their own.
+    pub inbound: Option<Arc<Inbound>>,
+}
+
+impl fmt::Debug for TokenService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenService")
+            .field("name", &self.name)
+            .field("profile", &self.profile)
+            .field("token_endpoint", &self.token_endpoint.as_str())
+            .field("client_id", &self.client_id)
+            .field("client_auth", &self.client_auth)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the gateway authenticates itself at the token endpoint.
+pub enum ClientAuth {
+    /// RFC 6749 §2.3.1 `Authorization: Basic`, prebuilt and marked sensitive.
+    Basic { header: HeaderValue },
+    /// RFC 6749 §2.3.1 `client_id` and `client_secret` in the form body.
+    Post,
+    /// RFC 7523 `private_key_jwt`: an assertion signed with our private key.
+    PrivateKeyJwt(AssertionSigner),
+    /// RFC 7523 `client_secret_jwt`: an assertion signed with HMAC over the secret.
+    SecretJwt(AssertionSigner),
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientAuth::Basic { .. } => "client_secret_basic",
+            ClientAuth::Post => "client_secret_post",
+            ClientAuth::PrivateKeyJwt(_) => "private_key_jwt",
+            ClientAuth::SecretJwt(_) => "client_secret_jwt",
+        })
+    }
+}
+
+/// Local validation of the caller's token (DESIGN.md step 3): JWTs against a JWKS, opaque
+/// tokens by introspection.
+pub struct Inbound {
+    pub jwt: Option<Arc<JwtValidator>>,
+    pub introspection: Option<Arc<IntrospectionValidator>>,
+}
+
+impl fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inbound")
+            .field("jwt", &self.jwt.is_some())
+            .field("introspection", &self.introspection.is_some())
+            .finish()
+    }
+}
+
+/// Endpoints found by OIDC discovery (OpenID Connect Discovery 1.0 §3, RFC 8414 §2).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct Discovered {
+    pub issuer: Option<String>,
+    pub token_endpoint: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub introspection_endpoint: Option<String>,
+}
+
+pub(super) fn build_token_service(
+    path: &str,
+    name: &str,
+    raw: TokenServiceFile,
+) -> BuildResult<TokenService> {
+    let TokenServiceFile {
+        profile,
+        issuer,
+        token_endpoint,
+        jwks_uri,
+        introspection_endpoint,
+        environment_id,
+        region,
+        base_url,
+        realm,
+        authorization_server,
+        tenant,
+        client_id,
+        client_secret,
+        client_secret_file,
+        private_key_file,
+        private_key_id,
+        assertion_alg,
+        auth_method,
+        timeout,
+        connect_timeout,
+        inbound,
+    } = raw;
+    if !is_label(name) {
+        return Err((
+            path.into(),
+            "token service names may use only letters, digits, '-', '_' and '.'".into(),
+        ));
+    }
+    let err = |key: &str, message: String| (format!("{path}.{key}"), message);
+    let profile_keys = ProfileKeys {
+        environment_id,
+        region,
+        base_url,
+        realm,
+        authorization_server,
+        tenant,
+    };
+    let (profile, derived) = derive_endpoints(path, profile, profile_keys)?;
+
+    let timeout = positive(
+        &format!("{path}.timeout"),
+        timeout.unwrap_or(file::DEFAULT_STS_TIMEOUT),
+    )?;
+    let connect_timeout = positive(
+        &format!("{path}.connect_timeout"),
+        connect_timeout.unwrap_or(file::DEFAULT_STS_CONNECT_TIMEOUT),
+    )?
+    .min(timeout);
+    let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
+        (
+            path.to_string(),
+            format!("cannot build the HTTP client for this token service: {e}"),
+        )
+    })?;
+
+    let issuer = match issuer {
+        Some(i) => Some(http_url(&format!("{path}.issuer"), &i)?.to_string()),
+        None => derived.issuer.clone(),
+    }
+    .map(|i| i.trim_end_matches('/').to_string());
+    let explicit = |key: &str, value: Option<String>| -> BuildResult<Option<Url>> {
+        value
+            .map(|v| http_url(&format!("{path}.{key}"), &v))
+            .transpose()
+    };
+    let mut token_endpoint = explicit("token_endpoint", token_endpoint)?.or(derived.token);
+    let mut jwks_uri = explicit("jwks_uri", jwks_uri)?.or(derived.jwks);
+    let mut introspection_endpoint =
+        explicit("introspection_endpoint", introspection_endpoint)?.or(derived.introspection);
+
+    let wants_jwks = inbound
+        .as_ref()
+        .and_then(|i| i.jwt.as_ref())
+        .is_some_and(|j| j.jwks_uri.is_none());
+    let wants_introspection = inbound
+        .as_ref()
+        .and_then(|i| i.introspection.as_ref())
+        .is_some_and(|i| i.endpoint.is_none());
+    let missing = token_endpoint.is_none()
+        || (wants_jwks && jwks_uri.is_none())
+        || (wants_introspection && introspection_endpoint.is_none());
+    if missing && let Some(issuer) = &issuer {
+        // A client of its own: its pooled connections belong to discovery's short-lived
+        // runtime, not to the proxy's.
+        let discovery_client = crate::exchange::http_client(connect_timeout)
+            .map_err(|e| err("issuer", format!("cannot build the discovery client: {e}")))?;
+        let found = discover(issuer, &discovery_client, timeout).map_err(|m| err("issuer", m))?;
+        let pick = |key: &str, v: Option<String>| -> BuildResult<Option<Url>> {
+            v.map(|u| {
+                Url::parse(&u).map_err(|e| {
+                    err(
+                        "issuer",
+                        format!("discovery returned an invalid {key} \"{u}\": {e}"),
+                    )
+                })
+            })
+            .transpose()
+        };
+        if token_endpoint.is_none() {
+            token_endpoint = pick("token_endpoint", found.token_endpoint)?;
+        }
+        if jwks_uri.is_none() {
+            jwks_uri = pick("jwks_uri", found.jwks_uri)?;
+        }
+        if introspection_endpoint.is_none() {
+            introspection_endpoint = pick("introspection_endpoint", found.introspection_endpoint)?;
+        }
+    }
+    let token_endpoint = token_endpoint.ok_or_else(|| {
+        (
+            path.to_string(),
+            "set token_endpoint, or issuer for OIDC discovery, or a profile".to_string(),
+        )
+    })?;
+
+    if client_id.is_empty() {
+        return Err(err("client_id", "must not be empty".into()));
+    }
+    let secret = match (client_secret, client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err((
+                path.into(),
+                "set either client_secret or client_secret_file, not both".into(),
+            ));
+        }
+        (Some(s), None) => Some(Secret::new(s)),
+        (None, Some(file)) => {
+            Some(read_secret_file(&file).map_err(|m| err("client_secret_file", m))?)
+        }
+        (None, None) => None,
+    };
+    if secret.as_ref().is_some_and(Secret::is_empty) {
+        return Err(err("client_secret", "the client secret is empty".into()));
+    }
+    let alg = assertion_alg
+        .map(|a| {
+            a.parse::<Algorithm>()
+                .map_err(|_| err("assertion_alg", format!("unknown algorithm \"{a}\"")))
+        })
+        .transpose()?;
+    let needs_secret = |secret: &Option<Secret>| -> BuildResult<Secret> {
+        secret.clone().ok_or_else(|| {
+            (
+                path.to_string(),
+                "one of client_secret or client_secret_file is required".to_string(),
+            )
+        })
+    };
+    if auth_method != AuthMethodFile::PrivateKeyJwt && private_key_file.is_some() {
+        return Err(err(
+            "private_key_file",
+            "is used only with auth_method: private_key_jwt".into(),
+        ));
+    }
+    let client_auth = match auth_method {
+        AuthMethodFile::ClientSecretBasic => {
+            let secret = needs_secret(&secret)?;
+            // RFC 6749 §2.3.1: id and secret are form-urlencoded before Base64.
+            let pair = format!(
+                "{}:{}",
+                form_encode(&client_id),
+                form_encode(secret.expose())
+            );
+            let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
+                .map_err(|_| err("client_id", "cannot be sent in a header".into()))?;
+            header.set_sensitive(true);
+            ClientAuth::Basic { header }
+        }
+        AuthMethodFile::ClientSecretPost => {
+            needs_secret(&secret)?;
+            ClientAuth::Post
+        }
+        AuthMethodFile::ClientSecretJwt => ClientAuth::SecretJwt(
+            AssertionSigner::from_secret(&needs_secret(&secret)?, alg)
+                .map_err(|m| err("assertion_alg", m))?,
+        ),
+        AuthMethodFile::PrivateKeyJwt => {
+            let key_file = private_key_file.ok_or_else(|| {
+                err(
+                    "private_key_file",
+                    "required for auth_method: private_key_jwt".into(),
+                )
+            })?;
+            ClientAuth::PrivateKeyJwt(
+                AssertionSigner::from_pem_file(&key_file, alg, private_key_id)
+                    .map_err(|m| err("private_key_file", m))?,
+            )
+        }
+    };
+
+    let inbound = inbound
+        .map(|i| {
+            build_inbound(
+                &format!("{path}.inbound"),
+                i,
+                &InboundDefaults {
+                    issuer: issuer.as_deref(),
+                    jwks_uri: jwks_uri.as_ref(),
+                    introspection_endpoint: introspection_endpoint.as_ref(),
+                    client_id: &client_id,
+                    secret: secret.as_ref(),
+                    timeout,
+                    http: &http,
+                },
+            )
+        })
+        .transpose()?
+        .map(Arc::new);
+
+    Ok(TokenService {
+        name: name.to_string(),
+        profile,
+        issuer,
+        token_endpoint,
+        jwks_uri,
+        introspection_endpoint,
+        client_id,
+        client_secret: secret,
+        client_auth,
+        timeout,
+        connect_timeout,
+        http,
+        inbound,
+    })
+}
+
+fn read_secret_file(file: &Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
+    Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
+}
+
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+struct ProfileKeys {
+    environment_id: Option<String>,
+    region: Option<String>,
+    base_url: Option<String>,
+    realm: Option<String>,
+    authorization_server: Option<String>,
+    tenant: Option<String>,
+}
+
+#[derive(Default)]
+struct Derived {
+    issuer: Option<String>,
+    token: Option<Url>,
+    jwks: Option<Url>,
+    introspection: Option<Url>,
+}
+
+/// The endpoints a provider documents, from its profile keys. Keys of another profile are
+/// errors, so a PingOne `region` on a Keycloak service does not silently do nothing.
+fn derive_endpoints(
+    path: &str,
+    profile: ProfileFile,
+    keys: ProfileKeys,
+) -> BuildResult<(Profile, Derived)> {
+    let ProfileKeys {
+        environment_id,
+        region,
+        base_url,
+        realm,
+        authorization_server,
+        tenant,
+    } = keys;
+    let allowed: &[&str] = match profile {
+        ProfileFile::Generic => &[],
+        ProfileFile::Pingone => &["environment_id", "region"],
+        ProfileFile::Keycloak => &["base_url", "realm"],
+        ProfileFile::Okta => &["authorization_server"],
+        ProfileFile::EntraObo => &["tenant"],
+    };
+    for (key, set) in [
+        ("environment_id", environment_id.is_some()),
+        ("region", region.is_some()),
+        ("base_url", base_url.is_some()),
+        ("realm", realm.is_some()),
+        ("authorization_server", authorization_server.is_some()),
+        ("tenant", tenant.is_some()),
+    ] {
+        if set && !allowed.contains(&key) {
+            return Err((
+                format!("{path}.{key}"),
+                format!("is not a key of profile {}", profile_name(profile)),
+            ));
+        }
+    }
+    let required = |key: &str, v: Option<String>| {
+        v.filter(|s| !s.is_empty()).ok_or_else(|| {
+            (
+                format!("{path}.{key}"),
+                format!("required by profile {}", profile_name(profile)),
+            )
+        })
+    };
+    let url = |key: &str, text: String| {
+        Url::parse(&text).map_err(|e| {
+            (
+                format!("{path}.{key}"),
+                format!("invalid URL \"{text}\": {e}"),
+            )
+        })
+    };
+    let from_issuer =
+        |issuer: String, token: &str, jwks: &str, introspect: &str| -> BuildResult<Derived> {
+            Ok(Derived {
+                token: Some(url("issuer", format!("{issuer}{token}"))?),
+                jwks: Some(url("issuer", format!("{issuer}{jwks}"))?),
+                introspection: Some(url("issuer", format!("{issuer}{introspect}"))?),
+                issuer: Some(issuer),
+            })
+        };
+    match profile {
+        ProfileFile::Generic => Ok((Profile::Generic, Derived::default())),
+        ProfileFile::Pingone => {
+            let env = required("environment_id", environment_id)?;
+            if !is_uuid(&env) {
+                return Err((
+                    format!("{path}.environment_id"),
+                    format!("\"{env}\" is not a PingOne environment id (a UUID)"),
+                ));
+            }
+            let region = region.unwrap_or_else(|| "com".to_string());
+            let host = PINGONE_REGIONS
+                .iter()
+                .find(|(r, _)| *r == region)
+                .map(|(_, h)| *h)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = PINGONE_REGIONS.iter().map(|(r, _)| *r).collect();
+                    (
+                        format!("{path}.region"),
+                        format!(
+                            "unknown PingOne region \"{region}\" (known: {})",
+                            known.join(", ")
+                        ),
+                    )
+                })?;
+            let issuer = format!("https://{host}/{}/as", env.to_ascii_lowercase());
+            Ok((
+                Profile::PingOne,
+                from_issuer(issuer, "/token", "/jwks", "/introspect")?,
+            ))
+        }
+        ProfileFile::Keycloak => {
+            let base = http_url(
+                &format!("{path}.base_url"),
+                &required("base_url", base_url)?,
+            )?;
+            let realm = required("realm", realm)?;
+            if realm.contains(['/', '?', '#']) {
+                return Err((
+                    format!("{path}.realm"),
+                    format!("invalid realm \"{realm}\""),
+                ));
+            }
+            let issuer = format!("{}/realms/{realm}", base.as_str().trim_end_matches('/'));
+            Ok((
+                Profile::Keycloak,
+                from_issuer(
+                    issuer,
+                    "/protocol/openid-connect/token",
+                    "/protocol/openid-connect/certs",
+                    "/protocol/openid-connect/token/introspect",
+                )?,
+            ))
+        }
+        ProfileFile::Okta => {
+            let server = http_url(
+                &format!("{path}.authorization_server"),
+                &required("authorization_server", authorization_server)?,
+            )?;
+            let issuer = server.as_str().trim_end_matches('/').to_string();
+            Ok((
+                Profile::Okta,
+                from_issuer(issuer, "/v1/token", "/v1/keys", "/v1/introspect")?,
+            ))
+        }
+        ProfileFile::EntraObo => {
+            let tenant = required("tenant", tenant)?;
+            if !tenant
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                return Err((
+                    format!("{path}.tenant"),
+                    format!("invalid tenant \"{tenant}\""),
+                ));
+            }
+            let login = format!("https://login.microsoftonline.com/{tenant}");
+            Ok((
+                Profile::EntraObo,
+                Derived {
+                    issuer: Some(format!("{login}/v2.0")),
+                    token: Some(url("tenant", format!("{login}/oauth2/v2.0/token"))?),
+                    jwks: Some(url("tenant", format!("{login}/discovery/v2.0/keys"))?),
+                    introspection: None,
+                },
+            ))
+        }
+    }
+}
+
+fn profile_name(profile: ProfileFile) -> &'static str {
+    match profile {
+        ProfileFile::Generic => "generic",
+        ProfileFile::Pingone => "pingone",
+        ProfileFile::Keycloak => "keycloak",
+        ProfileFile::Okta => "okta",
+        ProfileFile::EntraObo => "entra_obo",
+    }
+}
+
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+/// Fetches `<issuer>/.well-known/openid-configuration` (RFC 8414 §3 path as fallback) and
+/// checks that the document is for this issuer (OpenID Connect Discovery §4.3). Runs on its
+/// own thread and runtime so config loading works from any context, async or not.
+fn discover(issuer: &str, http: &reqwest::Client, timeout: Duration) -> Result<Discovered, String> {
+    let issuer = issuer.to_string();
+    let http = http.clone();
+    let fetch = move || -> Result<Discovered, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot run discovery: {e}"))?;
+        runtime.block_on(async {
+            let mut last = String::new();
+            for suffix in [
+                "/.well-known/openid-configuration",
+                "/.well-known/oauth-authorization-server",
+            ] {
+                let url = format!("{issuer}{suffix}");
+                let answer = tokio::time::timeout(timeout, async {
+                    let response = http.get(&url).send().await.map_err(|e| e.to_string())?;
+                    if !response.status().is_success() {
+                        return Err(format!("HTTP {}", response.status().as_u16()));
+                    }
+                    response
+                        .json::<Discovered>()
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+                match answer {
+                    Ok(doc) => {
+                        let found = doc.issuer.as_deref().map(|i| i.trim_end_matches('/'));
+                        if found != Some(issuer.as_str()) {
+                            return Err(format!(
+                                "discovery at {url} is for issuer {:?}, not \"{issuer}\"",
+                                doc.issuer.as_deref().unwrap_or("(none)")
+                            ));
+                        }
+                        return Ok(doc);
+                    }
+                    Err(e) => last = format!("OIDC discovery at {url} failed: {e}"),
+                }
+            }
+            Err(last)
+        })
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(fetch)
+            .join()
+            .unwrap_or_else(|_| Err("discovery failed".to_string()))
+    })
+}
+
+/// What an `inbound:` block falls back to from its token service.
+pub(super) struct InboundDefaults<'a> {
+    pub issuer: Option<&'a str>,
+    pub jwks_uri: Option<&'a Url>,
+    pub introspection_endpoint: Option<&'a Url>,
+    pub client_id: &'a str,
+    pub secret: Option<&'a Secret>,
+    pub timeout: Duration,
+    pub http: &'a reqwest::Client,
+}
+
+pub(super) fn build_inbound(
+    path: &str,
+    raw: InboundFile,
+    defaults: &InboundDefaults<'_>,
+) -> BuildResult<Inbound> {
+    let InboundFile { jwt, introspection } = raw;
+    if jwt.is_none() && introspection.is_none() {
+        return Err((path.into(), "set jwt, introspection, or both".into()));
+    }
+    let jwt = jwt
+        .map(|j| {
+            let file::JwtFile {
+                issuer,
+                jwks_uri,
+                audiences,
+                algorithms,
+                leeway,
+            } = j;
+            let p = |k: &str| format!("{path}.jwt.{k}");
+            let issuer = issuer
+                .or_else(|| defaults.issuer.map(str::to_string))
+                .ok_or_else(|| {
+                    (
+                        p("issuer"),
+                        "required (the token service has no issuer)".to_string(),
+                    )
+                })?;
+            let jwks_uri = match jwks_uri {
+                Some(u) => http_url(&p("jwks_uri"), &u)?,
+                None => defaults.jwks_uri.cloned().ok_or_else(|| {
+                    (
+                        p("jwks_uri"),
+                        "required (the token service has no jwks_uri, profile or discovery)"
+                            .to_string(),
+                    )
+                })?,
+            };
+            let algorithms = if algorithms.is_empty() {
+                crate::inbound::DEFAULT_ALGORITHMS.to_vec()
+            } else {
+                algorithms
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| allowed_algorithm(&format!("{}[{i}]", p("algorithms")), a))
+                    .collect::<BuildResult<Vec<_>>>()?
+            };
+            Ok::<_, (String, String)>(Arc::new(JwtValidator::new(
+                JwtSettings {
+                    issuer,
+                    jwks_uri,
+                    audiences,
+                    algorithms,
+                    leeway: leeway.unwrap_or(crate::inbound::DEFAULT_LEEWAY),
+                    refresh_interval: crate::inbound::DEFAULT_REFRESH_INTERVAL,
+                    min_refetch_interval: crate::inbound::DEFAULT_MIN_REFETCH_INTERVAL,
+                    max_cached: INBOUND_CACHE_ENTRIES,
+                },
+                defaults.http.clone(),
+            )))
+        })
+        .transpose()?;
+    let introspection = introspection
+        .map(|i| {
+            let file::IntrospectionFile { endpoint, cache_ttl } = i;
+            let p = |k: &str| format!("{path}.introspection.{k}");
+            let endpoint = match endpoint {
+                Some(u) => http_url(&p("endpoint"), &u)?,
+                None => defaults.introspection_endpoint.cloned().ok_or_else(|| {
+                    (
+                        p("endpoint"),
+                        "required (the token service has no introspection_endpoint)".to_string(),
+                    )
+                })?,
+            };
+            let secret = defaults.secret.ok_or_else(|| {
+                (
+                    format!("{path}.introspection"),
+                    "introspection authenticates with the token service's client secret; set client_secret".to_string(),
+                )
+            })?;
+            let pair = format!(
+                "{}:{}",
+                form_encode(defaults.client_id),
+                form_encode(secret.expose())
+            );
+            let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
+                .map_err(|_| (format!("{path}.introspection"), "client id cannot be sent".to_string()))?;
+            header.set_sensitive(true);
+            Ok::<_, (String, String)>(Arc::new(IntrospectionValidator::new(
+                IntrospectionSettings {
+                    endpoint,
+                    client_id: defaults.client_id.to_string(),
+                    auth: IntrospectionAuth::Basic { header },
+                    timeout: defaults.timeout,
+                    cache_ttl: positive(
+                        &p("cache_ttl"),
+                        cache_ttl.unwrap_or(DEFAULT_INTROSPECTION_CACHE_TTL),
+                    )?,
+                    max_cached: INBOUND_CACHE_ENTRIES,
+                },
+                defaults.http.clone(),
+            )))
+        })
+        .transpose()?;
+    Ok(Inbound { jwt, introspection })
+}
+
+/// An inbound `alg`: asymmetric only. `none` would accept unsigned tokens, and an HMAC
+/// algorithm against a JWKS is the key-confusion attack of RFC 8725 §2.1.
+fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
+    let alg = text
+        .parse::<Algorithm>()
+        .map_err(|_| (path.to_string(), format!("unknown algorithm \"{text}\"")))?;
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err((
+            path.to_string(),
+            format!(
+                "{text} is a shared-secret algorithm; inbound tokens are verified with public keys"
+            ),
+        )),
+        _ => Ok(alg),
+    }
+}
