@@ -254,7 +254,7 @@ impl Config {
                 out.push_str(&format!(", jwks {jwks}"));
             }
             if let Some(inbound) = &service.inbound {
-                out.push_str(&format!(", inbound {inbound:?}"));
+                out.push_str(&format!(", inbound validation {inbound:?}"));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {

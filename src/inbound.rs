@@ -1066,7 +1066,7 @@ mod tests {
         let validated = validator.validate(&token).await.unwrap();
         assert_eq!(validated.sub.as_deref(), Some("alice"));
 
-        // The RSA key is published for RS256 only; a PS256 claim must not use it.
+        // PS256 is not on the default allow-list, even though the key type would fit.
         let ps256 = sign(&json!({"alg": "PS256", "kid": "rsa1"}), &claims());
         assert_invalid(validator.validate(&ps256).await, "allow-list");
 

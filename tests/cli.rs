@@ -244,3 +244,66 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
     assert_eq!(echoed["token"]["claims"]["scope"], "orders:read");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_pingone_config_passes_check_and_shows_its_endpoint_and_form() {
+    let output = Command::new(BIN)
+        .args(["check", "--verbose", "--config", "examples/pingone.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("PINGONE_CLIENT_ID", "gateway-app")
+        .env("PINGONE_CLIENT_SECRET", "never-printed-secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!stdout.contains("never-printed-secret"));
+    let env = "3f1b6c2e-8a4d-4e1f-9b7a-0c5d2e8f1a34";
+    let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
+    assert_eq!(
+        lines[0],
+        "examples/pingone.yaml: ok: 3 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "token_services.pingone: profile pingone, token endpoint https://auth.pingone.eu/{env}/as/token, \
+             client gateway-app (client_secret_basic), jwks https://auth.pingone.eu/{env}/as/jwks, inbound validation jwt"
+        )
+    );
+    let token = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=CALLER_TOKEN\
+                 &subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token";
+    assert_eq!(
+        lines[2],
+        format!(
+            "routes[0] orders /orders -> http://127.0.0.1:9001/: mode impersonation at pingone: \
+             POST https://auth.pingone.eu/{env}/as/token (client_secret_basic) {token}&scope=orders%3Aread"
+        )
+    );
+    assert!(lines[3].contains("actor_token=ACTOR_TOKEN&actor_token_type="), "{}", lines[3]);
+    assert!(lines[3].ends_with("grant_type=client_credentials&scope=gateway%3Aact"), "{}", lines[3]);
+    assert!(lines[4].ends_with(&format!("{token}&scope=inventory%3Aread")), "{}", lines[4]);
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec!["gateway.yaml".to_string()];
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") {
+            files.push(format!("examples/{name}"));
+        }
+    }
+    assert!(files.len() >= 2);
+    for file in &files {
+        let output = Command::new(BIN)
+            .args(["check", "--config", file])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("TXGATE_CLIENT_SECRET", "x")
+            .env("PINGONE_CLIENT_ID", "x")
+            .env("PINGONE_CLIENT_SECRET", "x")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}

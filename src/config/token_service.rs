@@ -126,10 +126,12 @@ pub struct Inbound {
 
 impl fmt::Debug for Inbound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Inbound")
-            .field("jwt", &self.jwt.is_some())
-            .field("introspection", &self.introspection.is_some())
-            .finish()
+        f.write_str(match (self.jwt.is_some(), self.introspection.is_some()) {
+            (true, true) => "jwt+introspection",
+            (true, false) => "jwt",
+            (false, true) => "introspection",
+            (false, false) => "none",
+        })
     }
 }
 

@@ -234,3 +234,307 @@ fn transport_reason(error: &reqwest::Error) -> &'static str {
         "the introspection request failed"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::extract::State;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde_json::json;
+
+    use super::super::test_support::{closed_address, http, serve};
+    use super::*;
+    use crate::devsts::{DevClient, DevSts, DevStsOptions};
+
+    const CLIENT_ID: &str = "gateway";
+    const CLIENT_SECRET: &str = "gateway-secret";
+
+    fn basic() -> IntrospectionAuth {
+        let credentials = STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+        let mut header = HeaderValue::from_str(&format!("Basic {credentials}")).unwrap();
+        header.set_sensitive(true);
+        IntrospectionAuth::Basic { header }
+    }
+
+    fn post_auth() -> IntrospectionAuth {
+        IntrospectionAuth::Post {
+            secret: Secret::new(CLIENT_SECRET),
+        }
+    }
+
+    /// A dev STS on an ephemeral port, and its introspection endpoint.
+    async fn dev_sts() -> (Arc<DevSts>, url::Url) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let sts = DevSts::new(DevStsOptions::new(
+            base.clone(),
+            vec![DevClient {
+                client_id: CLIENT_ID.into(),
+                client_secret: Secret::new(CLIENT_SECRET),
+            }],
+        ))
+        .unwrap();
+        tokio::spawn(Arc::clone(&sts).serve(listener, std::future::pending()));
+        let endpoint = url::Url::parse(&format!("{base}/introspect")).unwrap();
+        (sts, endpoint)
+    }
+
+    fn validator(endpoint: url::Url, auth: IntrospectionAuth) -> IntrospectionValidator {
+        IntrospectionValidator::new(IntrospectionSettings::new(endpoint, CLIENT_ID, auth), http())
+    }
+
+    /// An introspection endpoint that gives a fixed answer and records the forms it receives.
+    struct Canned {
+        status: StatusCode,
+        body: String,
+        forms: Mutex<Vec<Vec<(String, String)>>>,
+        hang: bool,
+    }
+
+    async fn canned(status: StatusCode, body: impl Into<String>) -> (Arc<Canned>, url::Url) {
+        start_canned(Canned {
+            status,
+            body: body.into(),
+            forms: Mutex::new(Vec::new()),
+            hang: false,
+        })
+        .await
+    }
+
+    async fn start_canned(canned: Canned) -> (Arc<Canned>, url::Url) {
+        let canned = Arc::new(canned);
+        let router = axum::Router::new()
+            .route("/introspect", post(answer))
+            .with_state(Arc::clone(&canned));
+        let address = serve(router).await;
+        let endpoint = url::Url::parse(&format!("http://{address}/introspect")).unwrap();
+        (canned, endpoint)
+    }
+
+    async fn answer(State(canned): State<Arc<Canned>>, body: axum::body::Bytes) -> Response {
+        let form = url::form_urlencoded::parse(&body).into_owned().collect();
+        canned.forms.lock().unwrap().push(form);
+        if canned.hang {
+            std::future::pending::<()>().await;
+        }
+        let mut response = (canned.status, canned.body.clone()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+
+    fn unavailable_reason(result: Result<Arc<ValidatedToken>, InboundError>) -> String {
+        match result {
+            Err(InboundError::Unavailable(reason)) => reason,
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_active_answer_is_accepted_and_reused() {
+        let (sts, endpoint) = dev_sts().await;
+        let validator = validator(endpoint, basic());
+        let token = sts
+            .issue_user_token("alice", Some("api"), Some("read"))
+            .unwrap();
+
+        let first = validator.validate(&token).await.unwrap();
+        assert_eq!(first.sub.as_deref(), Some("alice"));
+        assert!(first.exp.is_some_and(|exp| exp > now_secs()));
+        assert_eq!(first.claims["scope"], "read");
+        assert_eq!(validator.introspection_calls(), 1);
+
+        let second = validator.validate(&token).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(validator.introspection_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn client_secret_post_works_too() {
+        let (sts, endpoint) = dev_sts().await;
+        let validator = validator(endpoint, post_auth());
+        let token = sts.issue_user_token("bob", None, None).unwrap();
+        let validated = validator.validate(&token).await.unwrap();
+        assert_eq!(validated.sub.as_deref(), Some("bob"));
+    }
+
+    #[tokio::test]
+    async fn sends_the_rfc_7662_form() {
+        let answer = json!({"active": true, "sub": "carol", "client_id": "web"}).to_string();
+        let (canned, endpoint) = canned(StatusCode::OK, answer).await;
+        let validated = validator(endpoint, post_auth())
+            .validate("opaque-token-1")
+            .await
+            .unwrap();
+        assert_eq!(validated.sub.as_deref(), Some("carol"));
+        assert_eq!(validated.client_id.as_deref(), Some("web"));
+        assert_eq!(validated.exp, None);
+        let forms = canned.forms.lock().unwrap().clone();
+        let form = &forms[0];
+        let value = |name: &str| {
+            form.iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+        };
+        assert_eq!(value("token"), Some("opaque-token-1"));
+        assert_eq!(value("token_type_hint"), Some("access_token"));
+        assert_eq!(value("client_id"), Some(CLIENT_ID));
+        assert_eq!(value("client_secret"), Some(CLIENT_SECRET));
+    }
+
+    #[tokio::test]
+    async fn an_inactive_answer_is_invalid_and_not_cached() {
+        let (_sts, endpoint) = dev_sts().await;
+        let validator = validator(endpoint, basic());
+        for expected_calls in [1, 2] {
+            let error = validator.validate("not-a-token-we-issued").await.unwrap_err();
+            assert_eq!(error.outcome(), "invalid_token");
+            assert_eq!(validator.introspection_calls(), expected_calls);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_active_answer_past_its_exp_is_invalid() {
+        let answer = json!({"active": true, "sub": "dave", "exp": now_secs() - 5}).to_string();
+        let (_canned, endpoint) = canned(StatusCode::OK, answer).await;
+        let error = validator(endpoint, basic())
+            .validate("opaque")
+            .await
+            .unwrap_err();
+        assert_eq!(error, InboundError::Invalid("expired".into()));
+    }
+
+    #[tokio::test]
+    async fn broken_endpoints_make_the_validator_unavailable() {
+        let big = format!(
+            "{{\"active\": true, \"pad\": \"{}\"}}",
+            "x".repeat(MAX_INTROSPECTION_RESPONSE_BYTES)
+        );
+        let cases = [
+            (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_owned(), "HTTP 500"),
+            (
+                StatusCode::UNAUTHORIZED,
+                r#"{"error":"invalid_client"}"#.into(),
+                "HTTP 401",
+            ),
+            (StatusCode::OK, "not json".into(), "JSON"),
+            (StatusCode::OK, "[true]".into(), "JSON"),
+            (StatusCode::OK, r#"{"sub":"x"}"#.into(), "active"),
+            (StatusCode::OK, r#"{"active":"true"}"#.into(), "active"),
+            (StatusCode::OK, r#"{"active":true,"exp":"soon"}"#.into(), "exp"),
+            (StatusCode::OK, big, "too large"),
+        ];
+        for (status, body, fragment) in cases {
+            let (_canned, endpoint) = canned(status, body).await;
+            let validator = validator(endpoint, basic());
+            let reason = unavailable_reason(validator.validate("opaque").await);
+            assert!(reason.contains(fragment), "{reason:?} lacks {fragment:?}");
+            // Failures are not cached: the next call asks again.
+            let _ = validator.validate("opaque").await;
+            assert_eq!(validator.introspection_calls(), 2);
+        }
+
+        let nowhere = url::Url::parse(&format!("http://{}/introspect", closed_address().await));
+        let validator = validator(nowhere.unwrap(), basic());
+        let reason = unavailable_reason(validator.validate("opaque").await);
+        assert!(reason.contains("connect"), "{reason:?}");
+
+        // Wrong client credentials at a real STS: the gateway's problem, not the caller's.
+        let (sts, endpoint) = dev_sts().await;
+        let token = sts.issue_user_token("erin", None, None).unwrap();
+        let wrong = IntrospectionAuth::Post {
+            secret: Secret::new("wrong"),
+        };
+        let reason = unavailable_reason(super::IntrospectionValidator::validate(
+            &super::IntrospectionValidator::new(
+                IntrospectionSettings::new(endpoint, CLIENT_ID, wrong),
+                http(),
+            ),
+            &token,
+        )
+        .await);
+        assert!(reason.contains("401"), "{reason:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_endpoint_times_out() {
+        let (_canned, endpoint) = start_canned(Canned {
+            status: StatusCode::OK,
+            body: r#"{"active":true}"#.into(),
+            forms: Mutex::new(Vec::new()),
+            hang: true,
+        })
+        .await;
+        let mut settings = IntrospectionSettings::new(endpoint, CLIENT_ID, basic());
+        settings.timeout = Duration::from_millis(200);
+        let validator = IntrospectionValidator::new(settings, http());
+        let reason = unavailable_reason(validator.validate("opaque").await);
+        assert!(reason.contains("timed out"), "{reason:?}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_of_one_token_share_a_call() {
+        let (sts, endpoint) = dev_sts().await;
+        let validator = validator(endpoint, basic());
+        let token = sts.issue_user_token("frank", None, None).unwrap();
+        let results =
+            futures::future::join_all((0..10).map(|_| validator.validate(&token))).await;
+        for result in results {
+            assert_eq!(result.unwrap().sub.as_deref(), Some("frank"));
+        }
+        assert_eq!(validator.introspection_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_zero_cache_ttl_asks_every_time() {
+        let (sts, endpoint) = dev_sts().await;
+        let mut settings = IntrospectionSettings::new(endpoint, CLIENT_ID, basic());
+        settings.cache_ttl = Duration::ZERO;
+        let validator = IntrospectionValidator::new(settings, http());
+        let token = sts.issue_user_token("grace", None, None).unwrap();
+        validator.validate(&token).await.unwrap();
+        validator.validate(&token).await.unwrap();
+        assert_eq!(validator.introspection_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn oversized_or_empty_tokens_are_refused_without_a_call() {
+        let (_sts, endpoint) = dev_sts().await;
+        let validator = validator(endpoint, basic());
+        for token in [String::new(), "t".repeat(super::super::MAX_TOKEN_BYTES + 1)] {
+            let error = validator.validate(&token).await.unwrap_err();
+            assert_eq!(error.outcome(), "invalid_token");
+        }
+        assert_eq!(validator.introspection_calls(), 0);
+    }
+
+    #[test]
+    fn the_cache_lifetime_never_passes_exp() {
+        let now = 1_000_000;
+        let answer = json!({"active": true, "exp": now + 10}).to_string();
+        let token = interpret(answer.as_bytes(), now).unwrap();
+        assert_eq!(
+            ttl_until(token.exp, now, DEFAULT_INTROSPECTION_CACHE_TTL),
+            Duration::from_secs(10)
+        );
+        let answer = json!({"active": true, "exp": now + 3_600}).to_string();
+        let token = interpret(answer.as_bytes(), now).unwrap();
+        assert_eq!(
+            ttl_until(token.exp, now, DEFAULT_INTROSPECTION_CACHE_TTL),
+            DEFAULT_INTROSPECTION_CACHE_TTL
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_credentials() {
+        let text = format!("{:?} {:?}", basic(), post_auth());
+        assert!(!text.contains(CLIENT_SECRET));
+        assert!(!text.contains(&STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"))));
+    }
+}
