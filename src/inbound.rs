@@ -63,6 +63,9 @@ const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Floor for the refresh interval, so a zero in the settings cannot spin the refresher.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest leeway honoured. More than a day of clock skew is a misconfiguration, and the
+/// library's `now - leeway` must never underflow.
+const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,7 +143,8 @@ pub struct JwtSettings {
     /// The `alg` allow-list (RFC 8725 §3.1); [`DEFAULT_ALGORITHMS`] by default. HMAC entries
     /// are ignored: this validator only knows public keys.
     pub algorithms: Vec<Algorithm>,
-    /// Clock skew tolerated on `exp`, `nbf` and `iat`; [`DEFAULT_LEEWAY`] by default.
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in whole seconds and at most a day;
+    /// [`DEFAULT_LEEWAY`] by default.
     pub leeway: Duration,
     /// Background JWKS refresh period; [`DEFAULT_REFRESH_INTERVAL`] by default.
     pub refresh_interval: Duration,
@@ -197,7 +201,7 @@ impl std::fmt::Debug for JwtValidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtValidator")
             .field("issuer", &self.settings.issuer)
-            .field("jwks_uri", &self.settings.jwks_uri.as_str())
+            .field("jwks_uri", &redacted(&self.settings.jwks_uri))
             .field("ready", &self.is_ready())
             .finish_non_exhaustive()
     }
@@ -207,7 +211,7 @@ impl JwtValidator {
     /// Builds a validator that has no keys yet (not ready). Called once per inbound JWT
     /// configuration at start; `http` comes from [`crate::exchange::http_client`].
     pub fn new(settings: JwtSettings, http: reqwest::Client) -> JwtValidator {
-        let leeway = settings.leeway.as_secs();
+        let leeway = settings.leeway.min(MAX_LEEWAY).as_secs();
         let mut checks: Vec<(Algorithm, Validation)> = Vec::new();
         for &alg in &settings.algorithms {
             // RFC 8725 §2.1, §3.1: an HMAC alg would turn a public key into a shared secret.
@@ -254,7 +258,7 @@ impl JwtValidator {
             Err(reason) => {
                 tracing::warn!(
                     issuer = %self.settings.issuer,
-                    jwks_uri = %self.settings.jwks_uri,
+                    jwks_uri = %redacted(&self.settings.jwks_uri),
                     %reason,
                     "JWKS refresh failed; the previous key set, if any, stays in use"
                 );
@@ -405,7 +409,7 @@ impl JwtValidator {
             return Err(invalid("wrong issuer"));
         }
         let now = now_secs();
-        let leeway = self.settings.leeway.as_secs();
+        let leeway = self.settings.leeway.min(MAX_LEEWAY).as_secs();
         if claims.get("exp").and_then(numeric_date).is_none() {
             return Err(invalid("malformed exp"));
         }
@@ -607,6 +611,16 @@ fn numeric_date(value: &Value) -> Option<u64> {
     })
 }
 
+/// A URL for logs: without user info or query, which may carry credentials.
+fn redacted(url: &url::Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    url.to_string()
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -769,7 +783,9 @@ mod tests {
         server.hits.fetch_add(1, Ordering::SeqCst);
         let failing = server
             .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
             .is_ok();
         if failing {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -968,7 +984,11 @@ mod tests {
         } else {
             "A"
         };
-        parts[2] = format!("{}{flipped}{}", &signature[..middle], &signature[middle + 1..]);
+        parts[2] = format!(
+            "{}{flipped}{}",
+            &signature[..middle],
+            &signature[middle + 1..]
+        );
         assert_invalid(validator.validate(&parts.join(".")).await, "signature");
 
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
@@ -1014,7 +1034,10 @@ mod tests {
         hostile.push(jsonwebtoken::encode(&header, &json!([1, 2]), &key.encoding).unwrap());
         for token in &hostile {
             assert!(
-                matches!(validator.validate(token).await, Err(InboundError::Invalid(_))),
+                matches!(
+                    validator.validate(token).await,
+                    Err(InboundError::Invalid(_))
+                ),
                 "accepted {token:?}"
             );
         }
@@ -1032,7 +1055,11 @@ mod tests {
         // With two candidate keys, a token without kid is ambiguous and refused.
         let other = ec_key("k2", Algorithm::ES256);
         server.set_keys(vec![key.jwk.clone(), other.jwk.clone()]);
-        let ambiguous = loaded(JwtSettings::new(ISSUER, validator.settings.jwks_uri.clone())).await;
+        let ambiguous = loaded(JwtSettings::new(
+            ISSUER,
+            validator.settings.jwks_uri.clone(),
+        ))
+        .await;
         assert_invalid(ambiguous.validate(&token).await, "several keys");
     }
 
@@ -1244,6 +1271,12 @@ mod tests {
             "validator_unavailable"
         );
         assert_eq!(invalid("short reason").reason(), "short reason");
+    }
+
+    #[test]
+    fn logged_urls_carry_no_credentials() {
+        let url = url::Url::parse("https://user:pw@idp.example/jwks?api_key=k#x").unwrap();
+        assert_eq!(redacted(&url), "https://idp.example/jwks");
     }
 
     #[test]

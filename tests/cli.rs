@@ -255,7 +255,11 @@ fn a_pingone_config_passes_check_and_shows_its_endpoint_and_form() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!stdout.contains("never-printed-secret"));
     let env = "3f1b6c2e-8a4d-4e1f-9b7a-0c5d2e8f1a34";
     let lines: Vec<&str> = stdout.lines().map(str::trim).collect();
@@ -279,9 +283,21 @@ fn a_pingone_config_passes_check_and_shows_its_endpoint_and_form() {
              POST https://auth.pingone.eu/{env}/as/token (client_secret_basic) {token}&scope=orders%3Aread"
         )
     );
-    assert!(lines[3].contains("actor_token=ACTOR_TOKEN&actor_token_type="), "{}", lines[3]);
-    assert!(lines[3].ends_with("grant_type=client_credentials&scope=gateway%3Aact"), "{}", lines[3]);
-    assert!(lines[4].ends_with(&format!("{token}&scope=inventory%3Aread")), "{}", lines[4]);
+    assert!(
+        lines[3].contains("actor_token=ACTOR_TOKEN&actor_token_type="),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[3].ends_with("grant_type=client_credentials&scope=gateway%3Aact"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].ends_with(&format!("{token}&scope=inventory%3Aread")),
+        "{}",
+        lines[4]
+    );
 }
 
 #[test]
@@ -304,6 +320,10 @@ fn every_shipped_config_passes_check() {
             .env("PINGONE_CLIENT_SECRET", "x")
             .output()
             .unwrap();
-        assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }

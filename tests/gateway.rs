@@ -57,7 +57,7 @@ async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
 async fn exchange_sends_the_rfc8693_form_with_basic_auth_and_forwards_the_new_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
 
     let response = get(&format!("{}/orders/42?x=1", gw.url()), Some(&token)).await;
@@ -118,7 +118,8 @@ async fn client_secret_post_puts_credentials_in_the_form() {
         &sts,
         &upstream,
         "    auth_method: client_secret_post\n",
-    ));
+    ))
+    .await;
     let response = get(&format!("{}/billing", gw.url()), Some(&caller_token())).await;
     assert_eq!(response.status(), 200);
     let call = &sts.captured()[0];
@@ -138,7 +139,7 @@ async fn client_secret_post_puts_credentials_in_the_form() {
 async fn twenty_requests_with_one_token_make_one_sts_call() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     for _ in 0..20 {
         assert_eq!(
@@ -163,7 +164,7 @@ async fn fifty_concurrent_requests_with_a_fresh_token_make_one_sts_call() {
     ))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     let requests = (0..50).map(|_| {
@@ -205,7 +206,7 @@ async fn an_expired_cache_entry_is_exchanged_again() {
     })
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     assert_eq!(get(&url, Some(&token)).await.status(), 200);
@@ -223,7 +224,7 @@ async fn an_expired_cache_entry_is_exchanged_again() {
 async fn routes_with_different_audiences_and_different_users_never_share_a_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let alice = caller_token();
     let bob = caller_token();
     for (path, token) in [
@@ -259,7 +260,7 @@ async fn routes_with_different_audiences_and_different_users_never_share_a_token
 async fn the_callers_token_never_reaches_the_upstream() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     for path in ["/orders/7", "/public/page"] {
         let response = client()
@@ -297,7 +298,7 @@ async fn the_callers_token_never_reaches_the_upstream() {
 async fn a_token_in_the_query_alone_is_not_accepted() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let response = get(
         &format!("{}/orders?access_token={}", gw.url(), caller_token()),
         None,
@@ -312,7 +313,7 @@ async fn a_token_in_the_query_alone_is_not_accepted() {
 async fn credential_errors_are_answered_without_calling_the_sts() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let url = format!("{}/orders", gw.url());
 
     let missing = get(&url, None).await;
@@ -478,7 +479,7 @@ async fn each_sts_error_class_gives_the_designed_status() {
     ];
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     for case in cases {
         sts.set(case.behavior);
         let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
@@ -535,13 +536,13 @@ routes:
 "#,
         upstream.url()
     );
-    let gw = gateway(&yaml);
+    let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
 
     let sts = TestSts::start(Behavior::error(500, "server_error")).await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     assert_eq!(get(&url, Some(&token)).await.status(), 503);
@@ -562,7 +563,7 @@ async fn an_sts_slower_than_the_timeout_gives_504_in_time() {
     ))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "    timeout: 300ms\n"));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "    timeout: 300ms\n")).await;
     let started = Instant::now();
     let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
     let elapsed = started.elapsed();
@@ -587,7 +588,7 @@ async fn an_unreachable_upstream_gives_502() {
         "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"http://{dead}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
         token_service(&sts, "")
     );
-    let gw = gateway(&yaml);
+    let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -617,7 +618,7 @@ fn metric_value(text: &str, series: &str) -> f64 {
 async fn metrics_and_probes_report_what_happened() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, ""));
+    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     for _ in 0..3 {
         get(&format!("{}/orders", gw.url()), Some(&token)).await;

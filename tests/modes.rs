@@ -55,7 +55,7 @@ async fn delegation_sends_the_gateways_own_token_as_actor_and_caches_it() {
         &upstream,
         "{ mode: delegation, token_service: corp, audience: [\"https://orders.example.com\"], actor: { scope: \"gateway:act\" } }",
         "",
-    ));
+    )).await;
     let alice = caller_token();
     let bob = caller_token();
     assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
@@ -103,7 +103,7 @@ async fn delegation_reads_the_actor_token_from_a_file() {
             file.display()
         ),
         "",
-    ));
+    )).await;
     assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
     let calls = sts.captured();
     assert_eq!(
@@ -138,7 +138,7 @@ async fn require_may_act_refuses_subjects_that_do_not_name_the_actor() {
             file.display()
         ),
         "",
-    ));
+    )).await;
     let allowed = unsigned_jwt(json!({"sub": "alice", "may_act": {"sub": "gateway-svc"}}));
     let other_actor = unsigned_jwt(json!({"sub": "bob", "may_act": {"sub": "someone-else"}}));
     let wrong_issuer = unsigned_jwt(
@@ -171,7 +171,7 @@ async fn client_credentials_forwards_the_gateways_token_after_validating_the_cal
         &upstream,
         "{ mode: client_credentials, token_service: corp, audience: [\"https://inventory.example.com\"], scope: \"inventory:read\" }",
         "",
-    ));
+    )).await;
     let alice = issuer.sign(json!({"sub": "alice", "aud": "gateway-api"}));
     let bob = issuer.sign(json!({"sub": "bob", "aud": ["other", "gateway-api"]}));
     assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
@@ -217,7 +217,8 @@ async fn client_credentials_with_anonymous_callers_needs_no_token() {
         &upstream,
         "{ mode: client_credentials, token_service: corp, caller: anonymous }",
         "",
-    ));
+    ))
+    .await;
     assert_eq!(get(&gw.url(), None).await.status(), 200);
     let stray = caller_token();
     assert_eq!(get(&gw.url(), Some(&stray)).await.status(), 200);
@@ -241,7 +242,8 @@ async fn a_machine_token_without_sub_is_exchanged_by_impersonation() {
         &upstream,
         "{ mode: impersonation, token_service: corp, scope: \"orders:read\" }",
         "",
-    ));
+    ))
+    .await;
     let machine = issuer.sign(
         json!({"client_id": "billing-service", "aud": "gateway-api", "scope": "orders:read"}),
     );
@@ -264,7 +266,8 @@ async fn expired_and_tampered_tokens_fail_locally() {
         &upstream,
         "{ mode: impersonation, token_service: corp }",
         "",
-    ));
+    ))
+    .await;
     let expired = issuer.sign(json!({"sub": "a", "aud": "gateway-api", "exp": 1_000_000}));
     let good = issuer.sign(json!({"sub": "a", "aud": "gateway-api"}));
     let mut tampered = good.clone();
@@ -308,7 +311,7 @@ async fn private_key_jwt_signs_a_fresh_assertion_per_call() {
             pem.display(),
             upstream.url()
         );
-        let gw = gateway(&yaml);
+        let gw = gateway(&yaml).await;
         assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
         assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
         let calls = sts.captured();
@@ -350,7 +353,8 @@ async fn client_secret_jwt_signs_with_the_secret() {
         &upstream,
         "{ mode: impersonation, token_service: corp }",
         "",
-    ));
+    ))
+    .await;
     assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
     let call = &sts.captured()[0];
     assert_eq!(
@@ -383,7 +387,7 @@ async fn entra_on_behalf_of_sends_the_jwt_bearer_grant() {
         &upstream,
         "{ mode: impersonation, token_service: corp, scope: \"api://orders/.default\" }",
         "",
-    ));
+    )).await;
     let caller = caller_token();
     assert_eq!(get(&gw.url(), Some(&caller)).await.status(), 200);
     let call = &sts.captured()[0];
@@ -446,7 +450,7 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
         let sts = TestSts::start(Behavior::issue()).await;
         let upstream = RecordingUpstream::start().await;
         // The explicit token_endpoint (the capturing STS) wins over the profile's.
-        let gw = gateway(&yaml(&sts, profile_keys, &upstream, exchange, ""));
+        let gw = gateway(&yaml(&sts, profile_keys, &upstream, exchange, "")).await;
         let caller = caller_token();
         assert_eq!(
             get(&gw.url(), Some(&caller)).await.status(),
@@ -496,7 +500,7 @@ async fn discovery_and_introspection_against_the_development_sts() {
         "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  dev:\n    issuer: \"http://{addr}\"\n    client_id: gateway\n    client_secret: \"${{TEST_CLIENT_SECRET}}\"\n    inbound:\n      introspection: {{}}\nroutes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: dev, audience: [\"https://orders.example.com\"] }} }}\n",
         upstream.url()
     );
-    let gw = gateway(&yaml);
+    let gw = gateway(&yaml).await;
     let user = sts.issue_user_token("alice", None, None).unwrap();
     assert_eq!(get(&gw.url(), Some(&user)).await.status(), 200);
     assert_eq!(sts.tokens_issued(), 1);

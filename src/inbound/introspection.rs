@@ -101,7 +101,7 @@ pub struct IntrospectionValidator {
 impl fmt::Debug for IntrospectionValidator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IntrospectionValidator")
-            .field("endpoint", &self.settings.endpoint.as_str())
+            .field("endpoint", &super::redacted(&self.settings.endpoint))
             .field("client_id", &self.settings.client_id)
             .finish_non_exhaustive()
     }
@@ -283,8 +283,11 @@ mod tests {
         (sts, endpoint)
     }
 
-    fn validator(endpoint: url::Url, auth: IntrospectionAuth) -> IntrospectionValidator {
-        IntrospectionValidator::new(IntrospectionSettings::new(endpoint, CLIENT_ID, auth), http())
+    fn introspector(endpoint: url::Url, auth: IntrospectionAuth) -> IntrospectionValidator {
+        IntrospectionValidator::new(
+            IntrospectionSettings::new(endpoint, CLIENT_ID, auth),
+            http(),
+        )
     }
 
     /// An introspection endpoint that gives a fixed answer and records the forms it receives.
@@ -339,7 +342,7 @@ mod tests {
     #[tokio::test]
     async fn an_active_answer_is_accepted_and_reused() {
         let (sts, endpoint) = dev_sts().await;
-        let validator = validator(endpoint, basic());
+        let validator = introspector(endpoint, basic());
         let token = sts
             .issue_user_token("alice", Some("api"), Some("read"))
             .unwrap();
@@ -358,7 +361,7 @@ mod tests {
     #[tokio::test]
     async fn client_secret_post_works_too() {
         let (sts, endpoint) = dev_sts().await;
-        let validator = validator(endpoint, post_auth());
+        let validator = introspector(endpoint, post_auth());
         let token = sts.issue_user_token("bob", None, None).unwrap();
         let validated = validator.validate(&token).await.unwrap();
         assert_eq!(validated.sub.as_deref(), Some("bob"));
@@ -368,7 +371,7 @@ mod tests {
     async fn sends_the_rfc_7662_form() {
         let answer = json!({"active": true, "sub": "carol", "client_id": "web"}).to_string();
         let (canned, endpoint) = canned(StatusCode::OK, answer).await;
-        let validated = validator(endpoint, post_auth())
+        let validated = introspector(endpoint, post_auth())
             .validate("opaque-token-1")
             .await
             .unwrap();
@@ -391,9 +394,12 @@ mod tests {
     #[tokio::test]
     async fn an_inactive_answer_is_invalid_and_not_cached() {
         let (_sts, endpoint) = dev_sts().await;
-        let validator = validator(endpoint, basic());
+        let validator = introspector(endpoint, basic());
         for expected_calls in [1, 2] {
-            let error = validator.validate("not-a-token-we-issued").await.unwrap_err();
+            let error = validator
+                .validate("not-a-token-we-issued")
+                .await
+                .unwrap_err();
             assert_eq!(error.outcome(), "invalid_token");
             assert_eq!(validator.introspection_calls(), expected_calls);
         }
@@ -403,7 +409,7 @@ mod tests {
     async fn an_active_answer_past_its_exp_is_invalid() {
         let answer = json!({"active": true, "sub": "dave", "exp": now_secs() - 5}).to_string();
         let (_canned, endpoint) = canned(StatusCode::OK, answer).await;
-        let error = validator(endpoint, basic())
+        let error = introspector(endpoint, basic())
             .validate("opaque")
             .await
             .unwrap_err();
@@ -417,7 +423,11 @@ mod tests {
             "x".repeat(MAX_INTROSPECTION_RESPONSE_BYTES)
         );
         let cases = [
-            (StatusCode::INTERNAL_SERVER_ERROR, "{}".to_owned(), "HTTP 500"),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{}".to_owned(),
+                "HTTP 500",
+            ),
             (
                 StatusCode::UNAUTHORIZED,
                 r#"{"error":"invalid_client"}"#.into(),
@@ -427,12 +437,16 @@ mod tests {
             (StatusCode::OK, "[true]".into(), "JSON"),
             (StatusCode::OK, r#"{"sub":"x"}"#.into(), "active"),
             (StatusCode::OK, r#"{"active":"true"}"#.into(), "active"),
-            (StatusCode::OK, r#"{"active":true,"exp":"soon"}"#.into(), "exp"),
+            (
+                StatusCode::OK,
+                r#"{"active":true,"exp":"soon"}"#.into(),
+                "exp",
+            ),
             (StatusCode::OK, big, "too large"),
         ];
         for (status, body, fragment) in cases {
             let (_canned, endpoint) = canned(status, body).await;
-            let validator = validator(endpoint, basic());
+            let validator = introspector(endpoint, basic());
             let reason = unavailable_reason(validator.validate("opaque").await);
             assert!(reason.contains(fragment), "{reason:?} lacks {fragment:?}");
             // Failures are not cached: the next call asks again.
@@ -441,7 +455,7 @@ mod tests {
         }
 
         let nowhere = url::Url::parse(&format!("http://{}/introspect", closed_address().await));
-        let validator = validator(nowhere.unwrap(), basic());
+        let validator = introspector(nowhere.unwrap(), basic());
         let reason = unavailable_reason(validator.validate("opaque").await);
         assert!(reason.contains("connect"), "{reason:?}");
 
@@ -451,14 +465,7 @@ mod tests {
         let wrong = IntrospectionAuth::Post {
             secret: Secret::new("wrong"),
         };
-        let reason = unavailable_reason(super::IntrospectionValidator::validate(
-            &super::IntrospectionValidator::new(
-                IntrospectionSettings::new(endpoint, CLIENT_ID, wrong),
-                http(),
-            ),
-            &token,
-        )
-        .await);
+        let reason = unavailable_reason(introspector(endpoint, wrong).validate(&token).await);
         assert!(reason.contains("401"), "{reason:?}");
     }
 
@@ -481,10 +488,9 @@ mod tests {
     #[tokio::test]
     async fn concurrent_checks_of_one_token_share_a_call() {
         let (sts, endpoint) = dev_sts().await;
-        let validator = validator(endpoint, basic());
+        let validator = introspector(endpoint, basic());
         let token = sts.issue_user_token("frank", None, None).unwrap();
-        let results =
-            futures::future::join_all((0..10).map(|_| validator.validate(&token))).await;
+        let results = futures::future::join_all((0..10).map(|_| validator.validate(&token))).await;
         for result in results {
             assert_eq!(result.unwrap().sub.as_deref(), Some("frank"));
         }
@@ -506,7 +512,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_or_empty_tokens_are_refused_without_a_call() {
         let (_sts, endpoint) = dev_sts().await;
-        let validator = validator(endpoint, basic());
+        let validator = introspector(endpoint, basic());
         for token in [String::new(), "t".repeat(super::super::MAX_TOKEN_BYTES + 1)] {
             let error = validator.validate(&token).await.unwrap_err();
             assert_eq!(error.outcome(), "invalid_token");

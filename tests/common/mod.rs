@@ -301,10 +301,15 @@ pub fn config(yaml: &str) -> Config {
     .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"))
 }
 
-/// Starts a gateway from YAML.
-pub fn gateway(yaml: &str) -> RunningGateway {
+/// Starts a gateway from YAML and waits until it can validate tokens (its JWKS are loaded);
+/// its sockets accept from the start.
+pub async fn gateway(yaml: &str) -> RunningGateway {
     txgate::tls::install_crypto_provider();
-    RunningGateway::start(&config(yaml)).expect("gateway starts")
+    let gw = RunningGateway::start(&config(yaml)).expect("gateway starts");
+    tokio::time::timeout(Duration::from_secs(10), gw.state.wait_ready())
+        .await
+        .expect("the gateway's JWKS load within 10 s");
+    gw
 }
 
 /// A token service block named `corp` pointing at `sts`.
