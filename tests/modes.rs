@@ -516,3 +516,38 @@ async fn discovery_and_introspection_against_the_development_sts() {
     drop(gw);
     let _ = stop.send(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_the_jwks_and_requests_get_503_until_then() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let upstream = RecordingUpstream::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = format!(
+        "server: {{ listen: [\"127.0.0.1:0\"], admin_listen: \"127.0.0.1:0\" }}\n{}    inbound:\n      jwt: {{ issuer: \"https://idp\", jwks_uri: \"http://{dead}/jwks\" }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
+        common::token_service(&sts, ""),
+        upstream.url()
+    );
+    txgate::tls::install_crypto_provider();
+    let gw = txgate::server::RunningGateway::start(&common::config(&yaml)).unwrap();
+    let admin = gw.admin_addr.unwrap();
+    let ready = client()
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready without a JWKS");
+    let healthy = client()
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthy.status(), 200, "alive all the same");
+    let token = unsigned_jwt(json!({"sub": "a", "iss": "https://idp"}));
+    let response = get(&gw.url(), Some(&token)).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(sts.calls(), 0);
+}
