@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages txgate's build and tests need, only those that are missing.
 #   scripts/setup.sh          build needs: cmake (pingora builds zlib-ng with it), a C compiler
-#   scripts/setup.sh --test   also promtool (Debian's prometheus) and curl, used by the tests
+#   scripts/setup.sh --test   also promtool (Debian's prometheus), curl, and Node.js with the
+#                             interop suite's npm packages (tests/interop), used by the tests
 set -euo pipefail
 
 need=()
@@ -10,6 +11,8 @@ command -v cc >/dev/null 2>&1 || need+=(build-essential)
 if [[ "${1:-}" == "--test" ]]; then
   command -v promtool >/dev/null 2>&1 || need+=(prometheus)
   command -v curl >/dev/null 2>&1 || need+=(curl)
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
 fi
 
 if ((${#need[@]})); then
@@ -21,4 +24,14 @@ if ((${#need[@]})); then
   fi
   "${sudo[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# The interop suite's third-party STS (npm oidc-provider), pinned by its lockfile.
+if [[ "${1:-}" == "--test" ]]; then
+  interop="$(dirname "$0")/../tests/interop"
+  if [[ ! -d "$interop/node_modules" || "$interop/package-lock.json" -nt "$interop/node_modules" ]]; then
+    echo "txgate setup: installing the interop STS (npm ci in tests/interop)" >&2
+    npm ci --prefix "$interop" --no-audit --no-fund --loglevel=error >/dev/null
+    touch "$interop/node_modules"
+  fi
 fi
