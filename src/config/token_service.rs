@@ -306,16 +306,8 @@ pub(super) fn build_token_service(
     }
     let client_auth = match auth_method {
         AuthMethodFile::ClientSecretBasic => {
-            let secret = needs_secret(&secret)?;
-            // RFC 6749 §2.3.1: id and secret are form-urlencoded before Base64.
-            let pair = format!(
-                "{}:{}",
-                form_encode(&client_id),
-                form_encode(secret.expose())
-            );
-            let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
-                .map_err(|_| err("client_id", "cannot be sent in a header".into()))?;
-            header.set_sensitive(true);
+            let header =
+                basic_auth(&client_id, &needs_secret(&secret)?).map_err(|m| err("client_id", m))?;
             ClientAuth::Basic { header }
         }
         AuthMethodFile::ClientSecretPost => {
@@ -382,8 +374,16 @@ fn read_secret_file(file: &Path) -> Result<Secret, String> {
     Ok(Secret::new(text.trim_end_matches(['\r', '\n'])))
 }
 
-fn form_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+/// `Authorization: Basic` for a client (RFC 6749 §2.3.1: id and secret are form-urlencoded
+/// before Base64), marked sensitive so it never prints.
+fn basic_auth(client_id: &str, secret: &Secret) -> Result<HeaderValue, String> {
+    let encode =
+        |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let pair = format!("{}:{}", encode(client_id), encode(secret.expose()));
+    let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
+        .map_err(|_| "cannot be sent in an Authorization header".to_string())?;
+    header.set_sensitive(true);
+    Ok(header)
 }
 
 struct ProfileKeys {
@@ -719,14 +719,8 @@ pub(super) fn build_inbound(
                     "introspection authenticates with the token service's client secret; set client_secret".to_string(),
                 )
             })?;
-            let pair = format!(
-                "{}:{}",
-                form_encode(defaults.client_id),
-                form_encode(secret.expose())
-            );
-            let mut header = HeaderValue::try_from(format!("Basic {}", BASE64.encode(pair)))
-                .map_err(|_| (format!("{path}.introspection"), "client id cannot be sent".to_string()))?;
-            header.set_sensitive(true);
+            let header = basic_auth(defaults.client_id, secret)
+                .map_err(|m| (format!("{path}.introspection"), m))?;
             Ok::<_, (String, String)>(Arc::new(IntrospectionValidator::new(
                 IntrospectionSettings {
                     endpoint,
