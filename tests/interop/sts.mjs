@@ -16,7 +16,6 @@ import { createServer } from 'node:http';
 import { parseArgs } from 'node:util';
 
 for (const method of ['log', 'info', 'debug']) {
-  // eslint-disable-next-line no-console
   console[method] = (...args) => console.error(...args);
 }
 
@@ -279,7 +278,6 @@ async function verifyOwnToken(token, name) {
       ERR_JWT_EXPIRED: 'it has expired',
       ERR_JWS_SIGNATURE_VERIFICATION_FAILED: 'its signature does not verify',
       ERR_JWKS_NO_MATCHING_KEY: 'it is not signed by a key of this issuer',
-      ERR_JWKS_MULTIPLE_MATCHING_KEYS: 'it is not signed by a key of this issuer',
     }[err.code] ?? err.message;
     throw invalidGrant(`${name} rejected: ${reason}`);
   }
