@@ -9,6 +9,7 @@
 pub mod env;
 pub mod file;
 pub mod token_service;
+pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,6 +26,7 @@ use file::{
     ServerFile,
 };
 pub use token_service::{ClientAuth, Inbound, Profile, TokenService};
+pub use upstream::{HeaderRules, Upstream};
 
 /// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
 const TOKEN_TYPES: &[(&str, &str)] = &[
@@ -81,12 +83,28 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub listen: Vec<SocketAddr>,
+    pub tls: Option<ServerTls>,
+    pub max_request_header_bytes: usize,
     pub admin_listen: Option<SocketAddr>,
     pub threads: usize,
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub max_token_bytes: usize,
 }
+
+/// `server.tls:` after validation: the files are readable and hold a usable key pair.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub listen: Vec<SocketAddr>,
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    pub reload_interval: Duration,
+}
+
+/// Default `server.max_request_header_bytes`.
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
+/// Default `server.tls.reload_interval`.
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One route.
 #[derive(Debug)]
@@ -96,6 +114,8 @@ pub struct Route {
     /// Starts with `/`; matches on whole path segments (see [`crate::router`]).
     pub path_prefix: String,
     pub upstream: Upstream,
+    /// Header rules applied before forwarding.
+    pub headers: HeaderRules,
     pub exchange: Exchange,
     /// Local validation of the caller's token: the route's own `inbound`, else its token
     /// service's; `None` leaves validation to the STS.
@@ -108,15 +128,6 @@ pub enum HostPattern {
     Exact(String),
     /// Holds the suffix including its leading dot, e.g. `.example.com`.
     Suffix(String),
-}
-
-/// Where a route's requests go.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub url: Url,
-    pub addr: SocketAddr,
-    pub tls: bool,
-    pub sni: String,
 }
 
 /// What token, if any, a route sends upstream.
@@ -278,7 +289,7 @@ impl Config {
             };
             out.push_str(&format!(
                 "\n  routes[{i}] {} {} -> {}: {what}",
-                route.name, route.path_prefix, route.upstream.url
+                route.name, route.path_prefix, route.upstream.display
             ));
         }
         out
@@ -380,8 +391,10 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         grace_period,
         shutdown_timeout,
         max_token_bytes,
+        max_request_header_bytes,
+        tls,
     } = raw;
-    if listen.is_empty() {
+    if listen.is_empty() && tls.is_none() {
         return Err((
             "server.listen".into(),
             "at least one listen address is required".into(),
@@ -399,12 +412,54 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     if threads == 0 {
         return Err(("server.threads".into(), "must be at least 1".into()));
     }
+    let tls = tls
+        .map(|t| {
+            let file::ServerTlsFile {
+                listen,
+                cert_file,
+                key_file,
+                reload_interval,
+            } = t;
+            if listen.is_empty() {
+                return Err((
+                    "server.tls.listen".to_string(),
+                    "at least one listen address is required".to_string(),
+                ));
+            }
+            let listen = listen
+                .iter()
+                .enumerate()
+                .map(|(i, a)| socket_addr(&format!("server.tls.listen[{i}]"), a))
+                .collect::<BuildResult<Vec<_>>>()?;
+            crate::tls::load_certified_key(&cert_file, &key_file)
+                .map_err(|m| ("server.tls".to_string(), m))?;
+            Ok(ServerTls {
+                listen,
+                cert_file,
+                key_file,
+                reload_interval: positive(
+                    "server.tls.reload_interval",
+                    reload_interval.unwrap_or(DEFAULT_TLS_RELOAD_INTERVAL),
+                )?,
+            })
+        })
+        .transpose()?;
+    let max_request_header_bytes =
+        max_request_header_bytes.unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+    if max_request_header_bytes < 1024 {
+        return Err((
+            "server.max_request_header_bytes".into(),
+            "must be at least 1024".into(),
+        ));
+    }
     let max_token_bytes = max_token_bytes.unwrap_or(file::DEFAULT_MAX_TOKEN_BYTES);
     if max_token_bytes == 0 {
         return Err(("server.max_token_bytes".into(), "must be at least 1".into()));
     }
     Ok(ServerSettings {
         listen,
+        tls,
+        max_request_header_bytes,
         admin_listen,
         threads,
         grace_period: grace_period.unwrap_or(file::DEFAULT_GRACE_PERIOD),
@@ -470,6 +525,7 @@ fn build_route(
         name,
         r#match,
         upstream,
+        headers,
         exchange,
         inbound,
     } = raw;
@@ -489,7 +545,8 @@ fn build_route(
     let host = host
         .map(|h| host_pattern(&format!("{path}.match.host"), &h))
         .transpose()?;
-    let upstream = build_upstream(&format!("{path}.upstream"), &upstream)?;
+    let upstream = upstream::build_upstream(&format!("{path}.upstream"), upstream)?;
+    let headers = upstream::build_headers(&format!("{path}.headers"), headers)?;
     let anonymous = exchange.caller == Some(CallerFile::Anonymous);
     let exchange = build_exchange(&format!("{path}.exchange"), exchange, services)?;
     let service = match &exchange {
@@ -537,6 +594,7 @@ fn build_route(
         host,
         path_prefix,
         upstream,
+        headers,
         exchange,
         inbound,
     })
@@ -564,43 +622,6 @@ fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
         path.into(),
         format!("invalid host \"{text}\": expected a host name or *.suffix, without a port"),
     ))
-}
-
-fn build_upstream(path: &str, text: &str) -> BuildResult<Upstream> {
-    let url = http_url(path, text)?;
-    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err((
-            path.into(),
-            format!("invalid upstream \"{text}\": only scheme, host and port are allowed"),
-        ));
-    }
-    let tls = url.scheme() == "https";
-    let host = url.host_str().unwrap_or_default().to_string();
-    let port = url
-        .port_or_known_default()
-        .unwrap_or(if tls { 443 } else { 80 });
-    let host_for_lookup = host.trim_start_matches('[').trim_end_matches(']');
-    let addr = (host_for_lookup, port)
-        .to_socket_addrs()
-        .map_err(|e| {
-            (
-                path.to_string(),
-                format!("cannot resolve upstream \"{host}\": {e}"),
-            )
-        })?
-        .next()
-        .ok_or_else(|| {
-            (
-                path.to_string(),
-                format!("upstream \"{host}\" resolves to no address"),
-            )
-        })?;
-    Ok(Upstream {
-        sni: host_for_lookup.to_string(),
-        url,
-        addr,
-        tls,
-    })
 }
 
 fn build_exchange(

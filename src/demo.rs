@@ -51,7 +51,7 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
     let backends: BTreeSet<SocketAddr> = config
         .routes
         .iter()
-        .map(|r| r.upstream.addr)
+        .flat_map(|r| r.upstream.peers.iter().map(|(addr, _)| *addr))
         .filter(|a| a.ip().is_loopback() && *a != sts_addr)
         .collect();
     let clients = config
@@ -164,10 +164,15 @@ fn banner(
     sts: SocketAddr,
     backends: &BTreeSet<SocketAddr>,
 ) -> String {
-    let proxy = host_of(gateway.proxy_addrs()[0]);
+    let (scheme, first) = match (gateway.proxy_addrs().first(), gateway.tls_addrs().first()) {
+        (Some(plain), _) => ("http", *plain),
+        (None, Some(tls)) => ("https", *tls),
+        (None, None) => ("http", SocketAddr::from(([127, 0, 0, 1], 0))),
+    };
+    let proxy = format!("{scheme}://{}", host_of(first));
     let mut out = String::new();
     out.push_str("txgate demo is running (Ctrl-C to stop)\n\n");
-    out.push_str(&format!("  gateway          http://{proxy}\n"));
+    out.push_str(&format!("  gateway          {proxy}\n"));
     if let Some(admin) = gateway.admin_addr() {
         out.push_str(&format!(
             "  metrics          http://{}/metrics\n",
@@ -201,7 +206,7 @@ fn banner(
         };
         out.push_str(&format!(
             "    {:<12} {:<14} -> {}  ({what})\n",
-            route.name, route.path_prefix, route.upstream.url
+            route.name, route.path_prefix, route.upstream.display
         ));
     }
     if let Some(route) = config
@@ -209,7 +214,7 @@ fn banner(
         .iter()
         .find(|r| matches!(r.exchange, Exchange::Token(_)))
     {
-        let url = format!("http://{proxy}{}", route.path_prefix);
+        let url = format!("{proxy}{}", route.path_prefix);
         out.push_str("\nTry it:\n\n");
         out.push_str("  # 1. No token: the gateway answers 401 with a Bearer challenge.\n");
         out.push_str(&format!("  curl -i {url}\n\n"));

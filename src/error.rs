@@ -28,6 +28,9 @@ pub enum GatewayError {
     MalformedCredential(&'static str),
     #[error("bearer token longer than {0} bytes")]
     TokenTooLarge(usize),
+    /// The request header block is larger than `server.max_request_header_bytes`.
+    #[error("request headers larger than the configured limit")]
+    HeadersTooLarge,
     /// The caller's token appears in the request URL outside `access_token`.
     #[error("the bearer token appears in the request URL")]
     TokenInUrl,
@@ -60,6 +63,7 @@ impl GatewayError {
     pub fn status(&self) -> u16 {
         match self {
             GatewayError::NoRoute => 404,
+            GatewayError::HeadersTooLarge => 431,
             GatewayError::MissingToken
             | GatewayError::TokenTooLarge(_)
             | GatewayError::InvalidToken(_) => 401,
@@ -82,6 +86,7 @@ impl GatewayError {
     pub fn outcome(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "no_route",
+            GatewayError::HeadersTooLarge => "headers_too_large",
             GatewayError::MissingToken => "missing_token",
             GatewayError::DuplicateCredential => "duplicate_credential",
             GatewayError::MalformedCredential(_) => "malformed_credential",
@@ -102,6 +107,7 @@ impl GatewayError {
             401 => "invalid_token",
             403 => "insufficient_scope",
             404 => "not_found",
+            431 => "request_header_fields_too_large",
             503 => "temporarily_unavailable",
             504 => "gateway_timeout",
             _ => "bad_gateway",
@@ -112,6 +118,7 @@ impl GatewayError {
     pub fn description(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "no route matches this request",
+            GatewayError::HeadersTooLarge => "the request headers are too large",
             GatewayError::MissingToken => "a bearer token is required",
             GatewayError::DuplicateCredential => "send exactly one Authorization header",
             GatewayError::MalformedCredential(why) => why,

@@ -23,20 +23,21 @@ use pingora_prometheus::prometheus::{Histogram, IntCounter};
 use sha2::{Digest, Sha256};
 
 use crate::cache::{Lookup, TokenCache};
-use crate::config::{ActorSource, Config, Exchange, ExchangeProfile, Inbound, Mode, Route};
+use crate::config::{
+    ActorSource, Config, Exchange, ExchangeProfile, HeaderRules, Inbound, Mode, Route,
+};
 use crate::error::GatewayError;
 use crate::exchange::{self, Tokens};
 use crate::inbound::{JwtValidator, RefresherGuard, ValidatedToken};
 use crate::metrics::Metrics;
 use crate::router::Router;
 
-/// Upstream connect timeout until routes configure their own.
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest `X-Request-Id` kept from a client.
 const MAX_REQUEST_ID: usize = 128;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Everything requests share: built once per configuration.
 pub struct GatewayState {
@@ -46,6 +47,7 @@ pub struct GatewayState {
     pub metrics: Metrics,
     route_metrics: Vec<RouteMetrics>,
     max_token_bytes: usize,
+    max_request_header_bytes: usize,
     /// Set when the proxy service has started accepting; read by `/readyz`.
     pub ready: AtomicBool,
     /// Set when shutdown begins; `/readyz` then fails so load balancers drain us.
@@ -133,6 +135,7 @@ impl GatewayState {
             metrics,
             route_metrics,
             max_token_bytes: config.server.max_token_bytes,
+            max_request_header_bytes: config.server.max_request_header_bytes,
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
         })
@@ -166,6 +169,14 @@ pub struct RequestCtx {
     error: Option<GatewayError>,
     /// First 8 bytes of SHA-256 of the caller's token, hex: correlates log lines, reveals nothing.
     fingerprint: Option<String>,
+    /// The peer chosen for this request, and one that failed to connect (retry elsewhere).
+    upstream_addr: Option<SocketAddr>,
+    failed_peer: Option<SocketAddr>,
+    retried: bool,
+    /// `X-Forwarded-Host`: the host the client asked for.
+    forwarded_host: Option<HeaderValue>,
+    /// The request arrived over TLS (`X-Forwarded-Proto: https`).
+    over_tls: bool,
 }
 
 #[async_trait]
@@ -184,6 +195,11 @@ impl ProxyHttp for Gateway {
             exchange_wait: None,
             error: None,
             fingerprint: None,
+            upstream_addr: None,
+            failed_peer: None,
+            retried: false,
+            forwarded_host: None,
+            over_tls: false,
         }
     }
 
@@ -216,10 +232,28 @@ impl ProxyHttp for Gateway {
         let route = self
             .route(ctx)
             .ok_or_else(|| PingoraError::explain(ErrorType::InternalError, "no route selected"))?;
-        let upstream = &route.upstream;
-        let mut peer = HttpPeer::new(upstream.addr, upstream.tls, upstream.sni.clone());
-        peer.options.connection_timeout = Some(UPSTREAM_CONNECT_TIMEOUT);
+        let (addr, peer) = route.upstream.select(ctx.failed_peer).ok_or_else(|| {
+            PingoraError::explain(ErrorType::ConnectNoRoute, "no upstream peer is available")
+        })?;
+        ctx.upstream_addr = Some(addr);
         Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<PingoraError>,
+    ) -> Box<PingoraError> {
+        // One retry, on another peer, for requests that are safe to repeat (RFC 9110 §9.2.2).
+        let other_peers = self.route(ctx).is_some_and(|r| r.upstream.peers.len() > 1);
+        if !ctx.retried && other_peers && session.req_header().method.is_idempotent() {
+            ctx.retried = true;
+            ctx.failed_peer = ctx.upstream_addr;
+            e.set_retry(true);
+        }
+        e
     }
 
     async fn upstream_request_filter(
@@ -229,7 +263,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let client = session.client_addr().and_then(|a| a.as_inet()).copied();
-        rewrite_upstream_request(upstream, ctx, client);
+        let upgrade = session.is_upgrade_req();
+        let rules = self.route(ctx).map(|r| &r.headers);
+        rewrite_upstream_request(upstream, ctx, client, upgrade, rules);
         Ok(())
     }
 
@@ -283,6 +319,22 @@ impl Gateway {
     async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
         // Phase 1: everything from the request header, copied out; no borrow crosses an await.
         let request = session.req_header();
+        let header_bytes: usize = request
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if header_bytes > self.state.max_request_header_bytes {
+            return Err(GatewayError::HeadersTooLarge);
+        }
+        ctx.over_tls = session
+            .digest()
+            .is_some_and(|d| d.ssl_digest.is_some());
+        ctx.forwarded_host = request
+            .headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| request.uri.authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()));
         let host = request
             .headers
             .get(header::HOST)
@@ -499,7 +551,7 @@ impl Gateway {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             exchange_ms = ctx.exchange_wait.map(|d| d.as_secs_f64() * 1000.0),
             cache = ctx.lookup.map(Lookup::as_str),
-            upstream = self.route(ctx).map(|r| r.upstream.url.as_str()),
+            upstream = ctx.upstream_addr.map(|a| a.to_string()),
             request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
             caller = ctx.fingerprint.as_deref(),
             error = e.map(|e| e.etype().as_str()),
@@ -575,8 +627,22 @@ fn rewrite_upstream_request(
     upstream: &mut RequestHeader,
     ctx: &RequestCtx,
     client: Option<SocketAddr>,
+    upgrade: bool,
+    rules: Option<&HeaderRules>,
 ) {
     while upstream.remove_header(&header::AUTHORIZATION).is_some() {}
+    remove_hop_by_hop(upstream, upgrade);
+    if let Some(rules) = rules {
+        for name in &rules.remove {
+            while upstream.remove_header(name).is_some() {}
+        }
+        for (name, value) in &rules.set {
+            let _ = upstream.insert_header(name.clone(), value.clone());
+        }
+    }
+    if let Some(host) = &ctx.forwarded_host {
+        let _ = upstream.insert_header(X_FORWARDED_HOST.clone(), host.clone());
+    }
     if let Some(uri) = &ctx.upstream_uri {
         upstream.set_uri(uri.clone());
     }
@@ -593,13 +659,40 @@ fn rewrite_upstream_request(
             let _ = upstream.insert_header(X_FORWARDED_FOR.clone(), value);
         }
     }
-    let _ = upstream.insert_header(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if ctx.over_tls { "https" } else { "http" };
+    let _ = upstream.insert_header(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if let Some(id) = &ctx.request_id {
         let _ = upstream.insert_header(X_REQUEST_ID.clone(), id.clone());
     }
     leak_guard(upstream, &ctx.caller_tokens);
     if let Some(authorization) = &ctx.upstream_authorization {
         let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
+    }
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers are not forwarded. For an upgrade (WebSocket)
+/// request `Connection: upgrade` and `Upgrade` are what the upstream needs, so they stay.
+fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
+    let listed: Vec<HeaderName> = upstream
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        while upstream.remove_header(&name).is_some() {}
+    }
+    for name in ["keep-alive", "proxy-connection", "te", "trailer"] {
+        while upstream.remove_header(name).is_some() {}
+    }
+    if upgrade {
+        let _ = upstream.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        while upstream.remove_header(&header::CONNECTION).is_some() {}
+        while upstream.remove_header(&header::UPGRADE).is_some() {}
     }
 }
 

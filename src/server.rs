@@ -23,6 +23,8 @@ use tokio::sync::oneshot;
 use crate::admin::AdminApp;
 use crate::config::{Config, ServerSettings};
 use crate::proxy::{Gateway, GatewayState};
+use crate::tls::ReloadingCert;
+use pingora::services::background::GenBackgroundService;
 
 /// A startup failure (bind, metrics registration). `txgate run` prints it and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub struct StartError(String);
 /// Sockets bound for one configuration.
 pub struct BoundListeners {
     pub proxy: Vec<(SocketAddr, TcpListener)>,
+    /// `server.tls.listen`
+    pub tls: Vec<(SocketAddr, TcpListener)>,
     pub admin: Option<(SocketAddr, TcpListener)>,
 }
 
@@ -43,11 +47,21 @@ impl BoundListeners {
             .iter()
             .map(|addr| bind_one(*addr, "server.listen"))
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = settings
+            .tls
+            .iter()
+            .flat_map(|t| t.listen.iter())
+            .map(|addr| bind_one(*addr, "server.tls.listen"))
+            .collect::<Result<Vec<_>, _>>()?;
         let admin = settings
             .admin_listen
             .map(|addr| bind_one(addr, "server.admin_listen"))
             .transpose()?;
-        Ok(BoundListeners { proxy, admin })
+        Ok(BoundListeners { proxy, tls, admin })
+    }
+
+    pub fn tls_addrs(&self) -> Vec<SocketAddr> {
+        self.tls.iter().map(|(a, _)| *a).collect()
     }
 
     pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
@@ -140,6 +154,27 @@ pub fn build(
         proxy.add_tcp(&addr.to_string());
         proxy_sockets.push((addr.to_string(), socket));
     }
+    let mut certificate = None;
+    if let Some(tls) = &settings.tls {
+        let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)
+            .map_err(|e| StartError(format!("server.tls: {e}")))?;
+        for (addr, socket) in listeners.tls {
+            let tls_settings = crate::tls::listener_settings(cert.clone())
+                .map_err(|e| StartError(format!("server.tls: {e}")))?;
+            proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings);
+            proxy_sockets.push((addr.to_string(), socket));
+        }
+        certificate = Some((cert, tls.reload_interval));
+    }
+    // Health checks run as pingora background services, one per upstream that has one.
+    for route in &config.routes {
+        if route.upstream.health_check_interval.is_some() {
+            server.add_service(GenBackgroundService::new(
+                format!("health {}", route.name),
+                route.upstream.balancer.clone(),
+            ));
+        }
+    }
     let ready_state = state.clone();
     server.add_service(Prebound {
         inner: proxy,
@@ -147,6 +182,10 @@ pub fn build(
         on_start: Some(Box::new(move |mut shutdown: ShutdownWatch| {
             ready_state.ready.store(true, Ordering::Release);
             ready_state.start_background();
+            if let Some((cert, interval)) = certificate {
+                // Ends with the runtime; the certificate lives as long as the listener.
+                drop(cert.spawn_watcher(interval));
+            }
             // Readiness fails as soon as shutdown begins, so load balancers stop sending.
             let watcher = ready_state.clone();
             tokio::spawn(async move {
@@ -200,6 +239,8 @@ impl ShutdownSignalWatch for ChannelSignal {
 /// Used by tests and embedders; the sockets are listening when `start` returns.
 pub struct RunningGateway {
     pub proxy_addrs: Vec<SocketAddr>,
+    /// `server.tls.listen` addresses, bound.
+    pub tls_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub state: Arc<GatewayState>,
     stop: Option<oneshot::Sender<ShutdownSignal>>,
@@ -211,6 +252,7 @@ impl RunningGateway {
     pub fn start(config: &Config) -> Result<RunningGateway, StartError> {
         let listeners = BoundListeners::bind(&config.server)?;
         let proxy_addrs = listeners.proxy_addrs();
+        let tls_addrs = listeners.tls_addrs();
         let admin_addr = listeners.admin_addr();
         let (server, state) = build(config, listeners)?;
         let (stop, receiver) = oneshot::channel();
@@ -224,6 +266,7 @@ impl RunningGateway {
             .map_err(|e| StartError(format!("cannot start the server thread: {e}")))?;
         Ok(RunningGateway {
             proxy_addrs,
+            tls_addrs,
             admin_addr,
             state,
             stop: Some(stop),
@@ -231,9 +274,14 @@ impl RunningGateway {
         })
     }
 
-    /// The first proxy address as a base URL, e.g. `http://127.0.0.1:40123`.
+    /// The first plain proxy address as a base URL, e.g. `http://127.0.0.1:40123`
+    /// (`https://` when only TLS listeners are configured).
     pub fn url(&self) -> String {
-        format!("http://{}", self.proxy_addrs[0])
+        match (self.proxy_addrs.first(), self.tls_addrs.first()) {
+            (Some(plain), _) => format!("http://{plain}"),
+            (None, Some(tls)) => format!("https://{tls}"),
+            (None, None) => String::new(),
+        }
     }
 
     /// Stops the server and waits for its thread. `graceful` lets in-flight requests finish

@@ -86,7 +86,7 @@ const INVALID: &[(&str, &str)] = &[
     ),
     (
         "unknown_key.yaml",
-        "server.admin_lisen: unknown key `admin_lisen`, expected one of `listen`, `admin_listen`, `threads`, `grace_period`, `shutdown_timeout`, `max_token_bytes`",
+        "routes[0].match.hots: unknown key `hots`, expected `path_prefix` or `host`",
     ),
     (
         "unknown_mode.yaml",
@@ -279,7 +279,7 @@ fn a_pingone_config_passes_check_and_shows_its_endpoint_and_form() {
     assert_eq!(
         lines[2],
         format!(
-            "routes[0] orders /orders -> http://127.0.0.1:9001/: mode impersonation at pingone: \
+            "routes[0] orders /orders -> http://127.0.0.1:9001: mode impersonation at pingone: \
              POST https://auth.pingone.eu/{env}/as/token (client_secret_basic) {token}&scope=orders%3Aread"
         )
     );

@@ -59,6 +59,24 @@ pub struct ServerFile {
     pub shutdown_timeout: Option<Duration>,
     #[serde(default)]
     pub max_token_bytes: Option<usize>,
+    /// Largest total request header block accepted; larger → 431.
+    #[serde(default)]
+    pub max_request_header_bytes: Option<usize>,
+    /// Downstream TLS listeners.
+    #[serde(default)]
+    pub tls: Option<ServerTlsFile>,
+}
+
+/// `server.tls:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsFile {
+    pub listen: Vec<String>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// How often the files are checked for changes; default 10 s.
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
 }
 
 /// `token_services.<name>:`
@@ -196,11 +214,95 @@ pub struct IntrospectionFile {
 pub struct RouteFile {
     pub name: String,
     pub r#match: MatchFile,
-    pub upstream: String,
+    pub upstream: UpstreamFile,
+    /// Header rules applied before forwarding.
+    #[serde(default)]
+    pub headers: Option<HeadersFile>,
     pub exchange: ExchangeFile,
     /// Validation of callers' tokens on this route; overrides the token service's `inbound`.
     #[serde(default)]
     pub inbound: Option<InboundFile>,
+}
+
+/// `routes[].upstream:` — one URL, or peers with TLS, timeouts and a health check.
+#[derive(Debug)]
+pub enum UpstreamFile {
+    Url(String),
+    Peers(UpstreamPeersFile),
+}
+
+impl<'de> Deserialize<'de> for UpstreamFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UpstreamFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an upstream URL or a map with `peers`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UpstreamFile, E> {
+                Ok(UpstreamFile::Url(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<UpstreamFile, A::Error> {
+                UpstreamPeersFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(UpstreamFile::Peers)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// `routes[].upstream:` as a map.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamPeersFile {
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsFile>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub read_timeout: Option<Duration>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckFile>,
+}
+
+/// `routes[].upstream.tls:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub verify: Option<bool>,
+}
+
+/// `routes[].upstream.health_check:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    pub path: String,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default)]
+    pub unhealthy_after: Option<usize>,
+    #[serde(default)]
+    pub healthy_after: Option<usize>,
+}
+
+/// `routes[].headers:`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersFile {
+    #[serde(default)]
+    pub remove: Vec<String>,
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
 }
 
 /// `routes[].match:`

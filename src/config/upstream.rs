@@ -1,0 +1,445 @@
+//! Upstreams: peers resolved at load, TLS material parsed and checked once, pingora's round-robin
+//! load balancer with an optional HTTP health check, and per-route header rules.
+//!
+//! Everything that can be wrong with certificate files or addresses is found here, at load, as
+//! a config error; pingora's own TLS code assumes well-formed material and would panic on it.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue};
+use pingora::lb::LoadBalancer;
+use pingora::lb::health_check::HttpHealthCheck;
+use pingora::lb::selection::RoundRobin;
+use pingora::prelude::HttpPeer;
+use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
+use url::Url;
+
+use super::file::{HeadersFile, HealthCheckFile, UpstreamFile, UpstreamPeersFile, UpstreamTlsFile};
+use super::{BuildResult, http_url, positive};
+
+/// Default `upstream.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `upstream.health_check.interval`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default `upstream.health_check.unhealthy_after` / `healthy_after`.
+pub const DEFAULT_HEALTH_THRESHOLD: usize = 2;
+
+/// Where a route's requests go.
+pub struct Upstream {
+    /// For logs: the first peer's URL, or all of them.
+    pub display: String,
+    /// One prebuilt peer per address; cloned per request (cheap: options are shared `Arc`s).
+    pub peers: Vec<(SocketAddr, HttpPeer)>,
+    /// Round robin over healthy peers.
+    pub balancer: Arc<LoadBalancer<RoundRobin>>,
+    /// Health checks run only when configured.
+    pub health_check_interval: Option<Duration>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("peers", &self.display)
+            .field("health_check_interval", &self.health_check_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// The peer for a request: the next healthy one in rotation, skipping `avoid` (a peer that
+    /// just failed to connect) when another exists.
+    pub fn select(&self, avoid: Option<SocketAddr>) -> Option<(SocketAddr, HttpPeer)> {
+        let iterations = self.peers.len().max(1) * 2;
+        let backend = self
+            .balancer
+            .select_with(b"", iterations, |b, healthy| {
+                healthy && Some(b.addr.as_inet().copied()).flatten() != avoid
+            })
+            .or_else(|| self.balancer.select(b"", iterations))?;
+        let addr = backend.addr.as_inet().copied()?;
+        self.peers
+            .iter()
+            .find(|(a, _)| *a == addr)
+            .map(|(a, peer)| (*a, peer.clone()))
+    }
+}
+
+/// Header rules of a route, parsed once.
+#[derive(Debug, Default)]
+pub struct HeaderRules {
+    pub remove: Vec<HeaderName>,
+    pub set: Vec<(HeaderName, HeaderValue)>,
+}
+
+pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstream> {
+    // A single URL reports errors at `upstream` itself, a peer list at `upstream.peers[i]`.
+    let single = matches!(raw, UpstreamFile::Url(_));
+    let raw = match raw {
+        UpstreamFile::Url(url) => UpstreamPeersFile {
+            peers: vec![url],
+            tls: None,
+            connect_timeout: None,
+            read_timeout: None,
+            health_check: None,
+        },
+        UpstreamFile::Peers(p) => p,
+    };
+    let UpstreamPeersFile {
+        peers,
+        tls,
+        connect_timeout,
+        read_timeout,
+        health_check,
+    } = raw;
+    if peers.is_empty() {
+        return Err((format!("{path}.peers"), "at least one peer is required".into()));
+    }
+    let connect_timeout = positive(
+        &format!("{path}.connect_timeout"),
+        connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+    )?;
+    let read_timeout = read_timeout
+        .map(|d| positive(&format!("{path}.read_timeout"), d))
+        .transpose()?;
+    let material = tls
+        .map(|t| build_tls(&format!("{path}.tls"), t))
+        .transpose()?
+        .unwrap_or_default();
+
+    let mut built: Vec<(SocketAddr, HttpPeer)> = Vec::with_capacity(peers.len());
+    let mut scheme_tls = None;
+    for (i, text) in peers.iter().enumerate() {
+        let key = if single {
+            path.to_string()
+        } else {
+            format!("{path}.peers[{i}]")
+        };
+        let (url, addr) = peer_address(&key, text)?;
+        let tls = url.scheme() == "https";
+        if *scheme_tls.get_or_insert(tls) != tls {
+            return Err((key, "all peers of an upstream use the same scheme".into()));
+        }
+        if built.iter().any(|(a, _)| *a == addr) {
+            return Err((key, format!("peer {addr} is listed twice")));
+        }
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let sni = material.sni.clone().unwrap_or(host);
+        let mut peer = match (&material.client, tls) {
+            (Some(cert), true) => HttpPeer::new_mtls(addr, sni, cert.clone()),
+            _ => HttpPeer::new(addr, tls, sni),
+        };
+        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.read_timeout = read_timeout;
+        if tls {
+            peer.options.ca = material.ca.clone();
+            peer.options.verify_cert = material.verify;
+            peer.options.verify_hostname = material.verify;
+        }
+        built.push((addr, peer));
+    }
+    let tls = scheme_tls.unwrap_or(false);
+    if !tls && material.configured {
+        return Err((
+            format!("{path}.tls"),
+            "the peers are http://; tls applies to https:// peers".into(),
+        ));
+    }
+
+    let addrs: Vec<SocketAddr> = built.iter().map(|(a, _)| *a).collect();
+    let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied())
+        .map_err(|e| (path.to_string(), format!("cannot build the peer set: {e}")))?;
+    let mut health_check_interval = None;
+    if let Some(hc) = health_check {
+        let HealthCheckFile {
+            path: check_path,
+            interval,
+            unhealthy_after,
+            healthy_after,
+        } = hc;
+        let hc_key = format!("{path}.health_check");
+        if !check_path.starts_with('/') {
+            return Err((
+                format!("{hc_key}.path"),
+                format!("\"{check_path}\" must start with '/'"),
+            ));
+        }
+        let interval = positive(
+            &format!("{hc_key}.interval"),
+            interval.unwrap_or(DEFAULT_HEALTH_INTERVAL),
+        )?;
+        let threshold = |key: &str, v: Option<usize>| -> BuildResult<usize> {
+            match v.unwrap_or(DEFAULT_HEALTH_THRESHOLD) {
+                0 => Err((format!("{hc_key}.{key}"), "must be at least 1".into())),
+                n => Ok(n),
+            }
+        };
+        let template = &built[0].1;
+        let host = template.sni.clone();
+        let mut check = HttpHealthCheck::new(&host, tls);
+        check.consecutive_failure = threshold("unhealthy_after", unhealthy_after)?;
+        check.consecutive_success = threshold("healthy_after", healthy_after)?;
+        check.req = pingora::http::RequestHeader::build("GET", check_path.as_bytes(), None)
+            .map_err(|e| (format!("{hc_key}.path"), e.to_string()))?;
+        check
+            .req
+            .insert_header(http::header::HOST, host.as_str())
+            .map_err(|e| (format!("{hc_key}.path"), e.to_string()))?;
+        check
+            .req
+            .insert_header(http::header::USER_AGENT, "txgate-health-check")
+            .map_err(|e| (format!("{hc_key}.path"), e.to_string()))?;
+        // Any 2xx is healthy (pingora's default accepts 200 only).
+        check.validator = Some(Box::new(|response| {
+            if response.status.is_success() {
+                Ok(())
+            } else {
+                pingora::Error::e_explain(
+                    pingora::ErrorType::CustomCode("unhealthy", response.status.as_u16()),
+                    "health check answered non-2xx",
+                )
+            }
+        }));
+        let mut peer_template = template.clone();
+        peer_template.options.connection_timeout = Some(connect_timeout.min(interval));
+        peer_template.options.read_timeout = Some(interval);
+        check.peer_template = peer_template;
+        balancer.set_health_check(Box::new(check));
+        balancer.health_check_frequency = Some(interval);
+        balancer.parallel_health_check = true;
+        health_check_interval = Some(interval);
+    }
+    Ok(Upstream {
+        display: peers.join(" "),
+        peers: built,
+        balancer: Arc::new(balancer),
+        health_check_interval,
+    })
+}
+
+fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
+    let url = http_url(path, text)?;
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err((
+            path.into(),
+            format!("invalid upstream \"{text}\": only scheme, host and port are allowed"),
+        ));
+    }
+    let tls = url.scheme() == "https";
+    let host = url.host_str().unwrap_or_default().to_string();
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let lookup = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (lookup, port)
+        .to_socket_addrs()
+        .map_err(|e| (path.to_string(), format!("cannot resolve upstream \"{host}\": {e}")))?
+        .next()
+        .ok_or_else(|| {
+            (
+                path.to_string(),
+                format!("upstream \"{host}\" resolves to no address"),
+            )
+        })?;
+    Ok((url, addr))
+}
+
+#[derive(Default)]
+struct TlsMaterial {
+    configured: bool,
+    ca: Option<Arc<[WrappedX509]>>,
+    client: Option<Arc<CertKey>>,
+    sni: Option<String>,
+    verify: bool,
+}
+
+fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
+    let UpstreamTlsFile {
+        ca_file,
+        sni,
+        client_cert_file,
+        client_key_file,
+        verify,
+    } = raw;
+    let ca = ca_file
+        .map(|file| {
+            let certs = read_certs(&file).map_err(|m| (format!("{path}.ca_file"), m))?;
+            // Check each certificate as a trust anchor now; pingora parses them again per
+            // connection and would panic on one it cannot read.
+            let mut store = rustls::RootCertStore::empty();
+            for cert in &certs {
+                store.add(cert.clone().into()).map_err(|e| {
+                    (
+                        format!("{path}.ca_file"),
+                        format!("\"{}\" holds an unusable CA certificate: {e}", file.display()),
+                    )
+                })?;
+            }
+            let wrapped: Vec<WrappedX509> = certs
+                .into_iter()
+                .map(|der| WrappedX509::new(der, parse_x509))
+                .collect();
+            Ok::<_, (String, String)>(Arc::from(wrapped.into_boxed_slice()))
+        })
+        .transpose()?;
+    let client = match (client_cert_file, client_key_file) {
+        (Some(cert_file), Some(key_file)) => {
+            let certs =
+                read_certs(&cert_file).map_err(|m| (format!("{path}.client_cert_file"), m))?;
+            let key = read_key(&key_file).map_err(|m| (format!("{path}.client_key_file"), m))?;
+            // A config that rustls accepts proves the key matches the certificate.
+            crate::tls::install_crypto_provider();
+            let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.clone())
+                .map_err(|e| (format!("{path}.client_key_file"), e.to_string()))?;
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_client_auth_cert(
+                    certs.iter().cloned().map(Into::into).collect(),
+                    key_der,
+                )
+                .map_err(|e| {
+                    (
+                        format!("{path}.client_key_file"),
+                        format!("does not fit client_cert_file: {e}"),
+                    )
+                })?;
+            Some(Arc::new(CertKey::new(certs, key)))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err((
+                format!("{path}.client_key_file"),
+                "required with client_cert_file".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err((
+                format!("{path}.client_cert_file"),
+                "required with client_key_file".into(),
+            ));
+        }
+    };
+    if let Some(sni) = &sni
+        && (sni.is_empty() || sni.contains(['/', ' ', ':']))
+    {
+        return Err((format!("{path}.sni"), format!("invalid server name \"{sni}\"")));
+    }
+    Ok(TlsMaterial {
+        configured: true,
+        ca,
+        client,
+        sni,
+        verify: verify.unwrap_or(true),
+    })
+}
+
+/// Every certificate in a PEM file, as DER; none is an error.
+pub fn read_certs(file: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let bytes =
+        std::fs::read(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
+    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("\"{}\" is not PEM: {e}", file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("\"{}\" holds no PEM certificate", file.display()));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), as DER.
+pub fn read_key(file: &Path) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| format!("\"{}\" is not PEM: {e}", file.display()))?
+        .map(|k| k.secret_der().to_vec())
+        .ok_or_else(|| format!("\"{}\" holds no PEM private key", file.display()))
+}
+
+/// Hop-by-hop and framing headers a route may not set or remove.
+const RESERVED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "authorization",
+];
+
+pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult<HeaderRules> {
+    let HeadersFile { remove, set } = raw.unwrap_or_default();
+    let name = |key: String, text: &str| -> BuildResult<HeaderName> {
+        let name = HeaderName::try_from(text)
+            .map_err(|_| (key.clone(), format!("invalid header name \"{text}\"")))?;
+        if RESERVED.contains(&name.as_str()) {
+            return Err((
+                key,
+                format!("\"{text}\" is managed by the gateway and cannot be changed by a rule"),
+            ));
+        }
+        Ok(name)
+    };
+    let remove = remove
+        .iter()
+        .enumerate()
+        .map(|(i, h)| name(format!("{path}.remove[{i}]"), h))
+        .collect::<BuildResult<Vec<_>>>()?;
+    let set = set
+        .iter()
+        .map(|(k, v): (&String, &String)| {
+            let key = format!("{path}.set.{k}");
+            let header = name(key.clone(), k)?;
+            let value = HeaderValue::try_from(v.as_str())
+                .map_err(|_| (key, "the value cannot be sent in a header".to_string()))?;
+            Ok((header, value))
+        })
+        .collect::<BuildResult<Vec<_>>>()?;
+    Ok(HeaderRules { remove, set })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn config(upstream: &str) -> Result<Config, crate::config::ConfigError> {
+        let yaml = format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n  - name: r\n    match: {{ path_prefix: / }}\n    upstream: {upstream}\n    exchange: {{ mode: none }}\n"
+        );
+        Config::from_yaml(&yaml, "t.yaml", &|_| None)
+    }
+
+    #[test]
+    fn a_single_url_is_one_peer_shown_as_written() {
+        let c = config("\"http://127.0.0.1:9001\"").unwrap();
+        assert_eq!(c.routes[0].upstream.display, "http://127.0.0.1:9001");
+        assert_eq!(c.routes[0].upstream.peers.len(), 1);
+    }
+
+    #[test]
+    fn peer_lists_are_checked() {
+        let err = config("{ peers: [\"http://127.0.0.1:1\", \"https://127.0.0.1:2\"] }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.peers[1]");
+        let err = config("{ peers: [] }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.peers");
+        let err = config("{ peers: [\"http://127.0.0.1:1\"], tls: { verify: false } }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.tls");
+        let err = config("{ peers: [\"http://127.0.0.1:1\"], health_check: { path: healthz } }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.health_check.path");
+        let err = config("{ peers: [\"https://127.0.0.1:1\"], tls: { ca_file: /nonexistent/ca.pem } }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.tls.ca_file");
+        let err = config("{ peers: [\"http://127.0.0.1:1\"], colour: blue }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.colour");
+    }
+}
