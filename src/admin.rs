@@ -436,7 +436,7 @@ fn status_page(s: &Snapshot) -> String {
             miss: sum.miss + l.miss,
             coalesced: sum.coalesced + l.coalesced,
         });
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<h2>Token cache</h2><table id=\"cache\">\
          <tr><th>entries</th><td class=\"n\">{entries}</td></tr>\
@@ -444,7 +444,7 @@ fn status_page(s: &Snapshot) -> String {
          <tr><th>hits</th><td class=\"n\">{hit}</td></tr>\
          <tr><th>misses</th><td class=\"n\">{miss}</td></tr>\
          <tr><th>coalesced</th><td class=\"n\">{coalesced}</td></tr></table>\
-         </body></html>\n",
+         </body></html>",
         entries = s.cache_entries,
         ratio = Esc(&all.hit_ratio()),
         hit = all.hit,

@@ -4,7 +4,10 @@
 //! or secret is never a key, and two routes with different audiences or two callers never share
 //! an entry. Each entry lives `min(expires_in, issued exp, subject exp) − skew` (DESIGN.md step
 //! 5). Concurrent misses for one key run one exchange and share its result (moka's
-//! `or_try_insert_with`); failures are returned to every waiter and not cached.
+//! `or_try_insert_with`). Definitive rejections of the caller's token are remembered briefly
+//! (negative caching); outages, timeouts and our own credential problems never are. An entry
+//! past `refresh_ahead` of its lifetime is re-exchanged once in the background while it keeps
+//! being served, so busy callers never wait on the STS at expiry.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +30,9 @@ pub struct CachedToken {
     pub authorization: HeaderValue,
     /// How long the entry may be served from the cache.
     pub ttl: Duration,
+    created: Instant,
+    /// Set once a background refresh has been started for this entry.
+    refreshing: AtomicBool,
 }
 
 impl CachedToken {
@@ -37,6 +43,22 @@ impl CachedToken {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default()
+    }
+}
+
+/// What an entry holds: a token, or a remembered definitive rejection.
+#[derive(Clone)]
+enum CacheValue {
+    Token(Arc<CachedToken>),
+    Rejected(Arc<(ExchangeError, Duration)>),
+}
+
+impl CacheValue {
+    fn into_result(self) -> Result<Arc<CachedToken>, ExchangeError> {
+        match self {
+            CacheValue::Token(token) => Ok(token),
+            CacheValue::Rejected(rejection) => Err(rejection.0.clone()),
+        }
     }
 }
 
@@ -62,22 +84,50 @@ impl Lookup {
 
 struct PerEntryTtl;
 
-impl Expiry<CacheKey, Arc<CachedToken>> for PerEntryTtl {
+impl Expiry<CacheKey, CacheValue> for PerEntryTtl {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<CachedToken>,
+        value: &CacheValue,
         _created_at: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(match value {
+            CacheValue::Token(token) => token.ttl,
+            CacheValue::Rejected(rejection) => rejection.1,
+        })
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &CacheKey,
+        value: &CacheValue,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        // A refreshed entry starts a lifetime of its own.
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+/// Whether a failure is a definitive answer about the caller's token (RFC 8693 §2.2.2) that
+/// will not change if asked again right away.
+fn definitive(error: &ExchangeError) -> bool {
+    match error {
+        ExchangeError::SubjectRejected { code } => {
+            code == "invalid_grant" || code == "invalid_request"
+        }
+        ExchangeError::Forbidden { code } => code == "invalid_target",
+        _ => false,
     }
 }
 
 /// The bounded token cache shared by all requests.
 pub struct TokenCache {
-    entries: Cache<CacheKey, Arc<CachedToken>>,
+    entries: Cache<CacheKey, CacheValue>,
     skew: Duration,
     default_ttl: Duration,
+    negative_ttl: Duration,
+    refresh_ahead: f64,
 }
 
 impl TokenCache {
@@ -90,6 +140,8 @@ impl TokenCache {
                 .build(),
             skew: settings.expiry_skew,
             default_ttl: settings.default_ttl,
+            negative_ttl: settings.negative_ttl,
+            refresh_ahead: settings.refresh_ahead,
         }
     }
 
@@ -110,8 +162,8 @@ impl TokenCache {
         h.finalize().into()
     }
 
-    /// Returns the cached token for `key`, or runs `exchange` (once for all concurrent callers
-    /// of the same key) and caches its result for the computed lifetime.
+    /// Returns the cached token (or remembered rejection) for `key`, or runs `exchange` (once
+    /// for all concurrent callers of the same key) and caches its result.
     pub async fn get_or_exchange<F>(
         &self,
         key: CacheKey,
@@ -121,15 +173,14 @@ impl TokenCache {
     where
         F: Future<Output = Result<ExchangedToken, ExchangeError>>,
     {
-        if let Some(token) = self.entries.get(&key).await {
-            return (Ok(token), Lookup::Hit);
+        if let Some(value) = self.entries.get(&key).await {
+            return (value.into_result(), Lookup::Hit);
         }
         let ran = AtomicBool::new(false);
         let subject_exp = crate::jwt::unverified_exp(subject_token);
         let init = async {
             ran.store(true, Ordering::Relaxed);
-            let issued = exchange.await?;
-            self.to_cached(issued, subject_exp)
+            self.value_of(exchange.await, subject_exp)
         };
         let result = self.entries.entry(key).or_try_insert_with(init).await;
         let lookup = if ran.load(Ordering::Relaxed) {
@@ -138,8 +189,50 @@ impl TokenCache {
             Lookup::Coalesced
         };
         match result {
-            Ok(entry) => (Ok(entry.into_value()), lookup),
+            Ok(entry) => (entry.into_value().into_result(), lookup),
             Err(shared) => (Err((*shared).clone()), lookup),
+        }
+    }
+
+    /// What to store for an exchange outcome: the token, a remembered rejection, or nothing.
+    fn value_of(
+        &self,
+        outcome: Result<ExchangedToken, ExchangeError>,
+        subject_exp: Option<u64>,
+    ) -> Result<CacheValue, ExchangeError> {
+        match outcome {
+            Ok(issued) => Ok(CacheValue::Token(self.to_cached(issued, subject_exp)?)),
+            Err(e) if definitive(&e) && !self.negative_ttl.is_zero() => {
+                Ok(CacheValue::Rejected(Arc::new((e, self.negative_ttl))))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True once per entry, when it has lived `refresh_ahead` of its lifetime: the caller then
+    /// starts a background [`refresh`](Self::refresh).
+    pub fn refresh_due(&self, token: &CachedToken) -> bool {
+        self.refresh_ahead < 1.0
+            && !token.ttl.is_zero()
+            && token.created.elapsed() >= token.ttl.mul_f64(self.refresh_ahead)
+            && !token.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Re-exchanges in the background and replaces the entry on success; on failure the
+    /// current token keeps being served until it expires.
+    pub async fn refresh<F>(&self, key: CacheKey, subject_token: &str, exchange: F)
+    where
+        F: Future<Output = Result<ExchangedToken, ExchangeError>>,
+    {
+        let subject_exp = crate::jwt::unverified_exp(subject_token);
+        match exchange
+            .await
+            .and_then(|issued| self.to_cached(issued, subject_exp))
+        {
+            Ok(token) => self.entries.insert(key, CacheValue::Token(token)).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "background refresh failed; serving the cached token until it expires")
+            }
         }
     }
 
@@ -159,7 +252,12 @@ impl TokenCache {
         let mut authorization = HeaderValue::try_from(format!("Bearer {}", issued.access_token))
             .map_err(|_| ExchangeError::BadResponse("access_token is not header-safe".into()))?;
         authorization.set_sensitive(true);
-        Ok(Arc::new(CachedToken { authorization, ttl }))
+        Ok(Arc::new(CachedToken {
+            authorization,
+            ttl,
+            created: Instant::now(),
+            refreshing: AtomicBool::new(false),
+        }))
     }
 
     /// Entries currently held (approximate until pending maintenance runs).

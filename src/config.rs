@@ -208,7 +208,16 @@ pub struct CacheSettings {
     pub max_entries: u64,
     pub expiry_skew: Duration,
     pub default_ttl: Duration,
+    /// How long definitive rejections are remembered (0: never).
+    pub negative_ttl: Duration,
+    /// Share of an entry's lifetime after which hits refresh it in the background (1: never).
+    pub refresh_ahead: f64,
 }
+
+/// Default `cache.negative_ttl`.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Default `cache.refresh_ahead`.
+pub const DEFAULT_REFRESH_AHEAD: f64 = 0.8;
 
 impl Config {
     /// Reads and validates `path`, expanding `${VAR}` from the process environment.
@@ -927,7 +936,16 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         max_entries,
         expiry_skew,
         default_ttl,
+        negative_ttl,
+        refresh_ahead,
     } = raw;
+    let refresh_ahead = refresh_ahead.unwrap_or(DEFAULT_REFRESH_AHEAD);
+    if !(refresh_ahead > 0.0 && refresh_ahead <= 1.0) {
+        return Err((
+            "cache.refresh_ahead".into(),
+            "must be greater than 0 and at most 1 (1 turns refresh-ahead off)".into(),
+        ));
+    }
     let max_entries = max_entries.unwrap_or(file::DEFAULT_CACHE_MAX_ENTRIES);
     if max_entries == 0 {
         return Err(("cache.max_entries".into(), "must be at least 1".into()));
@@ -939,5 +957,7 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
             "cache.default_ttl",
             default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
         )?,
+        negative_ttl: negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL),
+        refresh_ahead,
     })
 }

@@ -10,6 +10,7 @@
 
 pub mod actor;
 pub mod assertion;
+pub mod resilience;
 
 use std::time::Duration;
 
@@ -107,12 +108,38 @@ pub async fn exchange(
     tokens: Tokens<'_>,
 ) -> Result<ExchangedToken, ExchangeError> {
     let service = &profile.service;
-    let body = form_body(profile, tokens, Render::Send)?;
-    let call = send(service, body);
-    match tokio::time::timeout(service.timeout, call).await {
-        Ok(result) => result,
-        Err(_) => Err(ExchangeError::Timeout(service.timeout)),
-    }
+    // One deadline for the whole call: queueing, every attempt and the backoff between them.
+    let deadline = tokio::time::Instant::now() + service.timeout;
+    let admission = service.resilience.admit().await?;
+    let mut attempt = 0;
+    let result = loop {
+        // Built per attempt: a client assertion's `jti` must never be reused.
+        let body = match form_body(profile, tokens, Render::Send) {
+            Ok(body) => body,
+            Err(e) => break Err(e),
+        };
+        let outcome = match tokio::time::timeout_at(deadline, send(service, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(ExchangeError::Timeout(service.timeout)),
+        };
+        match outcome {
+            Err(e)
+                if resilience::retryable(&e) && attempt < service.resilience.settings.retries =>
+            {
+                attempt += 1;
+                let wait = resilience::Resilience::backoff(attempt);
+                if tokio::time::Instant::now() + wait >= deadline {
+                    break Err(e);
+                }
+                tracing::debug!(token_service = %service.name, attempt, "retrying the token service");
+                tokio::time::sleep(wait).await;
+            }
+            other => break other,
+        }
+    };
+    let summary = result.as_ref().map(|_| ()).map_err(Clone::clone);
+    service.resilience.record(admission, &summary);
+    result
 }
 
 /// Whether a form is for the wire or for showing to an operator.
@@ -263,7 +290,7 @@ struct ErrorResponse {
 }
 
 /// Turns an STS answer into a token or an error (RFC 8693 §2.2.1 and §2.2.2, RFC 6749 §5.2).
-pub(crate) fn interpret(
+pub fn interpret(
     status: StatusCode,
     retry_after: Option<Duration>,
     body: &[u8],

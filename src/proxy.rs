@@ -327,14 +327,13 @@ impl Gateway {
         if header_bytes > self.state.max_request_header_bytes {
             return Err(GatewayError::HeadersTooLarge);
         }
-        ctx.over_tls = session
-            .digest()
-            .is_some_and(|d| d.ssl_digest.is_some());
-        ctx.forwarded_host = request
-            .headers
-            .get(header::HOST)
-            .cloned()
-            .or_else(|| request.uri.authority().and_then(|a| HeaderValue::try_from(a.as_str()).ok()));
+        ctx.over_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        ctx.forwarded_host = request.headers.get(header::HOST).cloned().or_else(|| {
+            request
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+        });
         let host = request
             .headers
             .get(header::HOST)
@@ -397,18 +396,8 @@ impl Gateway {
         // Phase 3: the token for the upstream, through the cache.
         let subject = caller.as_deref().unwrap_or_default();
         let waited = Instant::now();
-        let (result, lookup) = match profile.mode {
-            Mode::Impersonation => {
-                let key = TokenCache::key(&profile, subject, None);
-                let tokens = Tokens {
-                    subject: Some(subject),
-                    actor: None,
-                };
-                self.state
-                    .cache
-                    .get_or_exchange(key, subject, self.timed_exchange(&profile, tokens))
-                    .await
-            }
+        let (key, actor) = match profile.mode {
+            Mode::Impersonation => (TokenCache::key(&profile, subject, None), None),
             Mode::Delegation => {
                 let actor = self.actor_token(&profile).await?;
                 let subject_claims = match &validated {
@@ -423,27 +412,43 @@ impl Gateway {
                 }
                 let identity = actor_identity(&actor, actor_claims.as_ref());
                 let key = TokenCache::key(&profile, subject, Some(identity.as_bytes()));
-                let tokens = Tokens {
-                    subject: Some(subject),
-                    actor: Some(&actor),
-                };
-                self.state
-                    .cache
-                    .get_or_exchange(key, subject, self.timed_exchange(&profile, tokens))
-                    .await
+                (key, Some(actor))
             }
-            Mode::ClientCredentials => {
-                let key = TokenCache::key(&profile, "", None);
-                let tokens = Tokens {
-                    subject: None,
-                    actor: None,
-                };
-                self.state
-                    .cache
-                    .get_or_exchange(key, "", self.timed_exchange(&profile, tokens))
-                    .await
-            }
+            // One machine token per profile, shared by every caller.
+            Mode::ClientCredentials => (TokenCache::key(&profile, "", None), None),
         };
+        let subject_for_sts = (profile.mode != Mode::ClientCredentials).then_some(subject);
+        let tokens = Tokens {
+            subject: subject_for_sts,
+            actor: actor.as_deref(),
+        };
+        let (result, lookup) = self
+            .state
+            .cache
+            .get_or_exchange(
+                key,
+                subject_for_sts.unwrap_or_default(),
+                exchange_with_metrics(&self.state.metrics, &profile, tokens),
+            )
+            .await;
+        if let (Ok(token), Lookup::Hit) = (&result, lookup)
+            && self.state.cache.refresh_due(token)
+        {
+            let state = self.state.clone();
+            let profile = profile.clone();
+            let subject = subject_for_sts.map(str::to_string);
+            tokio::spawn(async move {
+                let tokens = Tokens {
+                    subject: subject.as_deref(),
+                    actor: actor.as_deref(),
+                };
+                let fresh = exchange_with_metrics(&state.metrics, &profile, tokens);
+                state
+                    .cache
+                    .refresh(key, subject.as_deref().unwrap_or_default(), fresh)
+                    .await;
+            });
+        }
         let metrics = &self.state.route_metrics[index];
         match lookup {
             Lookup::Hit => metrics.hit.inc(),
@@ -472,7 +477,11 @@ impl Gateway {
                 let (result, _) = self
                     .state
                     .cache
-                    .get_or_exchange(key, "", self.timed_exchange(own, tokens))
+                    .get_or_exchange(
+                        key,
+                        "",
+                        exchange_with_metrics(&self.state.metrics, own, tokens),
+                    )
                     .await;
                 Ok(result?.token().to_string())
             }
@@ -483,31 +492,6 @@ impl Gateway {
                 },
             )),
         }
-    }
-
-    /// One STS call, recorded in the exchange metrics.
-    async fn timed_exchange(
-        &self,
-        profile: &ExchangeProfile,
-        tokens: Tokens<'_>,
-    ) -> Result<exchange::ExchangedToken, exchange::ExchangeError> {
-        let started = Instant::now();
-        let result = exchange::exchange(profile, tokens).await;
-        let service = profile.service.name.as_str();
-        let outcome = match &result {
-            Ok(_) => "success",
-            Err(e) => e.outcome(),
-        };
-        let metrics = &self.state.metrics;
-        metrics
-            .exchange_duration
-            .with_label_values(&[service])
-            .observe(started.elapsed().as_secs_f64());
-        metrics
-            .exchanges
-            .with_label_values(&[service, outcome])
-            .inc();
-        result
     }
 
     /// DESIGN.md step 8: metrics and one access-log event. Never a token.
@@ -557,6 +541,30 @@ impl Gateway {
             error = e.map(|e| e.etype().as_str()),
         );
     }
+}
+
+/// One STS call, recorded in the exchange metrics.
+async fn exchange_with_metrics(
+    metrics: &Metrics,
+    profile: &ExchangeProfile,
+    tokens: Tokens<'_>,
+) -> Result<exchange::ExchangedToken, exchange::ExchangeError> {
+    let started = Instant::now();
+    let result = exchange::exchange(profile, tokens).await;
+    let service = profile.service.name.as_str();
+    let outcome = match &result {
+        Ok(_) => "success",
+        Err(e) => e.outcome(),
+    };
+    metrics
+        .exchange_duration
+        .with_label_values(&[service])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .exchanges
+        .with_label_values(&[service, outcome])
+        .inc();
+    result
 }
 
 /// DESIGN.md step 3: a JWT goes to the JWT validator; anything else to introspection when

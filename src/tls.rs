@@ -33,18 +33,15 @@ pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<Arc<Certi
         .map_err(|e| format!("\"{}\": {e}", key_file.display()))?;
     let provider = rustls::crypto::CryptoProvider::get_default()
         .ok_or_else(|| "no TLS crypto provider is installed".to_string())?;
-    let certified = CertifiedKey::from_der(
-        certs.into_iter().map(Into::into).collect(),
-        key,
-        provider,
-    )
-    .map_err(|e| {
-        format!(
-            "\"{}\" and \"{}\" do not form a usable certificate and key: {e}",
-            cert_file.display(),
-            key_file.display()
-        )
-    })?;
+    let certified =
+        CertifiedKey::from_der(certs.into_iter().map(Into::into).collect(), key, provider)
+            .map_err(|e| {
+                format!(
+                    "\"{}\" and \"{}\" do not form a usable certificate and key: {e}",
+                    cert_file.display(),
+                    key_file.display()
+                )
+            })?;
     Ok(Arc::new(certified))
 }
 

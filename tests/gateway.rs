@@ -477,11 +477,11 @@ async fn each_sts_error_class_gives_the_designed_status() {
             retry_after: None,
         },
     ];
-    let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     for case in cases {
-        sts.set(case.behavior);
+        // A gateway per case: a Retry-After from one case rightly holds the next one off.
+        let sts = TestSts::start(case.behavior).await;
+        let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
         let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
         assert_eq!(response.status(), case.status, "{}", case.name);
         let challenge = response
@@ -684,7 +684,8 @@ async fn metrics_and_probes_report_what_happened() {
         ),
         1.0
     );
-    assert_eq!(metric_value(&text, "txgate_token_cache_entries"), 1.0);
+    // One token, and the remembered invalid_grant (negative caching).
+    assert_eq!(metric_value(&text, "txgate_token_cache_entries"), 2.0);
     assert_eq!(
         metric_value(
             &text,

@@ -134,6 +134,16 @@ pub struct TokenServiceFile {
     pub timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// Most STS calls in flight at once; more wait `queue_timeout`, then get 503.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
+    /// Retries of a call that got no connection or a 503 (within `timeout`).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerFile>,
     /// Validation of callers' tokens issued by this service, for every route using it.
     #[serde(default)]
     pub inbound: Option<InboundFile>,
@@ -152,6 +162,16 @@ pub enum AuthMethodFile {
     PrivateKeyJwt,
     /// RFC 7523 assertion signed with HMAC over the client secret.
     ClientSecretJwt,
+}
+
+/// `token_services.<name>.circuit_breaker:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerFile {
+    #[serde(default)]
+    pub failure_threshold: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub open_for: Option<Duration>,
 }
 
 /// `token_services.<name>.profile:`
@@ -228,7 +248,7 @@ pub struct RouteFile {
 #[derive(Debug)]
 pub enum UpstreamFile {
     Url(String),
-    Peers(UpstreamPeersFile),
+    Peers(Box<UpstreamPeersFile>),
 }
 
 impl<'de> Deserialize<'de> for UpstreamFile {
@@ -242,9 +262,12 @@ impl<'de> Deserialize<'de> for UpstreamFile {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<UpstreamFile, E> {
                 Ok(UpstreamFile::Url(v.to_string()))
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<UpstreamFile, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<UpstreamFile, A::Error> {
                 UpstreamPeersFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(UpstreamFile::Peers)
+                    .map(|p| UpstreamFile::Peers(Box::new(p)))
             }
         }
         d.deserialize_any(Visitor)
@@ -389,4 +412,11 @@ pub struct CacheFile {
     pub expiry_skew: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub default_ttl: Option<Duration>,
+    /// How long a definitive rejection (`invalid_grant`, `invalid_request`, `invalid_target`)
+    /// is remembered; 0 turns negative caching off.
+    #[serde(default, with = "humantime_serde")]
+    pub negative_ttl: Option<Duration>,
+    /// Share of an entry's lifetime after which a hit also re-exchanges in the background.
+    #[serde(default)]
+    pub refresh_ahead: Option<f64>,
 }

@@ -18,6 +18,7 @@ use url::Url;
 use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
 use super::{BuildResult, http_url, is_label, positive};
 use crate::exchange::assertion::AssertionSigner;
+use crate::exchange::resilience::{Resilience, ResilienceSettings};
 use crate::inbound::{
     IntrospectionAuth, IntrospectionSettings, IntrospectionValidator, JwtSettings, JwtValidator,
 };
@@ -79,6 +80,8 @@ pub struct TokenService {
     pub http: reqwest::Client,
     /// Validation of callers' tokens this service issued, for routes without their own.
     pub inbound: Option<Arc<Inbound>>,
+    /// Concurrency cap, retries and circuit breaker.
+    pub resilience: Resilience,
 }
 
 impl fmt::Debug for TokenService {
@@ -170,6 +173,10 @@ pub(super) fn build_token_service(
         auth_method,
         timeout,
         connect_timeout,
+        max_concurrent,
+        queue_timeout,
+        retries,
+        circuit_breaker,
         inbound,
     } = raw;
     if !is_label(name) {
@@ -268,6 +275,33 @@ pub(super) fn build_token_service(
     if client_id.is_empty() {
         return Err(err("client_id", "must not be empty".into()));
     }
+    let defaults = ResilienceSettings::default();
+    let (failure_threshold, open_for) = match circuit_breaker {
+        Some(file::CircuitBreakerFile {
+            failure_threshold,
+            open_for,
+        }) => (
+            failure_threshold.unwrap_or(defaults.failure_threshold),
+            open_for.unwrap_or(defaults.open_for),
+        ),
+        None => (defaults.failure_threshold, defaults.open_for),
+    };
+    if failure_threshold == 0 {
+        return Err(err(
+            "circuit_breaker.failure_threshold",
+            "must be at least 1".into(),
+        ));
+    }
+    let resilience = Resilience::new(ResilienceSettings {
+        max_concurrent: match max_concurrent.unwrap_or(defaults.max_concurrent) {
+            0 => return Err(err("max_concurrent", "must be at least 1".into())),
+            n => n,
+        },
+        queue_timeout: queue_timeout.unwrap_or(defaults.queue_timeout),
+        retries: retries.unwrap_or(defaults.retries).min(5),
+        failure_threshold,
+        open_for: positive(&format!("{path}.circuit_breaker.open_for"), open_for)?,
+    });
     let secret = match (client_secret, client_secret_file) {
         (Some(_), Some(_)) => {
             return Err((
@@ -365,6 +399,7 @@ pub(super) fn build_token_service(
         connect_timeout,
         http,
         inbound,
+        resilience,
     })
 }
 

@@ -85,7 +85,7 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
             read_timeout: None,
             health_check: None,
         },
-        UpstreamFile::Peers(p) => p,
+        UpstreamFile::Peers(p) => *p,
     };
     let UpstreamPeersFile {
         peers,
@@ -95,7 +95,10 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         health_check,
     } = raw;
     if peers.is_empty() {
-        return Err((format!("{path}.peers"), "at least one peer is required".into()));
+        return Err((
+            format!("{path}.peers"),
+            "at least one peer is required".into(),
+        ));
     }
     let connect_timeout = positive(
         &format!("{path}.connect_timeout"),
@@ -142,6 +145,10 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
             peer.options.ca = material.ca.clone();
             peer.options.verify_cert = material.verify;
             peer.options.verify_hostname = material.verify;
+            // pingora pools connections by a hash of the peer that leaves out the CA: without
+            // this, a connection verified against one route's CA would be reused by a route
+            // that does not trust it.
+            peer.group_key = material.trust_key;
         }
         built.push((addr, peer));
     }
@@ -240,7 +247,12 @@ fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
     let lookup = host.trim_start_matches('[').trim_end_matches(']');
     let addr = (lookup, port)
         .to_socket_addrs()
-        .map_err(|e| (path.to_string(), format!("cannot resolve upstream \"{host}\": {e}")))?
+        .map_err(|e| {
+            (
+                path.to_string(),
+                format!("cannot resolve upstream \"{host}\": {e}"),
+            )
+        })?
         .next()
         .ok_or_else(|| {
             (
@@ -254,6 +266,8 @@ fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
 #[derive(Default)]
 struct TlsMaterial {
     configured: bool,
+    /// A digest of the trust settings (CA certificates), separating connection pools.
+    trust_key: u64,
     ca: Option<Arc<[WrappedX509]>>,
     client: Option<Arc<CertKey>>,
     sni: Option<String>,
@@ -268,7 +282,7 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
         client_key_file,
         verify,
     } = raw;
-    let ca = ca_file
+    let ca: Option<Arc<[WrappedX509]>> = ca_file
         .map(|file| {
             let certs = read_certs(&file).map_err(|m| (format!("{path}.ca_file"), m))?;
             // Check each certificate as a trust anchor now; pingora parses them again per
@@ -278,7 +292,10 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
                 store.add(cert.clone().into()).map_err(|e| {
                     (
                         format!("{path}.ca_file"),
-                        format!("\"{}\" holds an unusable CA certificate: {e}", file.display()),
+                        format!(
+                            "\"{}\" holds an unusable CA certificate: {e}",
+                            file.display()
+                        ),
                     )
                 })?;
             }
@@ -300,10 +317,7 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
                 .map_err(|e| (format!("{path}.client_key_file"), e.to_string()))?;
             rustls::ClientConfig::builder()
                 .with_root_certificates(rustls::RootCertStore::empty())
-                .with_client_auth_cert(
-                    certs.iter().cloned().map(Into::into).collect(),
-                    key_der,
-                )
+                .with_client_auth_cert(certs.iter().cloned().map(Into::into).collect(), key_der)
                 .map_err(|e| {
                     (
                         format!("{path}.client_key_file"),
@@ -329,10 +343,28 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
     if let Some(sni) = &sni
         && (sni.is_empty() || sni.contains(['/', ' ', ':']))
     {
-        return Err((format!("{path}.sni"), format!("invalid server name \"{sni}\"")));
+        return Err((
+            format!("{path}.sni"),
+            format!("invalid server name \"{sni}\""),
+        ));
     }
+    let trust_key = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match &ca {
+            Some(certs) => {
+                1u8.hash(&mut h);
+                for cert in certs.iter() {
+                    cert.borrow_raw_cert().hash(&mut h);
+                }
+            }
+            None => 0u8.hash(&mut h),
+        }
+        h.finish()
+    };
     Ok(TlsMaterial {
         configured: true,
+        trust_key,
         ca,
         client,
         sni,
@@ -429,15 +461,20 @@ mod tests {
 
     #[test]
     fn peer_lists_are_checked() {
-        let err = config("{ peers: [\"http://127.0.0.1:1\", \"https://127.0.0.1:2\"] }").unwrap_err();
+        let err =
+            config("{ peers: [\"http://127.0.0.1:1\", \"https://127.0.0.1:2\"] }").unwrap_err();
         assert_eq!(err.path, "routes[0].upstream.peers[1]");
         let err = config("{ peers: [] }").unwrap_err();
         assert_eq!(err.path, "routes[0].upstream.peers");
-        let err = config("{ peers: [\"http://127.0.0.1:1\"], tls: { verify: false } }").unwrap_err();
+        let err =
+            config("{ peers: [\"http://127.0.0.1:1\"], tls: { verify: false } }").unwrap_err();
         assert_eq!(err.path, "routes[0].upstream.tls");
-        let err = config("{ peers: [\"http://127.0.0.1:1\"], health_check: { path: healthz } }").unwrap_err();
+        let err = config("{ peers: [\"http://127.0.0.1:1\"], health_check: { path: healthz } }")
+            .unwrap_err();
         assert_eq!(err.path, "routes[0].upstream.health_check.path");
-        let err = config("{ peers: [\"https://127.0.0.1:1\"], tls: { ca_file: /nonexistent/ca.pem } }").unwrap_err();
+        let err =
+            config("{ peers: [\"https://127.0.0.1:1\"], tls: { ca_file: /nonexistent/ca.pem } }")
+                .unwrap_err();
         assert_eq!(err.path, "routes[0].upstream.tls.ca_file");
         let err = config("{ peers: [\"http://127.0.0.1:1\"], colour: blue }").unwrap_err();
         assert_eq!(err.path, "routes[0].upstream.colour");

@@ -40,6 +40,8 @@ pub enum Behavior {
     },
     /// Waits, then behaves as the inner behavior.
     Delay(Duration, Box<Behavior>),
+    /// Call n (from the first call since it was set) behaves as item n; the last repeats.
+    Sequence(Vec<Behavior>),
 }
 
 impl Behavior {
@@ -158,6 +160,10 @@ async fn sts_token(
         .to_string();
     state.captured.lock().unwrap().push(captured);
     let mut behavior = state.behavior.lock().unwrap().clone();
+    if let Behavior::Sequence(items) = behavior {
+        let at = (n - 1).min(items.len().saturating_sub(1));
+        behavior = items.get(at).cloned().unwrap_or_else(Behavior::issue);
+    }
     while let Behavior::Delay(wait, inner) = behavior {
         tokio::time::sleep(wait).await;
         behavior = *inner;
@@ -189,7 +195,9 @@ async fn sts_token(
                 .body(Body::from(body))
                 .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
         }
-        Behavior::Delay(..) => unreachable!(),
+        Behavior::Delay(..) | Behavior::Sequence(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 
@@ -444,4 +452,30 @@ pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
         std::env::temp_dir().join(format!("txgate-key-{}-{kind}.pem", rand::random::<u64>()));
     std::fs::write(&path, pem).unwrap();
     (path, public)
+}
+
+pub mod tls;
+
+/// Parses a gateway config whose `${VAR}`s resolve from `vars`, plus `${TEST_CLIENT_SECRET}`
+/// as in [`config`]; any other variable is unset.
+pub fn config_with_env(yaml: &str, vars: &[(&str, &str)]) -> Config {
+    Config::from_yaml(yaml, "test.yaml", &|name| {
+        if name == "TEST_CLIENT_SECRET" {
+            return Some(CLIENT_SECRET.to_string());
+        }
+        vars.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.to_string())
+    })
+    .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"))
+}
+
+/// [`gateway`] with `${VAR}`s resolved from `vars` (see [`config_with_env`]).
+pub async fn gateway_with_env(yaml: &str, vars: &[(&str, &str)]) -> RunningGateway {
+    txgate::tls::install_crypto_provider();
+    let gw = RunningGateway::start(&config_with_env(yaml, vars)).expect("gateway starts");
+    tokio::time::timeout(Duration::from_secs(10), gw.state.wait_ready())
+        .await
+        .expect("the gateway's JWKS load within 10 s");
+    gw
 }
