@@ -23,7 +23,7 @@ use pingora_prometheus::prometheus::IntCounterVec;
 use pingora_prometheus::prometheus::core::Collector;
 
 use crate::config::{ActorSource, Exchange, HostPattern, Route};
-use crate::proxy::GatewayState;
+use crate::proxy::{CurrentState, GatewayState};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const HTML: &str = "text/html; charset=utf-8";
@@ -46,7 +46,7 @@ const OUTCOME_ORDER: &[&str] = &[
 
 /// The admin HTTP application.
 pub struct AdminApp {
-    state: Arc<GatewayState>,
+    current: CurrentState,
 }
 
 /// One admin answer before it becomes an HTTP response.
@@ -67,8 +67,8 @@ impl Answer {
 }
 
 impl AdminApp {
-    pub fn new(state: Arc<GatewayState>) -> AdminApp {
-        AdminApp { state }
+    pub fn new(current: CurrentState) -> AdminApp {
+        AdminApp { current }
     }
 
     async fn answer(&self, method: &http::Method, path: &str) -> Answer {
@@ -81,23 +81,24 @@ impl AdminApp {
         }
         match path {
             "/" => {
-                let snapshot = Snapshot::take(&self.state).await;
+                let snapshot = Snapshot::take(&self.current.load_full()).await;
                 Answer::ok(HTML, status_page(&snapshot))
             }
             "/metrics" => {
-                let entries = self.state.cache.entry_count().await;
-                self.state
+                let entries = self.current.load_full().cache.entry_count().await;
+                self.current
+                    .load_full()
                     .metrics
                     .cache_entries
                     .set(i64::try_from(entries).unwrap_or(i64::MAX));
                 Answer::ok(
                     "text/plain; version=0.0.4; charset=utf-8",
-                    self.state.metrics.encode(),
+                    self.current.load_full().metrics.encode(),
                 )
             }
             "/healthz" => Answer::ok(TEXT, "ok\n"),
             "/readyz" => {
-                if self.state.is_ready() {
+                if self.current.load_full().is_ready() {
                     Answer::ok(TEXT, "ready\n")
                 } else {
                     Answer {

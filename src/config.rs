@@ -84,6 +84,8 @@ pub struct Config {
 pub struct ServerSettings {
     pub listen: Vec<SocketAddr>,
     pub tls: Option<ServerTls>,
+    /// Poll interval for config file changes; `None` reloads on SIGHUP only.
+    pub watch_config: Option<Duration>,
     pub max_request_header_bytes: usize,
     pub admin_listen: Option<SocketAddr>,
     pub threads: usize,
@@ -402,7 +404,11 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         max_token_bytes,
         max_request_header_bytes,
         tls,
+        watch_config,
     } = raw;
+    let watch_config = watch_config
+        .map(|d| positive("server.watch_config", d))
+        .transpose()?;
     if listen.is_empty() && tls.is_none() {
         return Err((
             "server.listen".into(),
@@ -468,6 +474,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     Ok(ServerSettings {
         listen,
         tls,
+        watch_config,
         max_request_header_bytes,
         admin_listen,
         threads,

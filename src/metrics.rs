@@ -30,6 +30,9 @@ pub struct Metrics {
     pub cache_lookups: IntCounterVec,
     /// `txgate_token_cache_entries`
     pub cache_entries: IntGauge,
+    /// `txgate_token_service_circuit_open{token_service}`: 1 while the breaker is open or
+    /// half-open.
+    pub circuit_open: IntGaugeVec,
 }
 
 impl Metrics {
@@ -77,6 +80,13 @@ impl Metrics {
             "txgate_token_cache_entries",
             "Exchanged tokens currently cached.",
         )?;
+        let circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "txgate_token_service_circuit_open",
+                "1 while the token service's circuit breaker is open or half-open, else 0.",
+            ),
+            &["token_service"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "txgate_build_info",
@@ -93,6 +103,7 @@ impl Metrics {
         registry.register(Box::new(exchange_duration.clone()))?;
         registry.register(Box::new(cache_lookups.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
+        registry.register(Box::new(circuit_open.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -102,6 +113,7 @@ impl Metrics {
             exchange_duration,
             cache_lookups,
             cache_entries,
+            circuit_open,
         })
     }
 

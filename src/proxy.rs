@@ -43,15 +43,18 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub struct GatewayState {
     pub router: Router,
     pub routes: Vec<Arc<Route>>,
-    pub cache: TokenCache,
-    pub metrics: Metrics,
+    pub cache: Arc<TokenCache>,
+    pub metrics: Arc<Metrics>,
     route_metrics: Vec<RouteMetrics>,
     max_token_bytes: usize,
     max_request_header_bytes: usize,
     /// Set when the proxy service has started accepting; read by `/readyz`.
-    pub ready: AtomicBool,
+    pub ready: Arc<AtomicBool>,
     /// Set when shutdown begins; `/readyz` then fails so load balancers drain us.
-    pub shutting_down: AtomicBool,
+    pub shutting_down: Arc<AtomicBool>,
+    /// The listen addresses of this configuration (they change only with a restart).
+    pub listen: Vec<SocketAddr>,
+    pub tls_listen: Vec<SocketAddr>,
     /// Every distinct JWT validator; readiness waits for their first JWKS.
     pub jwt_validators: Vec<Arc<JwtValidator>>,
     /// Keeps the validators' background JWKS refreshers running.
@@ -78,6 +81,19 @@ impl GatewayState {
         if let Ok(mut refreshers) = self.refreshers.lock() {
             refreshers.extend(guards);
         }
+        // Upstream health checks; each loop ends when its configuration is replaced.
+        for route in &self.routes {
+            if let Some(interval) = route.upstream.health_check_interval {
+                let balancer = Arc::downgrade(&route.upstream.balancer);
+                tokio::spawn(async move {
+                    while let Some(balancer) = balancer.upgrade() {
+                        balancer.backends().run_health_check(true).await;
+                        drop(balancer);
+                        tokio::time::sleep(interval).await;
+                    }
+                });
+            }
+        }
     }
 
     /// Ready: the proxy accepts, shutdown has not begun, and every JWKS has loaded once.
@@ -98,8 +114,14 @@ impl GatewayState {
     }
 
     /// Builds the shared state for `config`.
-    pub fn new(config: &Config) -> Result<GatewayState, String> {
-        let metrics = Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?;
+    /// Builds the shared state for `config`. On a reload `previous` hands over what outlives a
+    /// configuration: the token cache (entries are keyed by exchange profile, so changed
+    /// routes simply miss), the metrics registry and the readiness flags.
+    pub fn new(config: &Config, previous: Option<&GatewayState>) -> Result<GatewayState, String> {
+        let metrics = match previous {
+            Some(p) => p.metrics.clone(),
+            None => Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?),
+        };
         let route_metrics = config
             .routes
             .iter()
@@ -131,30 +153,48 @@ impl GatewayState {
             refreshers: Mutex::new(Vec::new()),
             router: Router::new(&config.routes),
             routes: config.routes.clone(),
-            cache: TokenCache::new(&config.cache),
+            cache: match previous {
+                Some(p) => p.cache.clone(),
+                None => Arc::new(TokenCache::new(&config.cache)),
+            },
             metrics,
             route_metrics,
             max_token_bytes: config.server.max_token_bytes,
             max_request_header_bytes: config.server.max_request_header_bytes,
-            ready: AtomicBool::new(false),
-            shutting_down: AtomicBool::new(false),
+            ready: previous.map_or_else(|| Arc::new(AtomicBool::new(false)), |p| p.ready.clone()),
+            shutting_down: previous.map_or_else(
+                || Arc::new(AtomicBool::new(false)),
+                |p| p.shutting_down.clone(),
+            ),
+            listen: config.server.listen.clone(),
+            tls_listen: config
+                .server
+                .tls
+                .as_ref()
+                .map(|t| t.listen.clone())
+                .unwrap_or_default(),
         })
     }
 }
 
 /// The pingora proxy application.
+/// The configuration in force; a reload swaps it, requests in flight keep the one they began
+/// with.
+pub type CurrentState = Arc<arc_swap::ArcSwap<GatewayState>>;
+
 pub struct Gateway {
-    state: Arc<GatewayState>,
+    current: CurrentState,
 }
 
 impl Gateway {
-    pub fn new(state: Arc<GatewayState>) -> Gateway {
-        Gateway { state }
+    pub fn new(current: CurrentState) -> Gateway {
+        Gateway { current }
     }
 }
 
 /// What one request carries between phases.
 pub struct RequestCtx {
+    state: Arc<GatewayState>,
     started: Instant,
     route: Option<usize>,
     request_id: Option<HeaderValue>,
@@ -185,6 +225,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            state: self.current.load_full(),
             started: Instant::now(),
             route: None,
             request_id: None,
@@ -306,17 +347,19 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
-    fn route(&self, ctx: &RequestCtx) -> Option<&Arc<Route>> {
-        ctx.route.and_then(|i| self.state.routes.get(i))
+    fn route<'a>(&self, ctx: &'a RequestCtx) -> Option<&'a Arc<Route>> {
+        ctx.route.and_then(|i| ctx.state.routes.get(i))
     }
 
-    fn route_name(&self, ctx: &RequestCtx) -> &str {
+    fn route_name<'a>(&self, ctx: &'a RequestCtx) -> &'a str {
         self.route(ctx).map_or("", |r| r.name.as_str())
     }
 
     /// DESIGN.md steps 1 to 5: pick the route, read and validate the credential, obtain the
     /// token to send upstream. `Ok` means forward; `Err` is answered by the gateway.
     async fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), GatewayError> {
+        // The configuration this request started with, even if a reload swaps it meanwhile.
+        let state = ctx.state.clone();
         // Phase 1: everything from the request header, copied out; no borrow crosses an await.
         let request = session.req_header();
         let header_bytes: usize = request
@@ -324,7 +367,7 @@ impl Gateway {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum();
-        if header_bytes > self.state.max_request_header_bytes {
+        if header_bytes > state.max_request_header_bytes {
             return Err(GatewayError::HeadersTooLarge);
         }
         ctx.over_tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -339,8 +382,7 @@ impl Gateway {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| request.uri.host());
-        let (index, route) = self
-            .state
+        let (index, route) = state
             .router
             .find(host, request.uri.path())
             .ok_or(GatewayError::NoRoute)?;
@@ -357,7 +399,7 @@ impl Gateway {
                 );
             }
         }
-        let bearer = credential::bearer(&request.headers, self.state.max_token_bytes);
+        let bearer = credential::bearer(&request.headers, state.max_token_bytes);
         let profile = match &route.exchange {
             Exchange::Token(profile) => profile.clone(),
             Exchange::None => {
@@ -399,7 +441,7 @@ impl Gateway {
         let (key, actor) = match profile.mode {
             Mode::Impersonation => (TokenCache::key(&profile, subject, None), None),
             Mode::Delegation => {
-                let actor = self.actor_token(&profile).await?;
+                let actor = self.actor_token(&state, &profile).await?;
                 let subject_claims = match &validated {
                     Some(v) => Some(v.claims.clone()),
                     None => crate::jwt::unverified_claims(subject),
@@ -422,19 +464,18 @@ impl Gateway {
             subject: subject_for_sts,
             actor: actor.as_deref(),
         };
-        let (result, lookup) = self
-            .state
+        let (result, lookup) = state
             .cache
             .get_or_exchange(
                 key,
                 subject_for_sts.unwrap_or_default(),
-                exchange_with_metrics(&self.state.metrics, &profile, tokens),
+                exchange_with_metrics(&state.metrics, &profile, tokens),
             )
             .await;
         if let (Ok(token), Lookup::Hit) = (&result, lookup)
-            && self.state.cache.refresh_due(token)
+            && state.cache.refresh_due(token)
         {
-            let state = self.state.clone();
+            let state = state.clone();
             let profile = profile.clone();
             let subject = subject_for_sts.map(str::to_string);
             tokio::spawn(async move {
@@ -449,7 +490,7 @@ impl Gateway {
                     .await;
             });
         }
-        let metrics = &self.state.route_metrics[index];
+        let metrics = &state.route_metrics[index];
         match lookup {
             Lookup::Hit => metrics.hit.inc(),
             Lookup::Miss => metrics.miss.inc(),
@@ -465,7 +506,11 @@ impl Gateway {
 
     /// The actor token of a delegation: a token file, or the gateway's own client-credentials
     /// token (cached and refreshed by its own expiry like any exchanged token).
-    async fn actor_token(&self, profile: &ExchangeProfile) -> Result<String, GatewayError> {
+    async fn actor_token(
+        &self,
+        state: &GatewayState,
+        profile: &ExchangeProfile,
+    ) -> Result<String, GatewayError> {
         match &profile.actor {
             Some(ActorSource::File(file)) => Ok(file.token().to_string()),
             Some(ActorSource::Own(own)) => {
@@ -474,14 +519,9 @@ impl Gateway {
                     subject: None,
                     actor: None,
                 };
-                let (result, _) = self
-                    .state
+                let (result, _) = state
                     .cache
-                    .get_or_exchange(
-                        key,
-                        "",
-                        exchange_with_metrics(&self.state.metrics, own, tokens),
-                    )
+                    .get_or_exchange(key, "", exchange_with_metrics(&state.metrics, own, tokens))
                     .await;
                 Ok(result?.token().to_string())
             }
@@ -496,6 +536,7 @@ impl Gateway {
 
     /// DESIGN.md step 8: metrics and one access-log event. Never a token.
     fn record(&self, session: &Session, e: Option<&PingoraError>, ctx: &RequestCtx) {
+        let state = &ctx.state;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = self.route_name(ctx);
         let label = if route.is_empty() { "_none" } else { route };
@@ -503,17 +544,16 @@ impl Gateway {
             .map(|s| s.as_str().to_string())
             .unwrap_or_else(|_| "0".to_string());
         let elapsed = ctx.started.elapsed();
-        self.state
+        state
             .metrics
             .requests
             .with_label_values(&[label, status_label.as_str()])
             .inc();
         match ctx.route {
-            Some(i) => self.state.route_metrics[i]
+            Some(i) => state.route_metrics[i]
                 .duration
                 .observe(elapsed.as_secs_f64()),
-            None => self
-                .state
+            None => state
                 .metrics
                 .request_duration
                 .with_label_values(&[label])
@@ -552,6 +592,11 @@ async fn exchange_with_metrics(
     let started = Instant::now();
     let result = exchange::exchange(profile, tokens).await;
     let service = profile.service.name.as_str();
+    let open = profile.service.resilience.state() != exchange::resilience::BreakerState::Closed;
+    metrics
+        .circuit_open
+        .with_label_values(&[service])
+        .set(i64::from(open));
     let outcome = match &result {
         Ok(_) => "success",
         Err(e) => e.outcome(),

@@ -22,9 +22,13 @@ use tokio::sync::oneshot;
 
 use crate::admin::AdminApp;
 use crate::config::{Config, ServerSettings};
+use crate::proxy::CurrentState;
 use crate::proxy::{Gateway, GatewayState};
 use crate::tls::ReloadingCert;
-use pingora::services::background::GenBackgroundService;
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// A startup failure (bind, metrics registration). `txgate run` prints it and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -129,10 +133,7 @@ impl<S: Service> Service for Prebound<S> {
 }
 
 /// Builds the pingora server for `config` on already-bound sockets.
-pub fn build(
-    config: &Config,
-    listeners: BoundListeners,
-) -> Result<(Server, Arc<GatewayState>), StartError> {
+pub fn build(config: &Config, listeners: BoundListeners) -> Result<(Server, Reloader), StartError> {
     let settings = &config.server;
     let conf = ServerConf {
         threads: settings.threads,
@@ -142,11 +143,17 @@ pub fn build(
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let state = Arc::new(GatewayState::new(config).map_err(StartError)?);
+    let state = Arc::new(GatewayState::new(config, None).map_err(StartError)?);
+    let current: CurrentState = Arc::new(ArcSwap::from(state.clone()));
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let reloader = Reloader {
+        current: current.clone(),
+        requests: reload_tx,
+    };
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(state.clone()),
+        Gateway::new(current.clone()),
         "txgate proxy",
     );
     let mut proxy_sockets = Vec::new();
@@ -166,16 +173,10 @@ pub fn build(
         }
         certificate = Some((cert, tls.reload_interval));
     }
-    // Health checks run as pingora background services, one per upstream that has one.
-    for route in &config.routes {
-        if route.upstream.health_check_interval.is_some() {
-            server.add_service(GenBackgroundService::new(
-                format!("health {}", route.name),
-                route.upstream.balancer.clone(),
-            ));
-        }
-    }
     let ready_state = state.clone();
+    let reload_current = current.clone();
+    let config_path = PathBuf::from(&config.source);
+    let watch_interval = settings.watch_config;
     server.add_service(Prebound {
         inner: proxy,
         sockets: proxy_sockets,
@@ -186,6 +187,12 @@ pub fn build(
                 // Ends with the runtime; the certificate lives as long as the listener.
                 drop(cert.spawn_watcher(interval));
             }
+            tokio::spawn(reload_loop(
+                reload_current,
+                reload_rx,
+                config_path,
+                watch_interval,
+            ));
             // Readiness fails as soon as shutdown begins, so load balancers stop sending.
             let watcher = ready_state.clone();
             tokio::spawn(async move {
@@ -201,7 +208,7 @@ pub fn build(
 
     if let Some((addr, socket)) = listeners.admin {
         let mut admin =
-            ListeningService::new("txgate admin".to_string(), AdminApp::new(state.clone()));
+            ListeningService::new("txgate admin".to_string(), AdminApp::new(current.clone()));
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
         server.add_service(Prebound {
@@ -210,13 +217,131 @@ pub fn build(
             on_start: None,
         });
     }
-    Ok((server, state))
+    Ok((server, reloader))
+}
+
+/// A request to apply a new configuration, answered with the outcome.
+struct ReloadRequest {
+    config: Box<Config>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Applies new configurations to a running gateway.
+#[derive(Clone)]
+pub struct Reloader {
+    current: CurrentState,
+    requests: mpsc::Sender<ReloadRequest>,
+}
+
+impl Reloader {
+    /// The configuration in force.
+    pub fn state(&self) -> Arc<GatewayState> {
+        self.current.load_full()
+    }
+
+    /// Applies `config` (built and validated by the caller) on the server's runtime.
+    pub async fn apply(&self, config: Config) -> Result<(), String> {
+        let (done, outcome) = oneshot::channel();
+        self.requests
+            .send(ReloadRequest {
+                config: Box::new(config),
+                done,
+            })
+            .await
+            .map_err(|_| "the gateway is not running".to_string())?;
+        outcome
+            .await
+            .map_err(|_| "the gateway stopped during the reload".to_string())?
+    }
+}
+
+/// Swaps in a new configuration. Requests in flight finish with the one they started with;
+/// the cache, metrics and readiness carry over. Listen addresses change only with a restart.
+fn swap(current: &CurrentState, config: &Config) -> Result<(), String> {
+    let old = current.load_full();
+    if old.listen != config.server.listen
+        || old.tls_listen
+            != config
+                .server
+                .tls
+                .as_ref()
+                .map(|t| t.listen.clone())
+                .unwrap_or_default()
+    {
+        tracing::warn!(
+            "listen addresses changed in the new configuration; they apply only after a restart"
+        );
+    }
+    let state = Arc::new(GatewayState::new(config, Some(&old))?);
+    state.start_background();
+    current.store(state);
+    tracing::info!(
+        routes = config.routes.len(),
+        source = %config.source,
+        "configuration reloaded"
+    );
+    Ok(())
+}
+
+/// Reloads on SIGHUP, on a change of the config file (when `server.watch_config` is set), and
+/// on in-process requests. A configuration that fails to load is logged and refused; the
+/// running one keeps serving.
+async fn reload_loop(
+    current: CurrentState,
+    mut requests: mpsc::Receiver<ReloadRequest>,
+    path: PathBuf,
+    watch: Option<Duration>,
+) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last_seen = modified(&path);
+    let mut tick = tokio::time::interval(watch.unwrap_or(Duration::from_secs(3600)));
+    tick.tick().await;
+    loop {
+        let from_file = tokio::select! {
+            request = requests.recv() => match request {
+                Some(request) => {
+                    let _ = request.done.send(swap(&current, &request.config));
+                    continue;
+                }
+                None => false,
+            },
+            _ = async {
+                match hangup.as_mut() {
+                    Some(signal) => { signal.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => true,
+            _ = tick.tick(), if watch.is_some() => {
+                let now = modified(&path);
+                if now == last_seen {
+                    continue;
+                }
+                last_seen = now;
+                true
+            }
+        };
+        if !from_file {
+            // Every sender is gone but signals can still arrive: keep serving them.
+            std::future::pending::<()>().await;
+        }
+        match Config::load(&path) {
+            Ok(config) => {
+                if let Err(e) = swap(&current, &config) {
+                    tracing::error!(error = %e, "the new configuration could not be applied; the running one keeps serving");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the new configuration is invalid and was refused; the running one keeps serving");
+            }
+        }
+    }
 }
 
 /// Runs `config` in the foreground until SIGTERM (graceful), SIGINT (fast) or SIGQUIT
 /// (graceful upgrade). Used by `txgate run` and `txgate demo`.
 pub fn run_until_signal(config: &Config, listeners: BoundListeners) -> Result<(), StartError> {
-    let (server, _state) = build(config, listeners)?;
+    let (server, _reloader) = build(config, listeners)?;
     server.run(RunArgs::default());
     Ok(())
 }
@@ -242,7 +367,7 @@ pub struct RunningGateway {
     /// `server.tls.listen` addresses, bound.
     pub tls_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
-    pub state: Arc<GatewayState>,
+    reloader: Reloader,
     stop: Option<oneshot::Sender<ShutdownSignal>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -254,7 +379,7 @@ impl RunningGateway {
         let proxy_addrs = listeners.proxy_addrs();
         let tls_addrs = listeners.tls_addrs();
         let admin_addr = listeners.admin_addr();
-        let (server, state) = build(config, listeners)?;
+        let (server, reloader) = build(config, listeners)?;
         let (stop, receiver) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("txgate-server".into())
@@ -268,10 +393,20 @@ impl RunningGateway {
             proxy_addrs,
             tls_addrs,
             admin_addr,
-            state,
+            reloader,
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+
+    /// The configuration in force.
+    pub fn state(&self) -> Arc<GatewayState> {
+        self.reloader.state()
+    }
+
+    /// Applies a new configuration without dropping requests in flight (as SIGHUP does).
+    pub async fn reload(&self, config: Config) -> Result<(), String> {
+        self.reloader.apply(config).await
     }
 
     /// The first plain proxy address as a base URL, e.g. `http://127.0.0.1:40123`

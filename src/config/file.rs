@@ -65,6 +65,10 @@ pub struct ServerFile {
     /// Downstream TLS listeners.
     #[serde(default)]
     pub tls: Option<ServerTlsFile>,
+    /// Reload when the config file changes, checking this often; off when absent (SIGHUP
+    /// always reloads).
+    #[serde(default, with = "humantime_serde")]
+    pub watch_config: Option<Duration>,
 }
 
 /// `server.tls:`

@@ -314,7 +314,7 @@ pub fn config(yaml: &str) -> Config {
 pub async fn gateway(yaml: &str) -> RunningGateway {
     txgate::tls::install_crypto_provider();
     let gw = RunningGateway::start(&config(yaml)).expect("gateway starts");
-    tokio::time::timeout(Duration::from_secs(10), gw.state.wait_ready())
+    tokio::time::timeout(Duration::from_secs(10), gw.state().wait_ready())
         .await
         .expect("the gateway's JWKS load within 10 s");
     gw
@@ -474,7 +474,7 @@ pub fn config_with_env(yaml: &str, vars: &[(&str, &str)]) -> Config {
 pub async fn gateway_with_env(yaml: &str, vars: &[(&str, &str)]) -> RunningGateway {
     txgate::tls::install_crypto_provider();
     let gw = RunningGateway::start(&config_with_env(yaml, vars)).expect("gateway starts");
-    tokio::time::timeout(Duration::from_secs(10), gw.state.wait_ready())
+    tokio::time::timeout(Duration::from_secs(10), gw.state().wait_ready())
         .await
         .expect("the gateway's JWKS load within 10 s");
     gw

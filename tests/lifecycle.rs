@@ -1,0 +1,285 @@
+//! Reload and shutdown: new routes apply without dropping requests in flight, an invalid new
+//! config is refused while the old one keeps serving, and SIGTERM drains before exiting.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use common::{Behavior, TestSts, caller_token, client, gateway};
+
+/// An upstream that answers after `delay`, counting requests that reached it.
+async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Mutex<usize>>) {
+    let arrived = Arc::new(Mutex::new(0usize));
+    let counter = arrived.clone();
+    let app = Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            *counter.lock().unwrap() += 1;
+            tokio::time::sleep(delay).await;
+            "slow ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, arrived)
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn routes_yaml(sts: &TestSts, upstream: SocketAddr, prefixes: &[&str]) -> String {
+    let mut yaml = format!(
+        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n",
+        common::token_service(sts, "")
+    );
+    for p in prefixes {
+        yaml.push_str(&format!(
+            "  - {{ name: r{}, match: {{ path_prefix: \"/{p}\" }}, upstream: \"http://{upstream}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
+            p
+        ));
+    }
+    yaml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let (upstream, arrived) = slow_upstream(Duration::from_millis(800)).await;
+    let gw = gateway(&routes_yaml(&sts, upstream, &["a"])).await;
+    let token = caller_token();
+
+    let url = format!("{}/a", gw.url());
+    let in_flight = {
+        let token = token.clone();
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    wait_for("the request to reach the upstream", || {
+        *arrived.lock().unwrap() == 1
+    })
+    .await;
+
+    // Route a is gone and route b is new in the next configuration.
+    gw.reload(common::config(&routes_yaml(&sts, upstream, &["b"])))
+        .await
+        .unwrap();
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the request in flight finished"
+    );
+    let b = client()
+        .get(format!("{}/b", gw.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(b.status(), 200);
+    let a = client()
+        .get(format!("{}/a", gw.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(a.status(), 404);
+}
+
+/// The real binary, with its stderr collected.
+struct Txgate {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Txgate {
+    fn start(config: &std::path::Path) -> Txgate {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_txgate"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("TEST_CLIENT_SECRET", common::CLIENT_SECRET)
+            .env("TXGATE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Txgate { child, log }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Txgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn status_of(url: &str, token: &str) -> Option<u16> {
+    client()
+        .get(url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let (upstream, _) = slow_upstream(Duration::ZERO).await;
+    let port = free_port();
+    let yaml = |prefixes: &[&str]| {
+        routes_yaml(&sts, upstream, prefixes).replace(
+            "listen: [\"127.0.0.1:0\"]",
+            &format!("listen: [\"127.0.0.1:{port}\"], grace_period: 0s, shutdown_timeout: 1s"),
+        )
+    };
+    let dir = std::env::temp_dir().join(format!("txgate-reload-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.yaml");
+    std::fs::write(&file, yaml(&["a"])).unwrap();
+    let gw = Txgate::start(&file);
+    let token = caller_token();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&format!("{base}/a"), &token).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    std::fs::write(
+        &file,
+        "server: { listen: [\"127.0.0.1:1\"] }\nroutes: [ { name: broken } ]\n",
+    )
+    .unwrap();
+    gw.signal("HUP");
+    wait_for("the refusal to be logged", || {
+        gw.log().contains("invalid and was refused")
+    })
+    .await;
+    assert!(gw.log().contains("routes[0]: missing key"), "{}", gw.log());
+    assert_eq!(status_of(&format!("{base}/a"), &token).await, Some(200));
+
+    std::fs::write(&file, yaml(&["a", "b"])).unwrap();
+    gw.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&format!("{base}/b"), &token).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "route b never appeared:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.log().contains("configuration reloaded"));
+    assert!(!gw.log().contains(&token), "a caller token in the log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_requests_in_flight_then_exits() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let (upstream, arrived) = slow_upstream(Duration::from_millis(1000)).await;
+    let port = free_port();
+    let yaml = routes_yaml(&sts, upstream, &["a"]).replace(
+        "listen: [\"127.0.0.1:0\"]",
+        &format!("listen: [\"127.0.0.1:{port}\"], grace_period: 3s, shutdown_timeout: 2s"),
+    );
+    let dir = std::env::temp_dir().join(format!("txgate-drain-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut gw = Txgate::start(&file);
+    let token = caller_token();
+    let url = format!("http://127.0.0.1:{port}/a");
+    // Warm up (and wait until it listens) with a first request.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&url, &token).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = *arrived.lock().unwrap();
+    let in_flight = {
+        let (url, token) = (url.clone(), token.clone());
+        tokio::spawn(async move { status_of(&url, &token).await })
+    };
+    wait_for("the request to reach the upstream", || {
+        *arrived.lock().unwrap() > before
+    })
+    .await;
+    gw.signal("TERM");
+    assert_eq!(in_flight.await.unwrap(), Some(200), "drained, not dropped");
+    let exited = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = gw.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "txgate exits 0 after draining"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
