@@ -208,7 +208,9 @@ pub struct RequestCtx {
     exchange_wait: Option<Duration>,
     error: Option<GatewayError>,
     /// First 8 bytes of SHA-256 of the caller's token, hex: correlates log lines, reveals nothing.
-    fingerprint: Option<String>,
+    /// Index in `caller_tokens` of the bearer token; its fingerprint is computed only when the
+    /// access log is on.
+    bearer_index: Option<usize>,
     /// The peer chosen for this request, and one that failed to connect (retry elsewhere).
     upstream_addr: Option<SocketAddr>,
     failed_peer: Option<SocketAddr>,
@@ -235,7 +237,7 @@ impl ProxyHttp for Gateway {
             lookup: None,
             exchange_wait: None,
             error: None,
-            fingerprint: None,
+            bearer_index: None,
             upstream_addr: None,
             failed_peer: None,
             retried: false,
@@ -418,10 +420,14 @@ impl Gateway {
             Err(e) => return Err(e),
         };
         if let Some(token) = &caller {
-            ctx.fingerprint = Some(fingerprint(token));
+            ctx.bearer_index = Some(ctx.caller_tokens.len());
             ctx.caller_tokens.push(token.as_str().into());
             let target = ctx.upstream_uri.as_ref().unwrap_or(&request.uri);
-            if contains(target.to_string().as_bytes(), token.as_bytes()) {
+            let in_url = contains(target.path().as_bytes(), token.as_bytes())
+                || target
+                    .query()
+                    .is_some_and(|q| contains(q.as_bytes(), token.as_bytes()));
+            if in_url {
                 return Err(GatewayError::TokenInUrl);
             }
         }
@@ -540,14 +546,13 @@ impl Gateway {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = self.route_name(ctx);
         let label = if route.is_empty() { "_none" } else { route };
-        let status_label = http::StatusCode::from_u16(status)
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_else(|_| "0".to_string());
+        let code = http::StatusCode::from_u16(status).ok();
+        let status_label = code.as_ref().map_or("0", |c| c.as_str());
         let elapsed = ctx.started.elapsed();
         state
             .metrics
             .requests
-            .with_label_values(&[label, status_label.as_str()])
+            .with_label_values(&[label, status_label])
             .inc();
         match ctx.route {
             Some(i) => state.route_metrics[i]
@@ -564,6 +569,13 @@ impl Gateway {
             (None, Some(_)) => "proxy_error",
             (None, None) => "forwarded",
         };
+        if !tracing::enabled!(target: "txgate::access", tracing::Level::INFO) {
+            return;
+        }
+        let caller = ctx
+            .bearer_index
+            .and_then(|i| ctx.caller_tokens.get(i))
+            .map(|t| fingerprint(t));
         let request = session.req_header();
         tracing::info!(
             target: "txgate::access",
@@ -577,7 +589,7 @@ impl Gateway {
             cache = ctx.lookup.map(Lookup::as_str),
             upstream = ctx.upstream_addr.map(|a| a.to_string()),
             request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
-            caller = ctx.fingerprint.as_deref(),
+            caller = caller.as_deref(),
             error = e.map(|e| e.etype().as_str()),
         );
     }
@@ -726,6 +738,21 @@ fn rewrite_upstream_request(
 /// RFC 9110 §7.6.1: connection-specific headers are not forwarded. For an upgrade (WebSocket)
 /// request `Connection: upgrade` and `Upgrade` are what the upstream needs, so they stay.
 fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
+    static HOP_BY_HOP: [HeaderName; 4] = [
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+    ];
+    for name in &HOP_BY_HOP {
+        while upstream.remove_header(name).is_some() {}
+    }
+    if !upstream.headers.contains_key(header::CONNECTION) {
+        if !upgrade {
+            while upstream.remove_header(&header::UPGRADE).is_some() {}
+        }
+        return;
+    }
     let listed: Vec<HeaderName> = upstream
         .headers
         .get_all(header::CONNECTION)
@@ -737,9 +764,6 @@ fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
         .collect();
     for name in listed {
         while upstream.remove_header(&name).is_some() {}
-    }
-    for name in ["keep-alive", "proxy-connection", "te", "trailer"] {
-        while upstream.remove_header(name).is_some() {}
     }
     if upgrade {
         let _ = upstream.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -800,8 +824,14 @@ fn request_id(request: &RequestHeader) -> HeaderValue {
             return value.clone();
         }
     }
+    // 32 hex digits written on the stack: no formatting machinery on the hot path.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let id: u128 = rand::random();
-    HeaderValue::try_from(format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+    let mut digits = [0u8; 32];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&digits).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// A short fingerprint of a token for logs: 16 hex digits of its SHA-256.
