@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages txgate's build and tests need, only those that are missing.
 #   scripts/setup.sh          build needs: cmake (pingora builds zlib-ng with it), a C compiler
-#   scripts/setup.sh --test   also promtool (Debian's prometheus), curl, and Node.js with the
-#                             interop suite's npm packages (tests/interop), used by the tests
+#   scripts/setup.sh --test   also promtool and prometheus (Debian's prometheus), curl, chromium
+#                             (status page test), and Node.js with the interop suite's npm
+#                             packages (tests/interop), used by the tests
 set -euo pipefail
 
 need=()
@@ -13,6 +14,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v node >/dev/null 2>&1 || need+=(nodejs)
   command -v npm >/dev/null 2>&1 || need+=(npm)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
 fi
 
 if ((${#need[@]})); then

@@ -222,6 +222,8 @@ struct ServiceRow {
     token_endpoint: String,
     client_id: String,
     auth: String,
+    /// The circuit breaker's state now: `closed`, `open` or `half_open`.
+    circuit: &'static str,
     /// `(outcome, count)` in [`OUTCOME_ORDER`], then any unknown outcome.
     outcomes: Vec<(String, u64)>,
 }
@@ -274,6 +276,7 @@ impl Snapshot {
                         token_endpoint: service.token_endpoint.to_string(),
                         client_id: service.client_id.clone(),
                         auth: format!("{:?}", service.client_auth),
+                        circuit: service.resilience.state().as_str(),
                         outcomes: outcomes_of(&exchanges, &service.name),
                     });
             }
@@ -317,7 +320,8 @@ const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.6em 0 .4em}\
 table{border-collapse:collapse}th,td{border:1px solid #d0d7de;padding:.3em .6em;\
 text-align:left;vertical-align:top}th{background:#f6f8fa}td.n{text-align:right}\
-code{font:12px ui-monospace,monospace}.muted{color:#57606a}";
+code{font:12px ui-monospace,monospace}.muted{color:#57606a}\
+.circuit-open,.circuit-half_open{color:#b42318;font-weight:600}";
 
 /// The status page. Numbers are totals since this process started, like the counters.
 fn status_page(s: &Snapshot) -> String {
@@ -406,13 +410,12 @@ fn status_page(s: &Snapshot) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        // There is no circuit breaker yet, so there is no state to report: "n/a" rather than
-        // a "closed" the gateway could not back up.
         let _ = write!(
             out,
             "<tr><td>{name}</td><td>{profile}</td><td><code>{endpoint}</code></td>\
-             <td>{client} ({auth})</td><td title=\"no circuit breaker in this version\">n/a</td>\
+             <td>{client} ({auth})</td><td class=\"circuit-{circuit}\">{circuit}</td>\
              <td class=\"n\">{total}</td><td>{outcomes}</td></tr>",
+            circuit = Esc(service.circuit),
             name = Esc(&service.name),
             profile = Esc(service.profile),
             endpoint = Esc(&service.token_endpoint),
@@ -425,8 +428,9 @@ fn status_page(s: &Snapshot) -> String {
         out.push_str("<tr><td colspan=\"7\" class=\"muted\">no route exchanges tokens</td></tr>");
     }
     out.push_str(
-        "</table><p class=\"muted\">circuit: n/a, this version has no circuit breaker; the \
-         outcomes are the exchange counts since start.</p>",
+        "</table><p class=\"muted\">circuit: the breaker's state now (open: misses fail fast \
+         with 503; half_open: one probe call is let through). Outcomes count STS calls since \
+         start.</p>",
     );
 
     let all = s

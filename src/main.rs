@@ -131,7 +131,15 @@ fn config_error(error: &txgate::config::ConfigError) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TXGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter =
+        EnvFilter::try_from_env("TXGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // pingora's debug events print whole request and response headers (cookies, API keys,
+    // tokens in headers other than Authorization): never below info, whatever TXGATE_LOG says.
+    for target in ["pingora_proxy", "pingora_core::protocols"] {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -343,6 +343,17 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// pingora puts this in its own error logs; the default includes the query string, where a
+    /// caller may have put a token. Method and path only, with any caller token masked.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let request = session.req_header();
+        format!(
+            "{} {}",
+            request.method,
+            mask_tokens(request.uri.path(), &ctx.caller_tokens)
+        )
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&PingoraError>, ctx: &mut RequestCtx) {
         self.record(session, e, ctx);
     }
@@ -581,7 +592,7 @@ impl Gateway {
             target: "txgate::access",
             route = label,
             method = request.method.as_str(),
-            path = request.uri.path(),
+            path = mask_tokens(request.uri.path(), &ctx.caller_tokens).as_ref(),
             status,
             outcome,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
@@ -795,6 +806,17 @@ fn leak_guard(upstream: &mut RequestHeader, tokens: &[Box<str>]) {
     }
 }
 
+/// `text` with every caller token replaced by `<token>`, for logs.
+fn mask_tokens<'a>(text: &'a str, tokens: &[Box<str>]) -> std::borrow::Cow<'a, str> {
+    let mut out = std::borrow::Cow::Borrowed(text);
+    for token in tokens.iter().filter(|t| !t.is_empty()) {
+        if out.contains(&**token) {
+            out = std::borrow::Cow::Owned(out.replace(&**token, "<token>"));
+        }
+    }
+    out
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty()
         && haystack.len() >= needle.len()
@@ -954,6 +976,16 @@ mod tests {
         req.insert_header("x-request-id", "has space").unwrap();
         assert_ne!(request_id(&req), "has space");
         assert_eq!(request_id(&req).len(), 32);
+    }
+
+    #[test]
+    fn tokens_are_masked_in_logged_paths() {
+        let tokens: Vec<Box<str>> = vec!["tok123".into()];
+        assert_eq!(mask_tokens("/a/tok123/b", &tokens), "/a/<token>/b");
+        assert!(matches!(
+            mask_tokens("/plain", &tokens),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]
