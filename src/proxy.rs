@@ -67,7 +67,15 @@ struct RouteMetrics {
     hit: IntCounter,
     miss: IntCounter,
     coalesced: IntCounter,
+    /// `txgate_requests_total{route, status}` for the statuses a gateway answers most; others
+    /// are looked up by label (which takes the metric family's lock).
+    by_status: Vec<(u16, IntCounter)>,
 }
+
+/// Statuses whose request counters are resolved once per route.
+const COMMON_STATUSES: &[u16] = &[
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 431, 500, 502, 503, 504,
+];
 
 impl GatewayState {
     /// Starts the JWKS refreshers (first fetch now). Called once, on a runtime, when the proxy
@@ -138,6 +146,20 @@ impl GatewayState {
                 coalesced: metrics
                     .cache_lookups
                     .with_label_values(&[r.name.as_str(), "coalesced"]),
+                by_status: COMMON_STATUSES
+                    .iter()
+                    .map(|s| {
+                        let label = http::StatusCode::from_u16(*s)
+                            .map(|c| c.as_str().to_string())
+                            .unwrap_or_default();
+                        (
+                            *s,
+                            metrics
+                                .requests
+                                .with_label_values(&[r.name.as_str(), label.as_str()]),
+                        )
+                    })
+                    .collect(),
             })
             .collect();
         let mut jwt_validators: Vec<Arc<JwtValidator>> = Vec::new();
@@ -560,11 +582,21 @@ impl Gateway {
         let code = http::StatusCode::from_u16(status).ok();
         let status_label = code.as_ref().map_or("0", |c| c.as_str());
         let elapsed = ctx.started.elapsed();
-        state
-            .metrics
-            .requests
-            .with_label_values(&[label, status_label])
-            .inc();
+        let prebuilt = ctx.route.and_then(|i| {
+            state.route_metrics[i]
+                .by_status
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map(|(_, counter)| counter)
+        });
+        match prebuilt {
+            Some(counter) => counter.inc(),
+            None => state
+                .metrics
+                .requests
+                .with_label_values(&[label, status_label])
+                .inc(),
+        }
         match ctx.route {
             Some(i) => state.route_metrics[i]
                 .duration
