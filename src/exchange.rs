@@ -385,7 +385,10 @@ fn parse_success(body: &[u8]) -> Result<ExchangedToken, ExchangeError> {
 /// `expires_in` as a duration: negative means already expired, huge is clamped.
 fn seconds(value: Option<f64>) -> Result<Duration, ExchangeError> {
     match value {
-        Some(v) if v.is_finite() => Ok(Duration::from_secs_f64(v.max(0.0)).min(MAX_EXPIRES_IN)),
+        // Clamp before converting: a huge value would not fit a Duration.
+        Some(v) if v.is_finite() => Ok(Duration::from_secs_f64(
+            v.clamp(0.0, MAX_EXPIRES_IN.as_secs_f64()),
+        )),
         _ => Err(ExchangeError::BadResponse(
             "expires_in is not a number".into(),
         )),
@@ -430,6 +433,8 @@ mod tests {
         let t = ok(r#"{"access_token":"x","expires_in":-5}"#).unwrap();
         assert_eq!(t.expires_in, Some(Duration::ZERO));
         let t = ok(r#"{"access_token":"x","expires_in":1e12}"#).unwrap();
+        assert_eq!(t.expires_in, Some(MAX_EXPIRES_IN));
+        let t = ok(r#"{"access_token":"x","expires_in":1e300}"#).unwrap();
         assert_eq!(t.expires_in, Some(MAX_EXPIRES_IN));
     }
 

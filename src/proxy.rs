@@ -456,10 +456,16 @@ impl Gateway {
             ctx.bearer_index = Some(ctx.caller_tokens.len());
             ctx.caller_tokens.push(token.as_str().into());
             let target = ctx.upstream_uri.as_ref().unwrap_or(&request.uri);
-            let in_url = contains(target.path().as_bytes(), token.as_bytes())
-                || target
-                    .query()
-                    .is_some_and(|q| contains(q.as_bytes(), token.as_bytes()));
+            // Raw and percent-decoded: a token's `+`, `/` and `=` may arrive as %2B, %2F, %3D.
+            let in_part = |part: &str| {
+                contains(part.as_bytes(), token.as_bytes())
+                    || (part.contains('%')
+                        && contains(
+                            &percent_encoding::percent_decode_str(part).collect::<Vec<u8>>(),
+                            token.as_bytes(),
+                        ))
+            };
+            let in_url = in_part(target.path()) || target.query().is_some_and(in_part);
             if in_url {
                 return Err(GatewayError::TokenInUrl);
             }
