@@ -1095,10 +1095,9 @@ async fn forged_and_foreign_jwts_fail_locally_without_an_sts_call() {
     assert_table(h.run(rows).await);
 }
 
-/// Percent-encoding every character of the token hides it from the raw-URL check: the upstream
-/// decodes the path and the query and holds the caller's token. The README promises 400 for
-/// "caller's token in the URL path"; today the gateway forwards these (200). Run with
-/// `--ignored` once the URL check compares the percent-decoded target.
+/// Percent-encoding every character of the token must not hide it from the URL check: the
+/// upstream would decode the path or the query and hold the caller's token. (Regression: the
+/// check once compared only the raw, still-encoded target and forwarded these.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_encoded_tokens_in_the_url_are_refused() {
     let h = Harness::start().await;
@@ -1139,8 +1138,8 @@ async fn percent_encoded_tokens_in_the_url_are_refused() {
 
 /// An STS answering with an absurd `expires_in` (a finite number of seconds no `Duration`
 /// holds) must not take the request down: the README clamps `expires_in` to a day, so the
-/// token is forwarded. Today the parser panics in `Duration::from_secs_f64` before clamping
-/// (found by the `sts_response` fuzz target) and the caller gets no answer.
+/// token is forwarded. (Regression: found by the `sts_response` fuzz target, the parser once
+/// panicked in `Duration::from_secs_f64` before clamping and the caller got no answer.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_expires_in_from_the_sts_is_clamped_not_fatal() {
     let h = Harness::start().await;
