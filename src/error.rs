@@ -191,6 +191,13 @@ impl GatewayError {
             GatewayError::ValidatorUnavailable(_) => {
                 tracing::warn!(route, outcome, error = %self, "token validation unavailable")
             }
+            // Refusals by the open breaker or the concurrency cap are counted in metrics; one
+            // warning per request would flood the log during an outage.
+            GatewayError::Exchange(ExchangeError::Unavailable { .. })
+                if matches!(outcome, "circuit_open" | "overloaded") =>
+            {
+                tracing::debug!(route, outcome, error = %self, "token exchange refused")
+            }
             GatewayError::Exchange(
                 ExchangeError::BadResponse(_)
                 | ExchangeError::Unavailable { .. }

@@ -84,6 +84,13 @@ impl ExchangeError {
             ExchangeError::SubjectRejected { .. } => "subject_rejected",
             ExchangeError::Forbidden { .. } => "forbidden",
             ExchangeError::ClientRejected { .. } => "client_rejected",
+            // Refused by the gateway itself: no STS call was made.
+            ExchangeError::Unavailable { detail, .. } if detail == resilience::CIRCUIT_OPEN => {
+                "circuit_open"
+            }
+            ExchangeError::Unavailable { detail, .. } if detail == resilience::OVERLOADED => {
+                "overloaded"
+            }
             ExchangeError::Unavailable { .. } => "unavailable",
             ExchangeError::Timeout(_) => "timeout",
             ExchangeError::BadResponse(_) => "bad_response",
@@ -455,6 +462,17 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn refusals_without_an_sts_call_have_their_own_outcomes() {
+        let refused = |detail: &str| ExchangeError::Unavailable {
+            detail: detail.into(),
+            retry_after: None,
+        };
+        assert_eq!(refused(resilience::CIRCUIT_OPEN).outcome(), "circuit_open");
+        assert_eq!(refused(resilience::OVERLOADED).outcome(), "overloaded");
+        assert_eq!(refused("HTTP 503").outcome(), "unavailable");
     }
 
     #[test]

@@ -662,10 +662,13 @@ async fn exchange_with_metrics(
         Ok(_) => "success",
         Err(e) => e.outcome(),
     };
-    metrics
-        .exchange_duration
-        .with_label_values(&[service])
-        .observe(started.elapsed().as_secs_f64());
+    // Only calls that reached the STS have a duration worth recording.
+    if !matches!(outcome, "circuit_open" | "overloaded") {
+        metrics
+            .exchange_duration
+            .with_label_values(&[service])
+            .observe(started.elapsed().as_secs_f64());
+    }
     metrics
         .exchanges
         .with_label_values(&[service, outcome])

@@ -25,6 +25,10 @@ pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
 /// Default `circuit_breaker.open_for`.
 pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(5);
+/// `Unavailable` detail of a call refused because the breaker is open (no STS call made).
+pub const CIRCUIT_OPEN: &str = "the token service circuit breaker is open";
+/// `Unavailable` detail of a call refused by the concurrency cap (no STS call made).
+pub const OVERLOADED: &str = "too many concurrent calls to the token service";
 /// Base of the retry backoff; the actual wait is jittered between 1× and 2× this.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -148,7 +152,7 @@ impl Resilience {
                     *self.lock() = Breaker::HalfOpen { probing: false };
                 }
                 Err(ExchangeError::Unavailable {
-                    detail: "too many concurrent calls to the token service".into(),
+                    detail: OVERLOADED.into(),
                     retry_after: Some(Duration::from_secs(1)),
                 })
             }
@@ -218,7 +222,7 @@ impl Resilience {
 
 fn open_error(remaining: Duration) -> ExchangeError {
     ExchangeError::Unavailable {
-        detail: "the token service circuit breaker is open".into(),
+        detail: CIRCUIT_OPEN.into(),
         retry_after: Some(remaining.max(Duration::from_secs(1))),
     }
 }
