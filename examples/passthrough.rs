@@ -2,8 +2,9 @@
 //!
 //! Every request goes unchanged to one upstream over pingora's pooled keep-alive connections.
 //! The server is built the way `txgate::server::build` builds the gateway's (same
-//! `ServerConf` defaults, same thread setting), so the gap between this target and `txgate` is
-//! the gateway's own per-request work, not a difference in engine settings.
+//! `ServerConf` defaults, same thread and work-stealing settings, the same global allocator),
+//! so the gap between this target and `txgate` is the gateway's own per-request work, not a
+//! difference in engine settings.
 //!
 //! ```text
 //! cargo build --release --example passthrough
@@ -20,6 +21,10 @@ use async_trait::async_trait;
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::server::Server;
 use pingora::server::configuration::ServerConf;
+
+/// The allocator txgate's binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Forwards to one fixed upstream and does nothing else.
 struct Passthrough {
@@ -54,6 +59,8 @@ fn main() -> ExitCode {
     };
     let conf = ServerConf {
         threads,
+        // txgate's default (`server.work_stealing: false`).
+        work_stealing: false,
         // A benchmark peer stops at once on SIGTERM; the default would wait 300 s.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),

@@ -404,8 +404,28 @@ fn seconds(value: Option<f64>) -> Result<Duration, ExchangeError> {
 
 /// RFC 6750 §2.1 b64token characters, plus the trailing `=` padding.
 pub fn is_token_char(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=')
+    TOKEN_CHARS[usize::from(b)] != 0
 }
+
+/// [`TOKEN_CHARS`] entry of a b64token body character (everything but `=`).
+pub const TOKEN_BODY: u8 = 1;
+/// [`TOKEN_CHARS`] entry of the `=` padding.
+pub const TOKEN_PAD: u8 = 2;
+
+/// Every byte's class for b64token checks: one table load per byte on the request path.
+pub static TOKEN_CHARS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/') {
+            table[b] = TOKEN_BODY;
+        }
+        b += 1;
+    }
+    table[b'=' as usize] = TOKEN_PAD;
+    table
+};
 
 #[cfg(test)]
 mod tests {

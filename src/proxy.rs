@@ -36,8 +36,12 @@ use crate::router::Router;
 const MAX_REQUEST_ID: usize = 128;
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+// The same names as written on the wire. pingora's `insert_header` turns a custom `HeaderName`
+// into its wire spelling by copying it; a `&'static str` is used as it is.
+const WIRE_X_REQUEST_ID: &str = "X-Request-Id";
+const WIRE_X_FORWARDED_FOR: &str = "X-Forwarded-For";
+const WIRE_X_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
+const WIRE_X_FORWARDED_HOST: &str = "X-Forwarded-Host";
 
 /// Everything requests share: built once per configuration.
 pub struct GatewayState {
@@ -223,7 +227,8 @@ pub struct RequestCtx {
     /// The `Authorization` value sent upstream; `None` sends none.
     upstream_authorization: Option<HeaderValue>,
     /// The caller's token values (header and query): no upstream header may contain them.
-    caller_tokens: Vec<Box<str>>,
+    /// Shared with the admission code, which holds the bearer token across awaits: one copy.
+    caller_tokens: Vec<Arc<str>>,
     /// Set when the URI must change (an `access_token` query parameter was removed).
     upstream_uri: Option<http::Uri>,
     lookup: Option<Lookup>,
@@ -341,7 +346,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(id) = &ctx.request_id {
-            response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+            response.insert_header(WIRE_X_REQUEST_ID, id.clone())?;
         }
         Ok(())
     }
@@ -446,15 +451,15 @@ impl Gateway {
                 return Ok(());
             }
         };
-        let caller: Option<String> = match bearer {
-            Ok(token) => Some(token.to_string()),
+        let caller: Option<Arc<str>> = match bearer {
+            Ok(token) => Some(Arc::from(token)),
             // `caller: anonymous`: a token is not required; one that is sent is still guarded.
             Err(_) if profile.anonymous_caller => None,
             Err(e) => return Err(e),
         };
         if let Some(token) = &caller {
             ctx.bearer_index = Some(ctx.caller_tokens.len());
-            ctx.caller_tokens.push(token.as_str().into());
+            ctx.caller_tokens.push(token.clone());
             let target = ctx.upstream_uri.as_ref().unwrap_or(&request.uri);
             // Raw and percent-decoded: a token's `+`, `/` and `=` may arrive as %2B, %2F, %3D.
             let in_part = |part: &str| {
@@ -747,44 +752,56 @@ fn rewrite_upstream_request(
     upgrade: bool,
     rules: Option<&HeaderRules>,
 ) {
-    while upstream.remove_header(&header::AUTHORIZATION).is_some() {}
+    // `remove_header` drops every value of the name at once.
+    upstream.remove_header(&header::AUTHORIZATION);
     remove_hop_by_hop(upstream, upgrade);
     if let Some(rules) = rules {
         for name in &rules.remove {
-            while upstream.remove_header(name).is_some() {}
+            upstream.remove_header(name);
         }
         for (name, value) in &rules.set {
             let _ = upstream.insert_header(name.clone(), value.clone());
         }
     }
     if let Some(host) = &ctx.forwarded_host {
-        let _ = upstream.insert_header(X_FORWARDED_HOST.clone(), host.clone());
+        let _ = upstream.insert_header(WIRE_X_FORWARDED_HOST, host.clone());
     }
     if let Some(uri) = &ctx.upstream_uri {
         upstream.set_uri(uri.clone());
     }
-    if let Some(ip) = client.map(|a| a.ip().to_string()) {
+    if let Some(ip) = client.map(|a| a.ip()) {
         let value = match upstream
             .headers
             .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
         {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip,
+            Some(prior) => HeaderValue::try_from(format!("{prior}, {ip}")).ok(),
+            None => ip_header_value(ip),
         };
-        if let Ok(value) = HeaderValue::try_from(value) {
-            let _ = upstream.insert_header(X_FORWARDED_FOR.clone(), value);
+        if let Some(value) = value {
+            let _ = upstream.insert_header(WIRE_X_FORWARDED_FOR, value);
         }
     }
     let proto = if ctx.over_tls { "https" } else { "http" };
-    let _ = upstream.insert_header(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    let _ = upstream.insert_header(WIRE_X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(id) = &ctx.request_id {
-        let _ = upstream.insert_header(X_REQUEST_ID.clone(), id.clone());
+        let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
     }
     leak_guard(upstream, &ctx.caller_tokens);
     if let Some(authorization) = &ctx.upstream_authorization {
         let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
     }
+}
+
+/// An IP address as a header value, formatted on the stack (no intermediate `String`).
+fn ip_header_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    // The longest text form of an IPv6 address is 45 bytes.
+    let mut buf = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "{ip}").ok()?;
+    let len = usize::try_from(cursor.position()).ok()?;
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 /// RFC 9110 §7.6.1: connection-specific headers are not forwarded. For an upgrade (WebSocket)
@@ -796,12 +813,20 @@ fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
         header::TE,
         header::TRAILER,
     ];
+    // Most requests carry none of these: one pass over the names decides, and the removals
+    // (each a hash lookup in two maps) run only for what is there.
+    let present = upstream.headers.keys().any(|name| {
+        name == header::CONNECTION || name == header::UPGRADE || HOP_BY_HOP.contains(name)
+    });
+    if !present {
+        return;
+    }
     for name in &HOP_BY_HOP {
-        while upstream.remove_header(name).is_some() {}
+        upstream.remove_header(name);
     }
     if !upstream.headers.contains_key(header::CONNECTION) {
         if !upgrade {
-            while upstream.remove_header(&header::UPGRADE).is_some() {}
+            upstream.remove_header(&header::UPGRADE);
         }
         return;
     }
@@ -815,19 +840,19 @@ fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
         .filter(|name| !(upgrade && name == header::UPGRADE))
         .collect();
     for name in listed {
-        while upstream.remove_header(&name).is_some() {}
+        upstream.remove_header(&name);
     }
     if upgrade {
         let _ = upstream.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        while upstream.remove_header(&header::CONNECTION).is_some() {}
-        while upstream.remove_header(&header::UPGRADE).is_some() {}
+        upstream.remove_header(&header::CONNECTION);
+        upstream.remove_header(&header::UPGRADE);
     }
 }
 
 /// Drops every header whose value still contains one of the caller's tokens (e.g. an
 /// `X-Forwarded-Access-Token` set by an edge proxy).
-fn leak_guard(upstream: &mut RequestHeader, tokens: &[Box<str>]) {
+fn leak_guard(upstream: &mut RequestHeader, tokens: &[Arc<str>]) {
     if tokens.is_empty() {
         return;
     }
@@ -843,12 +868,12 @@ fn leak_guard(upstream: &mut RequestHeader, tokens: &[Box<str>]) {
         .collect();
     for name in leaking {
         tracing::debug!(header = %name, "dropped a header carrying the caller's token");
-        while upstream.remove_header(&name).is_some() {}
+        upstream.remove_header(&name);
     }
 }
 
 /// `text` with every caller token replaced by `<token>`, for logs.
-fn mask_tokens<'a>(text: &'a str, tokens: &[Box<str>]) -> std::borrow::Cow<'a, str> {
+fn mask_tokens<'a>(text: &'a str, tokens: &[Arc<str>]) -> std::borrow::Cow<'a, str> {
     let mut out = std::borrow::Cow::Borrowed(text);
     for token in tokens.iter().filter(|t| !t.is_empty()) {
         if out.contains(&**token) {
@@ -1021,7 +1046,7 @@ mod tests {
 
     #[test]
     fn tokens_are_masked_in_logged_paths() {
-        let tokens: Vec<Box<str>> = vec!["tok123".into()];
+        let tokens: Vec<Arc<str>> = vec!["tok123".into()];
         assert_eq!(mask_tokens("/a/tok123/b", &tokens), "/a/<token>/b");
         assert!(matches!(
             mask_tokens("/plain", &tokens),

@@ -134,9 +134,33 @@ impl<S: Service> Service for Prebound<S> {
 
 /// Builds the pingora server for `config` on already-bound sockets.
 pub fn build(config: &Config, listeners: BoundListeners) -> Result<(Server, Reloader), StartError> {
+    build_server(config, listeners, Runtime::AsConfigured)
+}
+
+/// Which tokio runtime flavour the proxy threads get.
+#[derive(Clone, Copy, PartialEq)]
+enum Runtime {
+    /// `server.work_stealing`.
+    AsConfigured,
+    /// Work stealing whatever the config says: for servers started inside a process that may
+    /// already have run and stopped another one. pingora's no-steal runtime remembers its
+    /// thread pool in a process-wide table keyed by thread id, and thread ids are reused: a
+    /// new runtime thread can inherit a stopped server's pool and hand its listeners to a
+    /// runtime that no longer runs (connections are then refused).
+    WorkStealing,
+}
+
+fn build_server(
+    config: &Config,
+    listeners: BoundListeners,
+    runtime: Runtime,
+) -> Result<(Server, Reloader), StartError> {
     let settings = &config.server;
     let conf = ServerConf {
         threads: settings.threads,
+        // Without stealing pingora runs one single-threaded runtime per thread and spreads
+        // new connections over them at random (bench/README.md, "Engine settings").
+        work_stealing: settings.work_stealing || runtime == Runtime::WorkStealing,
         grace_period_seconds: Some(settings.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(settings.shutdown_timeout.as_secs()),
         ..ServerConf::default()
@@ -373,13 +397,15 @@ pub struct RunningGateway {
 }
 
 impl RunningGateway {
-    /// Binds, builds and starts `config`.
+    /// Binds, builds and starts `config`. The proxy threads always use tokio's work-stealing
+    /// runtime here, whatever `server.work_stealing` says (see [`Runtime::WorkStealing`]);
+    /// `txgate run` is one server per process and uses the setting.
     pub fn start(config: &Config) -> Result<RunningGateway, StartError> {
         let listeners = BoundListeners::bind(&config.server)?;
         let proxy_addrs = listeners.proxy_addrs();
         let tls_addrs = listeners.tls_addrs();
         let admin_addr = listeners.admin_addr();
-        let (server, reloader) = build(config, listeners)?;
+        let (server, reloader) = build_server(config, listeners, Runtime::WorkStealing)?;
         let (stop, receiver) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("txgate-server".into())

@@ -53,6 +53,10 @@ pub struct ServerFile {
     /// Worker threads for the proxy; pingora's default (1) when absent.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Let idle worker threads take queued work from busy ones (tokio work stealing); off
+    /// when absent: each thread runs its own connections, which costs less per request.
+    #[serde(default)]
+    pub work_stealing: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub grace_period: Option<Duration>,
     #[serde(default, with = "humantime_serde")]

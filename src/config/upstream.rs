@@ -52,6 +52,11 @@ impl Upstream {
     /// The peer for a request: the next healthy one in rotation, skipping `avoid` (a peer that
     /// just failed to connect) when another exists.
     pub fn select(&self, avoid: Option<SocketAddr>) -> Option<(SocketAddr, HttpPeer)> {
+        // One peer is the answer whatever its health (an unhealthy pool still gets tried):
+        // no balancer call on the common single-upstream route.
+        if let [(addr, peer)] = self.peers.as_slice() {
+            return Some((*addr, peer.clone()));
+        }
         let iterations = self.peers.len().max(1) * 2;
         let backend = self
             .balancer

@@ -7,7 +7,7 @@
 use http::{HeaderMap, header};
 
 use crate::error::GatewayError;
-use crate::exchange::is_token_char;
+use crate::exchange::{TOKEN_BODY, TOKEN_CHARS};
 
 /// The bearer token of a request: exactly one `Authorization: Bearer <b64token>` header.
 /// The scheme is case-insensitive (RFC 9110 §11.1), so `bearer` is accepted.
@@ -58,10 +58,21 @@ fn trim_spaces(mut s: &[u8]) -> &[u8] {
 /// RFC 6750 §2.1: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 fn is_b64token(token: &[u8]) -> bool {
     let body_len = token.len() - token.iter().rev().take_while(|b| **b == b'=').count();
-    body_len > 0
-        && token[..body_len]
-            .iter()
-            .all(|b| *b != b'=' && is_token_char(*b))
+    let body = &token[..body_len];
+    // No branch per byte: OR together the classes of the body's bytes with the body class
+    // flipped off; any byte that is not a body character (a `=` inside, or anything outside
+    // the alphabet) leaves a bit set. Eight bytes per step.
+    let not_body = |b: &u8| TOKEN_CHARS[usize::from(*b)] ^ TOKEN_BODY;
+    let mut chunks = body.chunks_exact(8);
+    let mut seen = 0u8;
+    for chunk in &mut chunks {
+        seen |= chunk.iter().fold(0, |acc, b| acc | not_body(b));
+    }
+    seen |= chunks
+        .remainder()
+        .iter()
+        .fold(0, |acc, b| acc | not_body(b));
+    body_len > 0 && seen == 0
 }
 
 /// Splits `access_token` parameters out of a query string. Returns the remaining query (byte
@@ -155,6 +166,33 @@ mod tests {
             parse(&[long.as_bytes()]),
             Err(GatewayError::TokenTooLarge(64))
         ));
+    }
+
+    /// The table-driven check against the grammar read literally, for every byte at every
+    /// position of tokens that cross the eight-byte steps.
+    #[test]
+    fn b64token_check_matches_the_grammar() {
+        fn reference(token: &[u8]) -> bool {
+            let body_len = token.len() - token.iter().rev().take_while(|b| **b == b'=').count();
+            body_len > 0
+                && token[..body_len].iter().all(|b| {
+                    b.is_ascii_alphanumeric()
+                        || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+                })
+        }
+        for len in 1..=19 {
+            for pos in 0..len {
+                for byte in 0..=255u8 {
+                    let mut token = vec![b'a'; len];
+                    token[pos] = byte;
+                    assert_eq!(is_b64token(&token), reference(&token), "{token:?}");
+                }
+            }
+        }
+        assert!(is_b64token(b"abc=="));
+        assert!(!is_b64token(b"a=bc"));
+        assert!(!is_b64token(b"==="));
+        assert!(!is_b64token(b""));
     }
 
     #[test]
