@@ -150,6 +150,56 @@ impl Drop for Txgate {
     }
 }
 
+/// The binary's exit status once it has exited, or `None` if it is still running after `within`.
+async fn exit_status(mut gw: Txgate, within: Duration) -> Option<std::process::ExitStatus> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = gw.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// The binary on a fresh port with route `/a` and `server_extra` in its `server:` map, once a
+/// first request through it has been answered 200. Returns it, the route's URL and the
+/// directory holding its config.
+async fn serving_binary(
+    sts: &TestSts,
+    upstream: SocketAddr,
+    server_extra: &str,
+    token: &str,
+) -> (Txgate, String, std::path::PathBuf) {
+    let port = free_port();
+    let yaml = routes_yaml(sts, upstream, &["a"]).replace(
+        "listen: [\"127.0.0.1:0\"]",
+        &format!("listen: [\"127.0.0.1:{port}\"], {server_extra}"),
+    );
+    let dir = std::env::temp_dir().join(format!("txgate-bin-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let gw = Txgate::start(&file);
+    let url = format!("http://127.0.0.1:{port}/a");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&url, token).await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never served:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (gw, url, dir)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -230,28 +280,14 @@ async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
 async fn sigterm_drains_requests_in_flight_then_exits() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(1000)).await;
-    let port = free_port();
-    let yaml = routes_yaml(&sts, upstream, &["a"]).replace(
-        "listen: [\"127.0.0.1:0\"]",
-        &format!("listen: [\"127.0.0.1:{port}\"], grace_period: 3s, shutdown_timeout: 2s"),
-    );
-    let dir = std::env::temp_dir().join(format!("txgate-drain-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("gateway.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let mut gw = Txgate::start(&file);
     let token = caller_token();
-    let url = format!("http://127.0.0.1:{port}/a");
-    // Warm up (and wait until it listens) with a first request.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&url, &token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (gw, url, dir) = serving_binary(
+        &sts,
+        upstream,
+        "grace_period: 3s, shutdown_timeout: 2s",
+        &token,
+    )
+    .await;
     let before = *arrived.lock().unwrap();
     let in_flight = {
         let (url, token) = (url.clone(), token.clone());
@@ -263,23 +299,59 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     .await;
     gw.signal("TERM");
     assert_eq!(in_flight.await.unwrap(), Some(200), "drained, not dropped");
-    let exited = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = gw.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::park_timeout(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
+    let exited = exit_status(gw, Duration::from_secs(15)).await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "txgate exits 0 after draining"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The binary's default runtime (`server.work_stealing: false`: one single-threaded runtime per
+/// worker thread) with two threads serves concurrent requests on many connections, and stops
+/// on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_threads_without_work_stealing_serve_concurrent_requests() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let (upstream, arrived) = slow_upstream(Duration::from_millis(200)).await;
+    let token = caller_token();
+    let (gw, url, dir) = serving_binary(
+        &sts,
+        upstream,
+        "threads: 2, grace_period: 0s, shutdown_timeout: 1s",
+        &token,
+    )
+    .await;
+    let before = *arrived.lock().unwrap();
+    // Separate clients: separate connections, handed to the two runtimes at random.
+    let requests: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap();
+                client
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .ok()
+            })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), Some(200), "{}", gw.log());
+    }
+    assert_eq!(*arrived.lock().unwrap() - before, 40);
+    gw.signal("TERM");
+    let exited = exit_status(gw, Duration::from_secs(10)).await;
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "txgate exits 0 on SIGTERM"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
