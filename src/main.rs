@@ -12,7 +12,7 @@ use txgate::devsts::{DevClient, DevSts, DevStsOptions};
 use txgate::secret::Secret;
 use txgate::server::{self, BoundListeners};
 
-/// mimalloc instead of the C library's allocator: a proxied request makes a few dozen small
+/// mimalloc instead of the C library's allocator: a proxied request makes about a hundred small
 /// allocations (pingora's header maps and buffers, the exchanged token's header value), and
 /// mimalloc's thread-local free lists serve them for less (bench/README.md, "Engine settings").
 #[global_allocator]
