@@ -682,6 +682,7 @@ async fn malformed_credentials_get_their_documented_answer() {
             Expect::Forwarded,
         )
         .carrying(&more[1]),
+        // The host is part of the URL: a token there is refused like one in the path.
         Row::get(
             "token as the Host header",
             "/open",
@@ -689,7 +690,7 @@ async fn malformed_credentials_get_their_documented_answer() {
                 ("Authorization", &bearer(&more[2])),
                 ("Host", more[2].as_bytes()),
             ],
-            Expect::Forwarded,
+            BAD_REQUEST,
         )
         .carrying(&more[2]),
         Row::get("300 header fields", "/open", &filler, Expect::ParserRefused).carrying(&more[3]),
