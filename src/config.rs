@@ -68,6 +68,48 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Something a valid configuration allows but that weakens what the gateway promises: an
+/// upstream whose certificate is not verified, credentials or keys over plain HTTP. Computed
+/// only by [`Config::warnings`] (and [`TokenService::transport_warnings`] for one service);
+/// `txgate check` prints each one, `txgate run` logs each one at start and on reload, and the
+/// admin status page marks the token service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// Key path, as in [`ConfigError`].
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Warning text of `upstream.tls.verify: false`.
+pub const UNVERIFIED_UPSTREAM: &str =
+    "false: the upstream's certificate and host name are not verified";
+/// Warning text of a token or introspection endpoint over plain HTTP to another host.
+pub const CLEAR_TEXT_CREDENTIALS: &str =
+    "http:// to a non-loopback host sends credentials and tokens in clear";
+/// Warning text of a JWKS URI over plain HTTP to another host.
+pub const CLEAR_TEXT_KEYS: &str =
+    "http:// to a non-loopback host lets anyone on the network path replace the signing keys";
+
+/// True for an `http://` URL whose host is not this machine (127.0.0.0/8, ::1, `localhost`):
+/// what travels to it can be read and changed on the way.
+pub fn clear_text_remote(url: &Url) -> bool {
+    if url.scheme() != "http" {
+        return false;
+    }
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => !ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => !ip.is_loopback(),
+        Some(url::Host::Domain(name)) => !name.eq_ignore_ascii_case("localhost"),
+        None => true,
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -211,7 +253,10 @@ pub struct ExchangeProfile {
 pub struct CacheSettings {
     pub max_entries: u64,
     pub expiry_skew: Duration,
+    /// Lifetime of an entry when neither `expires_in` nor the issued token's `exp` gives one.
     pub default_ttl: Duration,
+    /// No entry lives longer than this.
+    pub max_ttl: Duration,
     /// How long definitive rejections are remembered (0: never).
     pub negative_ttl: Duration,
     /// Share of an entry's lifetime after which hits refresh it in the background (1: never).
@@ -260,6 +305,42 @@ impl Config {
         let mut config = build(raw).map_err(|(path, message)| err(path, message))?;
         config.source = source.to_string();
         Ok(config)
+    }
+
+    /// Every [`ConfigWarning`] of this configuration, in file order: token services, then
+    /// routes.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut out = Vec::new();
+        for service in self.token_services.values() {
+            out.extend(service.transport_warnings());
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            if route.upstream.unverified_tls {
+                out.push(ConfigWarning {
+                    path: format!("{path}.upstream.tls.verify"),
+                    message: UNVERIFIED_UPSTREAM.into(),
+                });
+            }
+            // A route's own `inbound` block; the service's was reported with the service.
+            let Exchange::Token(profile) = &route.exchange else {
+                continue;
+            };
+            if let Some(inbound) = &route.inbound
+                && !profile
+                    .service
+                    .inbound
+                    .as_ref()
+                    .is_some_and(|own| Arc::ptr_eq(own, inbound))
+            {
+                out.extend(token_service::inbound_warnings(
+                    &format!("{path}.inbound"),
+                    inbound,
+                    &profile.service,
+                ));
+            }
+        }
+        out
     }
 
     /// `txgate check --verbose`: the summary, then each token service's endpoints and each
@@ -609,6 +690,34 @@ fn build_route(
                 .into(),
         ));
     }
+    // Every token of the issuer passes a JWT check without `aud`; on a route that forwards
+    // the gateway's own token, that would let a token minted for any other service in.
+    if let Exchange::Token(profile) = &exchange
+        && profile.mode == Mode::ClientCredentials
+        && !anonymous
+        && let Some(jwt) = inbound.as_ref().and_then(|i| i.jwt.as_ref())
+        && jwt.audiences().is_empty()
+    {
+        const WHY: &str = "a client_credentials route forwards the gateway's own token, so it \
+            must require an audience of the caller's token (any token of the issuer would do \
+            otherwise)";
+        let own = !profile
+            .service
+            .inbound
+            .as_ref()
+            .is_some_and(|shared| route_inbound_is(shared, inbound.as_ref()));
+        return Err(if own {
+            (format!("{path}.inbound.jwt.audiences"), WHY.into())
+        } else {
+            (
+                format!("token_services.{}.inbound.jwt.audiences", profile.service.name),
+                format!(
+                    "route \"{name}\" uses this inbound block: {WHY}; set audiences here or \
+                     give the route an inbound block of its own"
+                ),
+            )
+        });
+    }
     Ok(Route {
         name,
         host,
@@ -618,6 +727,11 @@ fn build_route(
         exchange,
         inbound,
     })
+}
+
+/// True when a route's effective inbound block is its token service's `shared` one.
+fn route_inbound_is(shared: &Arc<Inbound>, route: Option<&Arc<Inbound>>) -> bool {
+    route.is_some_and(|r| Arc::ptr_eq(shared, r))
 }
 
 fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
@@ -947,6 +1061,7 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         max_entries,
         expiry_skew,
         default_ttl,
+        max_ttl,
         negative_ttl,
         refresh_ahead,
     } = raw;
@@ -961,14 +1076,56 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
     if max_entries == 0 {
         return Err(("cache.max_entries".into(), "must be at least 1".into()));
     }
+    let default_ttl = positive(
+        "cache.default_ttl",
+        default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
+    )?;
+    let max_ttl = positive(
+        "cache.max_ttl",
+        max_ttl.unwrap_or(file::DEFAULT_CACHE_MAX_TTL),
+    )?;
+    if max_ttl < default_ttl {
+        return Err((
+            "cache.max_ttl".into(),
+            format!(
+                "{} is below cache.default_ttl ({}); the longest lifetime cannot be shorter than the default one",
+                humantime::format_duration(max_ttl),
+                humantime::format_duration(default_ttl)
+            ),
+        ));
+    }
     Ok(CacheSettings {
         max_entries,
         expiry_skew: expiry_skew.unwrap_or(file::DEFAULT_CACHE_EXPIRY_SKEW),
-        default_ttl: positive(
-            "cache.default_ttl",
-            default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
-        )?,
+        default_ttl,
+        max_ttl,
         negative_ttl: negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL),
         refresh_ahead,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, "t.yaml", &|_| None)
+    }
+
+    #[test]
+    fn the_built_configuration_prints_no_secret_and_no_actor_token() {
+        let dir = std::env::temp_dir().join(format!("txgate-debug-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let actor = dir.join("actor");
+        std::fs::write(&actor, "actor-token-never-printed").unwrap();
+        let yaml = format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  corp: {{ token_endpoint: \"https://sts.example.com/token\", client_id: gw, client_secret: client-secret-never-printed, auth_method: client_secret_post }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"http://127.0.0.1:2\", exchange: {{ mode: delegation, token_service: corp, actor: {{ token_file: \"{}\" }} }} }}\n",
+            actor.display()
+        );
+        let config = load(&yaml).unwrap();
+        let shown = format!("{config:?} {config:#?}");
+        assert!(!shown.contains("client-secret-never-printed"), "{shown}");
+        assert!(!shown.contains("actor-token-never-printed"), "{shown}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
