@@ -42,6 +42,8 @@ const OUTCOME_ORDER: &[&str] = &[
     "unavailable",
     "timeout",
     "bad_response",
+    "echoed_input_token",
+    "unexpected_token_type",
 ];
 
 /// The admin HTTP application.
