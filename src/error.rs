@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError};
+use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError, Unavailability};
 
 /// The realm in every `WWW-Authenticate` challenge (RFC 6750 §3).
 pub const REALM: &str = "txgate";
@@ -207,11 +207,10 @@ impl GatewayError {
             GatewayError::ValidatorOverloaded => {
                 tracing::debug!(route, outcome, error = %self, "token validation refused")
             }
-            GatewayError::Exchange(ExchangeError::Unavailable { .. })
-                if matches!(outcome, "circuit_open" | "overloaded") =>
-            {
-                tracing::debug!(route, outcome, error = %self, "token exchange refused")
-            }
+            GatewayError::Exchange(ExchangeError::Unavailable {
+                cause: Unavailability::CircuitOpen | Unavailability::Overloaded,
+                ..
+            }) => tracing::debug!(route, outcome, error = %self, "token exchange refused"),
             GatewayError::Exchange(
                 ExchangeError::BadResponse(_)
                 | ExchangeError::Unavailable { .. }
@@ -261,7 +260,7 @@ mod tests {
             ),
             (
                 ex(ExchangeError::Unavailable {
-                    detail: String::new(),
+                    cause: Unavailability::Status(500),
                     retry_after: None,
                 }),
                 503,

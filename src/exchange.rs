@@ -63,10 +63,10 @@ pub enum ExchangeError {
     /// `invalid_client` (or a bare 401): the gateway's own credentials are wrong.
     #[error("the token service rejected the gateway's client credentials (HTTP {status}, {code})")]
     ClientRejected { status: u16, code: String },
-    /// 5xx, 429, or no connection.
-    #[error("the token service is unavailable ({detail})")]
+    /// 5xx, 429, no connection, or refused by the gateway's own guard (see [`Unavailability`]).
+    #[error("the token service is unavailable ({cause})")]
     Unavailable {
-        detail: String,
+        cause: Unavailability,
         retry_after: Option<Duration>,
     },
     /// No complete answer within the token service's `timeout`.
@@ -92,19 +92,41 @@ impl ExchangeError {
             ExchangeError::Forbidden { .. } => "forbidden",
             ExchangeError::ClientRejected { .. } => "client_rejected",
             // Refused by the gateway itself: no STS call was made.
-            ExchangeError::Unavailable { detail, .. } if detail == resilience::CIRCUIT_OPEN => {
-                "circuit_open"
-            }
-            ExchangeError::Unavailable { detail, .. } if detail == resilience::OVERLOADED => {
-                "overloaded"
-            }
-            ExchangeError::Unavailable { .. } => "unavailable",
+            ExchangeError::Unavailable { cause, .. } => match cause {
+                Unavailability::CircuitOpen => "circuit_open",
+                Unavailability::Overloaded => "overloaded",
+                _ => "unavailable",
+            },
             ExchangeError::Timeout(_) => "timeout",
             ExchangeError::BadResponse(_) => "bad_response",
             ExchangeError::EchoedInputToken => "echoed_input_token",
             ExchangeError::UnexpectedTokenType { .. } => "unexpected_token_type",
         }
     }
+}
+
+/// Why a token service cannot be used right now. A type, not a message: metrics, logs and the
+/// retry decision match on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailability {
+    /// No connection could be made.
+    #[error("cannot connect")]
+    CannotConnect,
+    /// The connection broke during the call.
+    #[error("connection failed")]
+    ConnectionFailed,
+    /// The STS answered 429 or a 5xx status.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// The STS answered `temporarily_unavailable` or `server_error` (RFC 6749 §5.2).
+    #[error("{0}")]
+    OAuthError(String),
+    /// The circuit breaker is open: no STS call was made.
+    #[error("the token service circuit breaker is open")]
+    CircuitOpen,
+    /// The concurrency cap was reached: no STS call was made.
+    #[error("too many concurrent calls to the token service")]
+    Overloaded,
 }
 
 /// The tokens an STS call carries.
@@ -324,13 +346,13 @@ fn transport_error(e: reqwest::Error) -> ExchangeError {
         // reqwest's own total timeout equals ours; report it the same way.
         return ExchangeError::Timeout(Duration::ZERO);
     }
-    let detail = if e.is_connect() {
-        "cannot connect"
+    let cause = if e.is_connect() {
+        Unavailability::CannotConnect
     } else {
-        "connection failed"
+        Unavailability::ConnectionFailed
     };
     ExchangeError::Unavailable {
-        detail: detail.to_string(),
+        cause,
         retry_after: None,
     }
 }
@@ -365,7 +387,7 @@ pub fn interpret(
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         return Err(ExchangeError::Unavailable {
-            detail: format!("HTTP {}", status.as_u16()),
+            cause: Unavailability::Status(status.as_u16()),
             retry_after,
         });
     }
@@ -392,7 +414,7 @@ pub fn interpret(
             })
         }
         (_, Some("temporarily_unavailable" | "server_error")) => Err(ExchangeError::Unavailable {
-            detail: code.unwrap_or_default(),
+            cause: Unavailability::OAuthError(code.unwrap_or_default()),
             retry_after,
         }),
         (s, Some(other)) => Err(ExchangeError::BadResponse(format!(
@@ -625,13 +647,17 @@ mod tests {
 
     #[test]
     fn refusals_without_an_sts_call_have_their_own_outcomes() {
-        let refused = |detail: &str| ExchangeError::Unavailable {
-            detail: detail.into(),
+        let refused = |cause| ExchangeError::Unavailable {
+            cause,
             retry_after: None,
         };
-        assert_eq!(refused(resilience::CIRCUIT_OPEN).outcome(), "circuit_open");
-        assert_eq!(refused(resilience::OVERLOADED).outcome(), "overloaded");
-        assert_eq!(refused("HTTP 503").outcome(), "unavailable");
+        assert_eq!(refused(Unavailability::CircuitOpen).outcome(), "circuit_open");
+        assert_eq!(refused(Unavailability::Overloaded).outcome(), "overloaded");
+        assert_eq!(refused(Unavailability::Status(503)).outcome(), "unavailable");
+        assert_eq!(
+            refused(Unavailability::CircuitOpen).to_string(),
+            "the token service is unavailable (the token service circuit breaker is open)"
+        );
     }
 
     #[test]
