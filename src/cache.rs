@@ -358,8 +358,14 @@ mod tests {
         // The skew applies to the default too.
         assert_eq!(entry_ttl(1000, None, None, None, limits(30, 60)), S(30));
         // The subject's own expiry still bounds it.
-        assert_eq!(entry_ttl(1000, None, None, Some(1010), limits(0, 60)), S(10));
-        assert_eq!(entry_ttl(1000, None, Some(1500), None, limits(0, 60)), S(500));
+        assert_eq!(
+            entry_ttl(1000, None, None, Some(1010), limits(0, 60)),
+            S(10)
+        );
+        assert_eq!(
+            entry_ttl(1000, None, Some(1500), None, limits(0, 60)),
+            S(500)
+        );
     }
 
     #[test]
@@ -370,16 +376,19 @@ mod tests {
         };
         // A year-long expires_in and exp, from the STS and in the issued token.
         let year = 365 * 24 * 3600;
-        assert_eq!(
-            entry_ttl(1000, Some(S(year)), None, None, capped),
-            S(3600)
-        );
+        assert_eq!(entry_ttl(1000, Some(S(year)), None, None, capped), S(3600));
         assert_eq!(
             entry_ttl(1000, None, Some(1000 + year), None, capped),
             S(3600)
         );
         assert_eq!(
-            entry_ttl(1000, Some(S(year)), Some(1000 + year), Some(1000 + year), capped),
+            entry_ttl(
+                1000,
+                Some(S(year)),
+                Some(1000 + year),
+                Some(1000 + year),
+                capped
+            ),
             S(3600)
         );
         // Shorter lifetimes are untouched.

@@ -701,16 +701,18 @@ fn build_route(
         const WHY: &str = "a client_credentials route forwards the gateway's own token, so it \
             must require an audience of the caller's token (any token of the issuer would do \
             otherwise)";
-        let own = !profile
-            .service
-            .inbound
-            .as_ref()
-            .is_some_and(|shared| route_inbound_is(shared, inbound.as_ref()));
-        return Err(if own {
+        let shared = matches!(
+            (&profile.service.inbound, &inbound),
+            (Some(service), Some(route)) if Arc::ptr_eq(service, route)
+        );
+        return Err(if !shared {
             (format!("{path}.inbound.jwt.audiences"), WHY.into())
         } else {
             (
-                format!("token_services.{}.inbound.jwt.audiences", profile.service.name),
+                format!(
+                    "token_services.{}.inbound.jwt.audiences",
+                    profile.service.name
+                ),
                 format!(
                     "route \"{name}\" uses this inbound block: {WHY}; set audiences here or \
                      give the route an inbound block of its own"
@@ -727,11 +729,6 @@ fn build_route(
         exchange,
         inbound,
     })
-}
-
-/// True when a route's effective inbound block is its token service's `shared` one.
-fn route_inbound_is(shared: &Arc<Inbound>, route: Option<&Arc<Inbound>>) -> bool {
-    route.is_some_and(|r| Arc::ptr_eq(shared, r))
 }
 
 fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {

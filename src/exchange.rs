@@ -651,9 +651,15 @@ mod tests {
             cause,
             retry_after: None,
         };
-        assert_eq!(refused(Unavailability::CircuitOpen).outcome(), "circuit_open");
+        assert_eq!(
+            refused(Unavailability::CircuitOpen).outcome(),
+            "circuit_open"
+        );
         assert_eq!(refused(Unavailability::Overloaded).outcome(), "overloaded");
-        assert_eq!(refused(Unavailability::Status(503)).outcome(), "unavailable");
+        assert_eq!(
+            refused(Unavailability::Status(503)).outcome(),
+            "unavailable"
+        );
         assert_eq!(
             refused(Unavailability::CircuitOpen).to_string(),
             "the token service is unavailable (the token service circuit breaker is open)"

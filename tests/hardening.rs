@@ -80,7 +80,10 @@ routes:
 
     // Each route keeps its own verdict: the verified connection pooled for /with-ca is not
     // what makes /bare-url work, and the unverified one is not reused by a verified route.
-    assert_eq!(get(&format!("{}/bare-url", gw.url()), None).await.status(), 502);
+    assert_eq!(
+        get(&format!("{}/bare-url", gw.url()), None).await.status(),
+        502
+    );
     assert_eq!(upstream.seen().len(), 2);
 }
 
@@ -173,7 +176,8 @@ fn run_logs_the_same_warnings_at_start() {
     let mut warned = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
-        if line.contains("WARN") && (line.contains(": http://") || line.contains(".verify: false")) {
+        if line.contains("WARN") && (line.contains(": http://") || line.contains(".verify: false"))
+        {
             warned.push(line);
         }
         if warned.len() == 4 {

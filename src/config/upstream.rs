@@ -507,14 +507,21 @@ mod tests {
             let c = config(written).unwrap();
             assert!(verified(&c), "{written}");
             // No CA file: pingora verifies against the system roots.
-            assert!(c.routes[0].upstream.peers[0].1.options.ca.is_none(), "{written}");
+            assert!(
+                c.routes[0].upstream.peers[0].1.options.ca.is_none(),
+                "{written}"
+            );
         }
         let c = config("{ peers: [\"https://127.0.0.1:9443\"], tls: { verify: false } }").unwrap();
         let (_, peer) = &c.routes[0].upstream.peers[0];
         assert!(!peer.options.verify_cert && !peer.options.verify_hostname);
         assert!(c.routes[0].upstream.unverified_tls);
         // Plain http:// peers have nothing to verify.
-        assert!(!config("\"http://127.0.0.1:9001\"").unwrap().routes[0].upstream.unverified_tls);
+        assert!(
+            !config("\"http://127.0.0.1:9001\"").unwrap().routes[0]
+                .upstream
+                .unverified_tls
+        );
     }
 
     #[test]

@@ -304,8 +304,7 @@ fn interpret(
     if is_refresh_token(&claims) {
         return Err(invalid("a refresh token, not an access token"));
     }
-    if !settings.audiences.is_empty() && !audience_matches(claims.get("aud"), &settings.audiences)
-    {
+    if !settings.audiences.is_empty() && !audience_matches(claims.get("aud"), &settings.audiences) {
         return Err(invalid("wrong audience"));
     }
     if !settings.client_ids.is_empty() {
@@ -320,9 +319,9 @@ fn interpret(
 /// `token_type` `refresh_token` (or its RFC 8693 URN), or Keycloak's `typ: Refresh`.
 fn is_refresh_token(claims: &Map<String, Value>) -> bool {
     let text = |name: &str| claims.get(name).and_then(Value::as_str);
-    text("token_type").is_some_and(|t| {
-        t.eq_ignore_ascii_case("refresh_token") || t == REFRESH_TOKEN_TYPE
-    }) || text("typ").is_some_and(|t| t.eq_ignore_ascii_case("refresh"))
+    text("token_type")
+        .is_some_and(|t| t.eq_ignore_ascii_case("refresh_token") || t == REFRESH_TOKEN_TYPE)
+        || text("typ").is_some_and(|t| t.eq_ignore_ascii_case("refresh"))
 }
 
 /// RFC 7662 §2.2 `aud` as in RFC 7519 §4.1.3: one string or an array of strings; any one of
@@ -520,7 +519,10 @@ mod tests {
                 .validate("not-a-token-we-issued")
                 .await
                 .unwrap_err();
-            assert_eq!(error, InboundError::Invalid("inactive per introspection".into()));
+            assert_eq!(
+                error,
+                InboundError::Invalid("inactive per introspection".into())
+            );
             assert_eq!(validator.introspection_calls(), 1);
         }
         // Another token is asked about.
@@ -570,7 +572,12 @@ mod tests {
         }
         let bearer = json!({"active": true, "sub": "ann", "token_type": "Bearer"});
         let (_canned, endpoint) = canned(StatusCode::OK, bearer.to_string()).await;
-        assert!(introspector(endpoint, basic()).validate("opaque").await.is_ok());
+        assert!(
+            introspector(endpoint, basic())
+                .validate("opaque")
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]
@@ -582,7 +589,10 @@ mod tests {
             IntrospectionValidator::new(settings, http())
         };
         let cases = [
-            (json!({"active": true, "aud": "orders-api", "client_id": "web"}), None),
+            (
+                json!({"active": true, "aud": "orders-api", "client_id": "web"}),
+                None,
+            ),
             (
                 json!({"active": true, "aud": ["other", "https://orders"], "client_id": "web"}),
                 None,
@@ -595,7 +605,10 @@ mod tests {
                 json!({"active": true, "aud": ["other"], "client_id": "web"}),
                 Some("wrong audience"),
             ),
-            (json!({"active": true, "client_id": "web"}), Some("wrong audience")),
+            (
+                json!({"active": true, "client_id": "web"}),
+                Some("wrong audience"),
+            ),
             (
                 json!({"active": true, "aud": 7, "client_id": "web"}),
                 Some("wrong audience"),
@@ -615,12 +628,19 @@ mod tests {
             match refusal {
                 None => assert!(result.is_ok(), "{answer}: {result:?}"),
                 Some(reason) => {
-                    assert_eq!(result.unwrap_err(), InboundError::Invalid(reason.into()), "{answer}")
+                    assert_eq!(
+                        result.unwrap_err(),
+                        InboundError::Invalid(reason.into()),
+                        "{answer}"
+                    )
                 }
             }
             // Unconfigured, nothing is checked.
             assert!(
-                introspector(endpoint, basic()).validate("opaque").await.is_ok(),
+                introspector(endpoint, basic())
+                    .validate("opaque")
+                    .await
+                    .is_ok(),
                 "{answer}"
             );
         }
