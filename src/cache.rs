@@ -4,9 +4,10 @@
 //! or secret is never a key, and two routes with different audiences or two callers never share
 //! an entry. Each entry lives `min(expires_in, issued exp, subject exp) − skew` (DESIGN.md step
 //! 5), `default_ttl − skew` when the STS gives no lifetime at all, and never longer than
-//! `max_ttl`: a token the STS calls eternal is still re-exchanged daily by default. Concurrent misses for one key run one exchange and share its result (moka's
-//! `or_try_insert_with`). Definitive rejections of the caller's token are remembered briefly
-//! (negative caching); outages, timeouts and our own credential problems never are. An entry
+//! `max_ttl`: a token the STS calls eternal is still re-exchanged daily by default. Concurrent
+//! misses for one key run one exchange and share its result (moka's `or_try_insert_with`).
+//! Definitive rejections of the caller's token are remembered briefly (negative caching);
+//! outages, timeouts, our own credential problems and refused answers never are. An entry
 //! past `refresh_ahead` of its lifetime is re-exchanged once in the background while it keeps
 //! being served, so busy callers never wait on the STS at expiry.
 

@@ -242,6 +242,9 @@ pub struct ExchangeProfile {
     pub require_may_act: bool,
     /// `client_credentials`: the caller need not present a token.
     pub anonymous_caller: bool,
+    /// `requested_token_type` as a URN, when configured (also in `params`): an answer with
+    /// another `issued_token_type` is refused.
+    pub requested_token_type: Option<String>,
     /// RFC 8693 §2.1 parameters other than the tokens, only those configured, in send order.
     pub params: Vec<(&'static str, String)>,
     /// SHA-256 over everything above: the first input of every cache key for this profile.
@@ -873,14 +876,15 @@ fn build_exchange(
         Some(t) => token_type(&format!("{path}.subject_token_type"), &t)?,
         None => ACCESS_TOKEN_TYPE.to_string(),
     };
+    let requested_token_type = requested_token_type
+        .map(|t| token_type(&format!("{path}.requested_token_type"), &t))
+        .transpose()?;
     let params = exchange_params(
         path,
         audience,
         resource,
         scope,
-        requested_token_type
-            .map(|t| token_type(&format!("{path}.requested_token_type"), &t))
-            .transpose()?,
+        requested_token_type.clone(),
     )?;
     let (actor, actor_token_type) = match (mode, actor) {
         (Mode::Delegation, actor) => build_actor(&format!("{path}.actor"), actor, &service)?,
@@ -898,6 +902,7 @@ fn build_exchange(
         grant,
         service,
         subject_token_type,
+        requested_token_type,
         params,
         key_prefix,
         actor,
@@ -996,6 +1001,7 @@ fn build_actor(
                 grant: Grant::ClientCredentials,
                 service: service.clone(),
                 subject_token_type: String::new(),
+                requested_token_type: None,
                 params,
                 key_prefix,
                 actor: None,

@@ -207,13 +207,10 @@ fn accept(
     if inputs().any(|input| issued.access_token.contains(input)) {
         return Err(ExchangeError::EchoedInputToken);
     }
-    let requested = profile
-        .params
-        .iter()
-        .find(|(key, _)| *key == "requested_token_type")
-        .map(|(_, value)| value.as_str());
-    if let (Some(requested), Some(got)) = (requested, issued.issued_token_type.as_deref())
-        && requested != got
+    if let (Some(requested), Some(got)) = (
+        profile.requested_token_type.as_deref(),
+        issued.issued_token_type.as_deref(),
+    ) && requested != got
     {
         // The type is logged: never let an STS put an input token in a log line through it.
         let issued = if inputs().any(|input| got.contains(input)) {
