@@ -42,6 +42,8 @@ const OUTCOME_ORDER: &[&str] = &[
     "unavailable",
     "timeout",
     "bad_response",
+    "echoed_input_token",
+    "unexpected_token_type",
 ];
 
 /// The admin HTTP application.
@@ -224,6 +226,9 @@ struct ServiceRow {
     auth: String,
     /// The circuit breaker's state now: `closed`, `open` or `half_open`.
     circuit: &'static str,
+    /// Key paths of this service's endpoints reached over plain HTTP on another host
+    /// ([`crate::config::TokenService::transport_warnings`]); marked on the page.
+    insecure: Vec<String>,
     /// `(outcome, count)` in [`OUTCOME_ORDER`], then any unknown outcome.
     outcomes: Vec<(String, u64)>,
 }
@@ -277,6 +282,11 @@ impl Snapshot {
                         client_id: service.client_id.clone(),
                         auth: format!("{:?}", service.client_auth),
                         circuit: service.resilience.state().as_str(),
+                        insecure: service
+                            .transport_warnings()
+                            .into_iter()
+                            .map(|w| w.path)
+                            .collect(),
                         outcomes: outcomes_of(&exchanges, &service.name),
                     });
             }
@@ -321,7 +331,7 @@ h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.6em 0 .4em}\
 table{border-collapse:collapse}th,td{border:1px solid #d0d7de;padding:.3em .6em;\
 text-align:left;vertical-align:top}th{background:#f6f8fa}td.n{text-align:right}\
 code{font:12px ui-monospace,monospace}.muted{color:#57606a}\
-.circuit-open,.circuit-half_open{color:#b42318;font-weight:600}";
+.circuit-open,.circuit-half_open,.insecure{color:#b42318;font-weight:600}";
 
 /// The status page. Numbers are totals since this process started, like the counters.
 fn status_page(s: &Snapshot) -> String {
@@ -410,9 +420,20 @@ fn status_page(s: &Snapshot) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let insecure = if service.insecure.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " <span class=\"insecure\" title=\"{keys}\">insecure transport</span>",
+                keys = Esc(&format!(
+                    "plain http:// to a non-loopback host: {}",
+                    service.insecure.join(", ")
+                ))
+            )
+        };
         let _ = write!(
             out,
-            "<tr><td>{name}</td><td>{profile}</td><td><code>{endpoint}</code></td>\
+            "<tr><td>{name}</td><td>{profile}</td><td><code>{endpoint}</code>{insecure}</td>\
              <td>{client} ({auth})</td><td class=\"circuit-{circuit}\">{circuit}</td>\
              <td class=\"n\">{total}</td><td>{outcomes}</td></tr>",
             circuit = Esc(service.circuit),
@@ -430,7 +451,8 @@ fn status_page(s: &Snapshot) -> String {
     out.push_str(
         "</table><p class=\"muted\">circuit: the breaker's state now (open: misses fail fast \
          with 503; half_open: one probe call is let through). Outcomes count STS calls since \
-         start.</p>",
+         start. insecure transport: an endpoint of the service is reached over plain http:// \
+         on another host (see txgate check).</p>",
     );
 
     let all = s

@@ -3,9 +3,11 @@
 //! Keys are SHA-256 digests over (exchange profile, subject token, actor identity): a raw token
 //! or secret is never a key, and two routes with different audiences or two callers never share
 //! an entry. Each entry lives `min(expires_in, issued exp, subject exp) − skew` (DESIGN.md step
-//! 5). Concurrent misses for one key run one exchange and share its result (moka's
-//! `or_try_insert_with`). Definitive rejections of the caller's token are remembered briefly
-//! (negative caching); outages, timeouts and our own credential problems never are. An entry
+//! 5), `default_ttl − skew` when the STS gives no lifetime at all, and never longer than
+//! `max_ttl`: a token the STS calls eternal is still re-exchanged daily by default. Concurrent
+//! misses for one key run one exchange and share its result (moka's `or_try_insert_with`).
+//! Definitive rejections of the caller's token are remembered briefly (negative caching);
+//! outages, timeouts, our own credential problems and refused answers never are. An entry
 //! past `refresh_ahead` of its lifetime is re-exchanged once in the background while it keeps
 //! being served, so busy callers never wait on the STS at expiry.
 
@@ -126,6 +128,7 @@ pub struct TokenCache {
     entries: Cache<CacheKey, CacheValue>,
     skew: Duration,
     default_ttl: Duration,
+    max_ttl: Duration,
     negative_ttl: Duration,
     refresh_ahead: f64,
 }
@@ -140,6 +143,7 @@ impl TokenCache {
                 .build(),
             skew: settings.expiry_skew,
             default_ttl: settings.default_ttl,
+            max_ttl: settings.max_ttl,
             negative_ttl: settings.negative_ttl,
             refresh_ahead: settings.refresh_ahead,
         }
@@ -246,8 +250,11 @@ impl TokenCache {
             issued.expires_in,
             crate::jwt::unverified_exp(&issued.access_token),
             subject_exp,
-            self.skew,
-            self.default_ttl,
+            Lifetimes {
+                skew: self.skew,
+                default_ttl: self.default_ttl,
+                max_ttl: self.max_ttl,
+            },
         );
         let mut authorization = HeaderValue::try_from(format!("Bearer {}", issued.access_token))
             .map_err(|_| ExchangeError::BadResponse("access_token is not header-safe".into()))?;
@@ -274,17 +281,33 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// The `cache:` durations that bound an entry's lifetime.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifetimes {
+    /// Dropped this long before the token expires.
+    pub skew: Duration,
+    /// Stands in when the STS says nothing about the issued token's lifetime.
+    pub default_ttl: Duration,
+    /// The ceiling of every lifetime.
+    pub max_ttl: Duration,
+}
+
 /// The lifetime of a cache entry: the earliest of the STS's `expires_in`, the issued token's
-/// `exp` and the subject token's `exp`, minus `skew`. `default_ttl` stands in when the STS says
-/// nothing about the issued token's lifetime. Zero means "use once, do not cache".
+/// `exp` and the subject token's `exp`, minus `skew`, and at most `max_ttl`. `default_ttl`
+/// stands in when the STS says nothing about the issued token's lifetime. Zero means "use
+/// once, do not cache".
 pub fn entry_ttl(
     now: u64,
     expires_in: Option<Duration>,
     issued_exp: Option<u64>,
     subject_exp: Option<u64>,
-    skew: Duration,
-    default_ttl: Duration,
+    limits: Lifetimes,
 ) -> Duration {
+    let Lifetimes {
+        skew,
+        default_ttl,
+        max_ttl,
+    } = limits;
     let until = |exp: u64| Duration::from_secs(exp.saturating_sub(now));
     let issued_bound = match (expires_in, issued_exp) {
         (Some(e), Some(x)) => e.min(until(x)),
@@ -296,7 +319,7 @@ pub fn entry_ttl(
         Some(x) => issued_bound.min(until(x)),
         None => issued_bound,
     };
-    bound.saturating_sub(skew)
+    bound.saturating_sub(skew).min(max_ttl)
 }
 
 #[cfg(test)]
@@ -304,36 +327,151 @@ mod tests {
     use super::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn limits(skew: u64, default_ttl: u64) -> Lifetimes {
+        Lifetimes {
+            skew: S(skew),
+            default_ttl: S(default_ttl),
+            max_ttl: DAY,
+        }
+    }
 
     #[test]
     fn ttl_is_the_earliest_bound_minus_skew() {
         assert_eq!(
-            entry_ttl(1000, Some(S(300)), None, None, S(30), S(60)),
+            entry_ttl(1000, Some(S(300)), None, None, limits(30, 60)),
             S(270)
         );
         assert_eq!(
-            entry_ttl(1000, Some(S(300)), Some(1100), None, S(30), S(60)),
+            entry_ttl(1000, Some(S(300)), Some(1100), None, limits(30, 60)),
             S(70)
         );
         assert_eq!(
-            entry_ttl(1000, Some(S(300)), Some(2000), Some(1050), S(30), S(60)),
+            entry_ttl(1000, Some(S(300)), Some(2000), Some(1050), limits(30, 60)),
             S(20)
         );
     }
 
     #[test]
     fn default_ttl_applies_only_without_lifetime_information() {
-        assert_eq!(entry_ttl(1000, None, None, None, S(0), S(60)), S(60));
-        assert_eq!(entry_ttl(1000, None, None, Some(1010), S(0), S(60)), S(10));
-        assert_eq!(entry_ttl(1000, None, Some(1500), None, S(0), S(60)), S(500));
+        assert_eq!(entry_ttl(1000, None, None, None, limits(0, 60)), S(60));
+        // The skew applies to the default too.
+        assert_eq!(entry_ttl(1000, None, None, None, limits(30, 60)), S(30));
+        // The subject's own expiry still bounds it.
+        assert_eq!(
+            entry_ttl(1000, None, None, Some(1010), limits(0, 60)),
+            S(10)
+        );
+        assert_eq!(
+            entry_ttl(1000, None, Some(1500), None, limits(0, 60)),
+            S(500)
+        );
+    }
+
+    #[test]
+    fn no_entry_outlives_max_ttl() {
+        let capped = Lifetimes {
+            max_ttl: S(3600),
+            ..limits(30, 60)
+        };
+        // A year-long expires_in and exp, from the STS and in the issued token.
+        let year = 365 * 24 * 3600;
+        assert_eq!(entry_ttl(1000, Some(S(year)), None, None, capped), S(3600));
+        assert_eq!(
+            entry_ttl(1000, None, Some(1000 + year), None, capped),
+            S(3600)
+        );
+        assert_eq!(
+            entry_ttl(
+                1000,
+                Some(S(year)),
+                Some(1000 + year),
+                Some(1000 + year),
+                capped
+            ),
+            S(3600)
+        );
+        // Shorter lifetimes are untouched.
+        assert_eq!(entry_ttl(1000, Some(S(300)), None, None, capped), S(270));
+        // The default day-long ceiling.
+        assert_eq!(
+            entry_ttl(1000, None, Some(u64::MAX), None, limits(30, 60)),
+            DAY
+        );
     }
 
     #[test]
     fn expired_or_short_tokens_are_not_cached() {
-        assert_eq!(entry_ttl(1000, Some(S(10)), None, None, S(30), S(60)), S(0));
         assert_eq!(
-            entry_ttl(1000, Some(S(300)), None, Some(900), S(0), S(60)),
+            entry_ttl(1000, Some(S(10)), None, None, limits(30, 60)),
             S(0)
         );
+        assert_eq!(
+            entry_ttl(1000, Some(S(300)), None, Some(900), limits(0, 60)),
+            S(0)
+        );
+    }
+
+    fn cache(default_ttl: u64, max_ttl: u64) -> TokenCache {
+        TokenCache::new(&CacheSettings {
+            max_entries: 100,
+            expiry_skew: S(0),
+            default_ttl: S(default_ttl),
+            max_ttl: S(max_ttl),
+            negative_ttl: S(5),
+            refresh_ahead: 1.0,
+        })
+    }
+
+    fn issued(token: &str, expires_in: Option<Duration>) -> ExchangedToken {
+        ExchangedToken {
+            access_token: token.into(),
+            expires_in,
+            issued_token_type: None,
+        }
+    }
+
+    #[test]
+    fn cached_entries_get_the_default_ttl_and_the_ceiling() {
+        // An opaque token and no expires_in: the STS said nothing, so default_ttl applies.
+        let cache = cache(90, 600);
+        let entry = cache.to_cached(issued("opaque-1", None), None).unwrap();
+        assert_eq!(entry.ttl, S(90));
+        // A JWT whose exp is a year away, and a huge expires_in: capped at max_ttl.
+        let far = now_unix() + 365 * 24 * 3600;
+        let payload = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            format!("{{\"exp\":{far}}}"),
+        );
+        let jwt = format!("eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln");
+        let entry = cache.to_cached(issued(&jwt, Some(DAY)), None).unwrap();
+        assert_eq!(entry.ttl, S(600));
+    }
+
+    #[tokio::test]
+    async fn refused_sts_answers_are_never_cached() {
+        let cache = cache(60, 600);
+        let key = [7u8; 32];
+        for refused in [
+            ExchangeError::EchoedInputToken,
+            ExchangeError::UnexpectedTokenType {
+                requested: "a".into(),
+                issued: "b".into(),
+            },
+        ] {
+            let (result, lookup) = cache
+                .get_or_exchange(key, "subject", async { Err(refused.clone()) })
+                .await;
+            assert!(result.is_err());
+            assert_eq!(lookup, Lookup::Miss);
+            // The next lookup asks again: nothing was remembered.
+            let (result, lookup) = cache
+                .get_or_exchange(key, "subject", async { Ok(issued("fresh", None)) })
+                .await;
+            assert_eq!(result.unwrap().token(), "fresh");
+            assert_eq!(lookup, Lookup::Miss);
+            cache.entries.invalidate(&key).await;
+        }
     }
 }

@@ -68,6 +68,48 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Something a valid configuration allows but that weakens what the gateway promises: an
+/// upstream whose certificate is not verified, credentials or keys over plain HTTP. Computed
+/// only by [`Config::warnings`] (and [`TokenService::transport_warnings`] for one service);
+/// `txgate check` prints each one, `txgate run` logs each one at start and on reload, and the
+/// admin status page marks the token service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// Key path, as in [`ConfigError`].
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Warning text of `upstream.tls.verify: false`.
+pub const UNVERIFIED_UPSTREAM: &str =
+    "false: the upstream's certificate and host name are not verified";
+/// Warning text of a token or introspection endpoint over plain HTTP to another host.
+pub const CLEAR_TEXT_CREDENTIALS: &str =
+    "http:// to a non-loopback host sends credentials and tokens in clear";
+/// Warning text of a JWKS URI over plain HTTP to another host.
+pub const CLEAR_TEXT_KEYS: &str =
+    "http:// to a non-loopback host lets anyone on the network path replace the signing keys";
+
+/// True for an `http://` URL whose host is not this machine (127.0.0.0/8, ::1, `localhost`):
+/// what travels to it can be read and changed on the way.
+pub fn clear_text_remote(url: &Url) -> bool {
+    if url.scheme() != "http" {
+        return false;
+    }
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => !ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => !ip.is_loopback(),
+        Some(url::Host::Domain(name)) => !name.eq_ignore_ascii_case("localhost"),
+        None => true,
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -219,6 +261,9 @@ pub struct ExchangeProfile {
     pub require_may_act: bool,
     /// `client_credentials`: the caller need not present a token.
     pub anonymous_caller: bool,
+    /// `requested_token_type` as a URN, when configured (also in `params`): an answer with
+    /// another `issued_token_type` is refused.
+    pub requested_token_type: Option<String>,
     /// RFC 8693 §2.1 parameters other than the tokens, only those configured, in send order.
     pub params: Vec<(&'static str, String)>,
     /// SHA-256 over everything above: the first input of every cache key for this profile.
@@ -230,7 +275,10 @@ pub struct ExchangeProfile {
 pub struct CacheSettings {
     pub max_entries: u64,
     pub expiry_skew: Duration,
+    /// Lifetime of an entry when neither `expires_in` nor the issued token's `exp` gives one.
     pub default_ttl: Duration,
+    /// No entry lives longer than this.
+    pub max_ttl: Duration,
     /// How long definitive rejections are remembered (0: never).
     pub negative_ttl: Duration,
     /// Share of an entry's lifetime after which hits refresh it in the background (1: never).
@@ -279,6 +327,42 @@ impl Config {
         let mut config = build(raw).map_err(|(path, message)| err(path, message))?;
         config.source = source.to_string();
         Ok(config)
+    }
+
+    /// Every [`ConfigWarning`] of this configuration, in file order: token services, then
+    /// routes.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut out = Vec::new();
+        for service in self.token_services.values() {
+            out.extend(service.transport_warnings());
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            if route.upstream.unverified_tls {
+                out.push(ConfigWarning {
+                    path: format!("{path}.upstream.tls.verify"),
+                    message: UNVERIFIED_UPSTREAM.into(),
+                });
+            }
+            // A route's own `inbound` block; the service's was reported with the service.
+            let Exchange::Token(profile) = &route.exchange else {
+                continue;
+            };
+            if let Some(inbound) = &route.inbound
+                && !profile
+                    .service
+                    .inbound
+                    .as_ref()
+                    .is_some_and(|own| Arc::ptr_eq(own, inbound))
+            {
+                out.extend(token_service::inbound_warnings(
+                    &format!("{path}.inbound"),
+                    inbound,
+                    &profile.service,
+                ));
+            }
+        }
+        out
     }
 
     /// `txgate check --verbose`: the summary, then each token service's endpoints and each
@@ -648,6 +732,36 @@ fn build_route(
                 .into(),
         ));
     }
+    // Every token of the issuer passes a JWT check without `aud`; on a route that forwards
+    // the gateway's own token, that would let a token minted for any other service in.
+    if let Exchange::Token(profile) = &exchange
+        && profile.mode == Mode::ClientCredentials
+        && !anonymous
+        && let Some(jwt) = inbound.as_ref().and_then(|i| i.jwt.as_ref())
+        && jwt.audiences().is_empty()
+    {
+        const WHY: &str = "a client_credentials route forwards the gateway's own token, so it \
+            must require an audience of the caller's token (any token of the issuer would do \
+            otherwise)";
+        let shared = matches!(
+            (&profile.service.inbound, &inbound),
+            (Some(service), Some(route)) if Arc::ptr_eq(service, route)
+        );
+        return Err(if !shared {
+            (format!("{path}.inbound.jwt.audiences"), WHY.into())
+        } else {
+            (
+                format!(
+                    "token_services.{}.inbound.jwt.audiences",
+                    profile.service.name
+                ),
+                format!(
+                    "route \"{name}\" uses this inbound block: {WHY}; set audiences here or \
+                     give the route an inbound block of its own"
+                ),
+            )
+        });
+    }
     Ok(Route {
         name,
         host,
@@ -801,14 +915,15 @@ fn build_exchange(
         Some(t) => token_type(&format!("{path}.subject_token_type"), &t)?,
         None => ACCESS_TOKEN_TYPE.to_string(),
     };
+    let requested_token_type = requested_token_type
+        .map(|t| token_type(&format!("{path}.requested_token_type"), &t))
+        .transpose()?;
     let params = exchange_params(
         path,
         audience,
         resource,
         scope,
-        requested_token_type
-            .map(|t| token_type(&format!("{path}.requested_token_type"), &t))
-            .transpose()?,
+        requested_token_type.clone(),
     )?;
     let (actor, actor_token_type) = match (mode, actor) {
         (Mode::Delegation, actor) => build_actor(&format!("{path}.actor"), actor, &service)?,
@@ -826,6 +941,7 @@ fn build_exchange(
         grant,
         service,
         subject_token_type,
+        requested_token_type,
         params,
         key_prefix,
         actor,
@@ -924,6 +1040,7 @@ fn build_actor(
                 grant: Grant::ClientCredentials,
                 service: service.clone(),
                 subject_token_type: String::new(),
+                requested_token_type: None,
                 params,
                 key_prefix,
                 actor: None,
@@ -986,6 +1103,7 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         max_entries,
         expiry_skew,
         default_ttl,
+        max_ttl,
         negative_ttl,
         refresh_ahead,
     } = raw;
@@ -1000,14 +1118,56 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
     if max_entries == 0 {
         return Err(("cache.max_entries".into(), "must be at least 1".into()));
     }
+    let default_ttl = positive(
+        "cache.default_ttl",
+        default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
+    )?;
+    let max_ttl = positive(
+        "cache.max_ttl",
+        max_ttl.unwrap_or(file::DEFAULT_CACHE_MAX_TTL),
+    )?;
+    if max_ttl < default_ttl {
+        return Err((
+            "cache.max_ttl".into(),
+            format!(
+                "{} is below cache.default_ttl ({}); the longest lifetime cannot be shorter than the default one",
+                humantime::format_duration(max_ttl),
+                humantime::format_duration(default_ttl)
+            ),
+        ));
+    }
     Ok(CacheSettings {
         max_entries,
         expiry_skew: expiry_skew.unwrap_or(file::DEFAULT_CACHE_EXPIRY_SKEW),
-        default_ttl: positive(
-            "cache.default_ttl",
-            default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
-        )?,
+        default_ttl,
+        max_ttl,
         negative_ttl: negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL),
         refresh_ahead,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(yaml, "t.yaml", &|_| None)
+    }
+
+    #[test]
+    fn the_built_configuration_prints_no_secret_and_no_actor_token() {
+        let dir = std::env::temp_dir().join(format!("txgate-debug-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let actor = dir.join("actor");
+        std::fs::write(&actor, "actor-token-never-printed").unwrap();
+        let yaml = format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  corp: {{ token_endpoint: \"https://sts.example.com/token\", client_id: gw, client_secret: client-secret-never-printed, auth_method: client_secret_post }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"http://127.0.0.1:2\", exchange: {{ mode: delegation, token_service: corp, actor: {{ token_file: \"{}\" }} }} }}\n",
+            actor.display()
+        );
+        let config = load(&yaml).unwrap();
+        let shown = format!("{config:?} {config:#?}");
+        assert!(!shown.contains("client-secret-never-printed"), "{shown}");
+        assert!(!shown.contains("actor-token-never-printed"), "{shown}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -96,6 +96,7 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
         Ok::<(), DemoError>(())
     })?;
 
+    server::log_warnings(&config);
     print!("{}", banner(&config, &gateway, sts_addr, &backends));
     server::run_until_signal(&config, gateway).map_err(|e| DemoError::Setup(e.to_string()))?;
     runtime.shutdown_background();

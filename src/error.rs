@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use crate::admission::path::PathError;
-use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError};
+use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError, Unavailability};
 
 /// The realm in every `WWW-Authenticate` challenge (RFC 6750 §3).
 pub const REALM: &str = "txgate";
@@ -51,6 +51,9 @@ pub enum GatewayError {
     /// Local validation cannot decide now (no JWKS yet, introspection endpoint down).
     #[error("the token validator is unavailable: {0}")]
     ValidatorUnavailable(String),
+    /// Too many introspection calls in flight: refused without calling the issuer.
+    #[error("too many token validation calls in flight")]
+    ValidatorOverloaded,
     /// `require_may_act`: the subject's `may_act` does not name the actor (RFC 8693 §4.4).
     #[error("the subject token's may_act does not name the actor")]
     MayActDenied,
@@ -65,6 +68,7 @@ impl From<crate::inbound::InboundError> for GatewayError {
             crate::inbound::InboundError::Unavailable(why) => {
                 GatewayError::ValidatorUnavailable(why)
             }
+            crate::inbound::InboundError::Overloaded => GatewayError::ValidatorOverloaded,
         }
     }
 }
@@ -79,7 +83,7 @@ impl GatewayError {
             | GatewayError::TokenTooLarge(_)
             | GatewayError::InvalidToken(_) => 401,
             GatewayError::MayActDenied => 403,
-            GatewayError::ValidatorUnavailable(_) => 503,
+            GatewayError::ValidatorUnavailable(_) | GatewayError::ValidatorOverloaded => 503,
             GatewayError::DuplicateCredential
             | GatewayError::MalformedCredential(_)
             | GatewayError::TokenInUrl
@@ -89,7 +93,10 @@ impl GatewayError {
             GatewayError::Exchange(e) => match e {
                 ExchangeError::SubjectRejected { .. } => 401,
                 ExchangeError::Forbidden { .. } => 403,
-                ExchangeError::ClientRejected { .. } | ExchangeError::BadResponse(_) => 502,
+                ExchangeError::ClientRejected { .. }
+                | ExchangeError::BadResponse(_)
+                | ExchangeError::EchoedInputToken
+                | ExchangeError::UnexpectedTokenType { .. } => 502,
                 ExchangeError::Unavailable { .. } => 503,
                 ExchangeError::Timeout(_) => 504,
             },
@@ -111,6 +118,7 @@ impl GatewayError {
             GatewayError::InvalidHost => "invalid_host",
             GatewayError::InvalidToken(_) => "invalid_token",
             GatewayError::ValidatorUnavailable(_) => "validator_unavailable",
+            GatewayError::ValidatorOverloaded => "validator_overloaded",
             GatewayError::MayActDenied => "may_act_denied",
             GatewayError::Exchange(e) => e.outcome(),
         }
@@ -154,7 +162,7 @@ impl GatewayError {
             }
             GatewayError::InvalidHost => "the request names more than one host",
             GatewayError::InvalidToken(_) => "the bearer token was rejected",
-            GatewayError::ValidatorUnavailable(_) => {
+            GatewayError::ValidatorUnavailable(_) | GatewayError::ValidatorOverloaded => {
                 "the token cannot be validated right now; retry later"
             }
             GatewayError::MayActDenied => "the gateway may not act for this token",
@@ -163,9 +171,10 @@ impl GatewayError {
                 ExchangeError::Forbidden { .. } => {
                     "the bearer token does not grant access to this resource"
                 }
-                ExchangeError::ClientRejected { .. } | ExchangeError::BadResponse(_) => {
-                    "the token exchange failed"
-                }
+                ExchangeError::ClientRejected { .. }
+                | ExchangeError::BadResponse(_)
+                | ExchangeError::EchoedInputToken
+                | ExchangeError::UnexpectedTokenType { .. } => "the token exchange failed",
                 ExchangeError::Unavailable { .. } => {
                     "the token service is unavailable; retry later"
                 }
@@ -196,6 +205,8 @@ impl GatewayError {
                 Some(retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
             }
             GatewayError::ValidatorUnavailable(_) => Some(DEFAULT_RETRY_AFTER),
+            // A burst, not an outage: the slots free up as soon as answers arrive.
+            GatewayError::ValidatorOverloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
@@ -220,18 +231,24 @@ impl GatewayError {
             GatewayError::ValidatorUnavailable(_) => {
                 tracing::warn!(route, outcome, error = %self, "token validation unavailable")
             }
-            // Refusals by the open breaker or the concurrency cap are counted in metrics; one
-            // warning per request would flood the log during an outage.
-            GatewayError::Exchange(ExchangeError::Unavailable { .. })
-                if matches!(outcome, "circuit_open" | "overloaded") =>
-            {
-                tracing::debug!(route, outcome, error = %self, "token exchange refused")
+            // Refusals by the open breaker or a concurrency cap are counted; one warning per
+            // request would flood the log during an outage.
+            GatewayError::ValidatorOverloaded => {
+                tracing::debug!(route, outcome, error = %self, "token validation refused")
             }
+            GatewayError::Exchange(ExchangeError::Unavailable {
+                cause: Unavailability::CircuitOpen | Unavailability::Overloaded,
+                ..
+            }) => tracing::debug!(route, outcome, error = %self, "token exchange refused"),
             GatewayError::Exchange(
                 ExchangeError::BadResponse(_)
                 | ExchangeError::Unavailable { .. }
                 | ExchangeError::Timeout(_),
             ) => tracing::warn!(route, outcome, error = %self, "token exchange failed"),
+            // Already logged at error, with the token service, by `exchange::exchange`.
+            GatewayError::Exchange(
+                ExchangeError::EchoedInputToken | ExchangeError::UnexpectedTokenType { .. },
+            ) => tracing::debug!(route, outcome, error = %self, "token exchange refused"),
             _ => tracing::debug!(route, outcome, error = %self, "request rejected"),
         }
     }
@@ -291,6 +308,8 @@ mod tests {
             (GatewayError::MissingToken, 401),
             (GatewayError::DuplicateCredential, 400),
             (GatewayError::TokenTooLarge(10), 401),
+            (GatewayError::ValidatorUnavailable("down".into()), 503),
+            (GatewayError::ValidatorOverloaded, 503),
             (
                 ex(ExchangeError::SubjectRejected {
                     code: "invalid_grant".into(),
@@ -312,16 +331,42 @@ mod tests {
             ),
             (
                 ex(ExchangeError::Unavailable {
-                    detail: String::new(),
+                    cause: Unavailability::Status(500),
                     retry_after: None,
                 }),
                 503,
             ),
             (ex(ExchangeError::Timeout(Duration::from_secs(1))), 504),
+            (ex(ExchangeError::BadResponse("x".into())), 502),
+            (ex(ExchangeError::EchoedInputToken), 502),
+            (
+                ex(ExchangeError::UnexpectedTokenType {
+                    requested: "urn:ietf:params:oauth:token-type:jwt".into(),
+                    issued: "urn:ietf:params:oauth:token-type:refresh_token".into(),
+                }),
+                502,
+            ),
         ];
         for (error, status) in cases {
             assert_eq!(error.status(), status, "{error:?}");
         }
+    }
+
+    #[test]
+    fn refused_sts_answers_are_bad_gateway_with_their_own_outcomes() {
+        let echoed = GatewayError::Exchange(ExchangeError::EchoedInputToken);
+        assert_eq!(echoed.outcome(), "echoed_input_token");
+        assert_eq!(
+            echoed.body(),
+            r#"{"error":"bad_gateway","error_description":"the token exchange failed"}"#
+        );
+        let mistyped = GatewayError::Exchange(ExchangeError::UnexpectedTokenType {
+            requested: "urn:ietf:params:oauth:token-type:jwt".into(),
+            issued: "urn:x-internal".into(),
+        });
+        assert_eq!(mistyped.outcome(), "unexpected_token_type");
+        assert!(!mistyped.body().contains("urn:x-internal"));
+        assert!(mistyped.www_authenticate().is_none());
     }
 
     #[test]

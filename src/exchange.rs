@@ -63,10 +63,10 @@ pub enum ExchangeError {
     /// `invalid_client` (or a bare 401): the gateway's own credentials are wrong.
     #[error("the token service rejected the gateway's client credentials (HTTP {status}, {code})")]
     ClientRejected { status: u16, code: String },
-    /// 5xx, 429, or no connection.
-    #[error("the token service is unavailable ({detail})")]
+    /// 5xx, 429, no connection, or refused by the gateway's own guard (see [`Unavailability`]).
+    #[error("the token service is unavailable ({cause})")]
     Unavailable {
-        detail: String,
+        cause: Unavailability,
         retry_after: Option<Duration>,
     },
     /// No complete answer within the token service's `timeout`.
@@ -75,6 +75,13 @@ pub enum ExchangeError {
     /// An answer the gateway cannot use.
     #[error("the token service sent an unusable answer: {0}")]
     BadResponse(String),
+    /// The issued token is, or contains, the subject or actor token the gateway sent:
+    /// forwarding it would hand the caller's (or the gateway's) own token to the upstream.
+    #[error("the token service echoed an input token as the issued token")]
+    EchoedInputToken,
+    /// `issued_token_type` is not the configured `requested_token_type` (RFC 8693 §2.2.1).
+    #[error("the token service issued a {issued} where {requested} was requested")]
+    UnexpectedTokenType { requested: String, issued: String },
 }
 
 impl ExchangeError {
@@ -85,17 +92,41 @@ impl ExchangeError {
             ExchangeError::Forbidden { .. } => "forbidden",
             ExchangeError::ClientRejected { .. } => "client_rejected",
             // Refused by the gateway itself: no STS call was made.
-            ExchangeError::Unavailable { detail, .. } if detail == resilience::CIRCUIT_OPEN => {
-                "circuit_open"
-            }
-            ExchangeError::Unavailable { detail, .. } if detail == resilience::OVERLOADED => {
-                "overloaded"
-            }
-            ExchangeError::Unavailable { .. } => "unavailable",
+            ExchangeError::Unavailable { cause, .. } => match cause {
+                Unavailability::CircuitOpen => "circuit_open",
+                Unavailability::Overloaded => "overloaded",
+                _ => "unavailable",
+            },
             ExchangeError::Timeout(_) => "timeout",
             ExchangeError::BadResponse(_) => "bad_response",
+            ExchangeError::EchoedInputToken => "echoed_input_token",
+            ExchangeError::UnexpectedTokenType { .. } => "unexpected_token_type",
         }
     }
+}
+
+/// Why a token service cannot be used right now. A type, not a message: metrics, logs and the
+/// retry decision match on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailability {
+    /// No connection could be made.
+    #[error("cannot connect")]
+    CannotConnect,
+    /// The connection broke during the call.
+    #[error("connection failed")]
+    ConnectionFailed,
+    /// The STS answered 429 or a 5xx status.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// The STS answered `temporarily_unavailable` or `server_error` (RFC 6749 §5.2).
+    #[error("{0}")]
+    OAuthError(String),
+    /// The circuit breaker is open: no STS call was made.
+    #[error("the token service circuit breaker is open")]
+    CircuitOpen,
+    /// The concurrency cap was reached: no STS call was made.
+    #[error("too many concurrent calls to the token service")]
+    Overloaded,
 }
 
 /// The tokens an STS call carries.
@@ -144,9 +175,55 @@ pub async fn exchange(
             other => break other,
         }
     };
+    let result = result.and_then(|issued| accept(profile, tokens, issued));
     let summary = result.as_ref().map(|_| ()).map_err(Clone::clone);
     service.resilience.record(admission, &summary);
+    if let Err(e @ (ExchangeError::EchoedInputToken | ExchangeError::UnexpectedTokenType { .. })) =
+        &result
+    {
+        // Logged here, where every caller of an exchange passes (requests, background
+        // refreshes, the gateway's own actor token), so none goes unreported. The error names
+        // no token.
+        tracing::error!(token_service = %service.name, outcome = e.outcome(), error = %e, "refused the token service's answer");
+    }
     result
+}
+
+/// Checks a successful answer against what was sent and asked for. An STS that answers with
+/// the subject or actor token itself (a pass-through or a misconfigured mapping) would make
+/// the gateway forward the very token it exists to keep from the upstream; a token of another
+/// type than `requested_token_type` is not what the route was configured to send.
+fn accept(
+    profile: &ExchangeProfile,
+    tokens: Tokens<'_>,
+    issued: ExchangedToken,
+) -> Result<ExchangedToken, ExchangeError> {
+    let inputs = || {
+        [tokens.subject, tokens.actor]
+            .into_iter()
+            .flatten()
+            .filter(|input| !input.is_empty())
+    };
+    if inputs().any(|input| issued.access_token.contains(input)) {
+        return Err(ExchangeError::EchoedInputToken);
+    }
+    if let (Some(requested), Some(got)) = (
+        profile.requested_token_type.as_deref(),
+        issued.issued_token_type.as_deref(),
+    ) && requested != got
+    {
+        // The type is logged: never let an STS put an input token in a log line through it.
+        let issued = if inputs().any(|input| got.contains(input)) {
+            "<redacted>".to_string()
+        } else {
+            got.chars().take(128).collect()
+        };
+        return Err(ExchangeError::UnexpectedTokenType {
+            requested: requested.to_string(),
+            issued,
+        });
+    }
+    Ok(issued)
 }
 
 /// Whether a form is for the wire or for showing to an operator.
@@ -266,13 +343,13 @@ fn transport_error(e: reqwest::Error) -> ExchangeError {
         // reqwest's own total timeout equals ours; report it the same way.
         return ExchangeError::Timeout(Duration::ZERO);
     }
-    let detail = if e.is_connect() {
-        "cannot connect"
+    let cause = if e.is_connect() {
+        Unavailability::CannotConnect
     } else {
-        "connection failed"
+        Unavailability::ConnectionFailed
     };
     ExchangeError::Unavailable {
-        detail: detail.to_string(),
+        cause,
         retry_after: None,
     }
 }
@@ -307,7 +384,7 @@ pub fn interpret(
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         return Err(ExchangeError::Unavailable {
-            detail: format!("HTTP {}", status.as_u16()),
+            cause: Unavailability::Status(status.as_u16()),
             retry_after,
         });
     }
@@ -334,7 +411,7 @@ pub fn interpret(
             })
         }
         (_, Some("temporarily_unavailable" | "server_error")) => Err(ExchangeError::Unavailable {
-            detail: code.unwrap_or_default(),
+            cause: Unavailability::OAuthError(code.unwrap_or_default()),
             retry_after,
         }),
         (s, Some(other)) => Err(ExchangeError::BadResponse(format!(
@@ -484,15 +561,106 @@ mod tests {
         }
     }
 
+    /// The exchange profile of a route with the given extra `exchange:` keys.
+    fn profile(extra: &str) -> std::sync::Arc<ExchangeProfile> {
+        let yaml = format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  corp: {{ token_endpoint: \"http://127.0.0.1:1/token\", client_id: gw, client_secret: s }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"http://127.0.0.1:2\", exchange: {{ mode: delegation, token_service: corp{extra} }} }}\n"
+        );
+        let config = crate::config::Config::from_yaml(&yaml, "t.yaml", &|_| None).unwrap();
+        match &config.routes[0].exchange {
+            crate::config::Exchange::Token(p) => p.clone(),
+            crate::config::Exchange::None => unreachable!("the route exchanges"),
+        }
+    }
+
+    fn issued(token: &str, issued_token_type: Option<&str>) -> ExchangedToken {
+        ExchangedToken {
+            access_token: token.into(),
+            expires_in: None,
+            issued_token_type: issued_token_type.map(str::to_string),
+        }
+    }
+
+    const SUBJECT: &str = "eyJhbGciOiJFUzI1NiJ9.c3ViamVjdA.c2ln";
+    const ACTOR: &str = "gateway-own-token-4f1c";
+    const TOKENS: Tokens<'static> = Tokens {
+        subject: Some(SUBJECT),
+        actor: Some(ACTOR),
+    };
+
+    #[test]
+    fn an_answer_holding_an_input_token_is_refused() {
+        let p = profile("");
+        for answer in [
+            SUBJECT.to_string(),
+            ACTOR.to_string(),
+            format!("wrapped.{SUBJECT}"),
+            format!("{ACTOR}-suffix"),
+        ] {
+            assert!(
+                matches!(
+                    accept(&p, TOKENS, issued(&answer, None)),
+                    Err(ExchangeError::EchoedInputToken)
+                ),
+                "{answer}"
+            );
+        }
+        let fresh = accept(&p, TOKENS, issued("a-new-token", None)).unwrap();
+        assert_eq!(fresh.access_token, "a-new-token");
+        // Client credentials send no input token: nothing to compare with.
+        let none = Tokens {
+            subject: None,
+            actor: None,
+        };
+        assert!(accept(&p, none, issued(SUBJECT, None)).is_ok());
+    }
+
+    #[test]
+    fn an_issued_token_type_other_than_the_requested_one_is_refused() {
+        let jwt = "urn:ietf:params:oauth:token-type:jwt";
+        let access = "urn:ietf:params:oauth:token-type:access_token";
+        let p = profile(", requested_token_type: jwt");
+        assert!(accept(&p, TOKENS, issued("t1", Some(jwt))).is_ok());
+        // The answer may leave it out (Entra does); then there is nothing to compare.
+        assert!(accept(&p, TOKENS, issued("t1", None)).is_ok());
+        match accept(&p, TOKENS, issued("t1", Some(access))) {
+            Err(e @ ExchangeError::UnexpectedTokenType { .. }) => {
+                assert_eq!(e.outcome(), "unexpected_token_type");
+                assert_eq!(
+                    e.to_string(),
+                    format!("the token service issued a {access} where {jwt} was requested")
+                );
+            }
+            other => panic!("expected UnexpectedTokenType, got {:?}", other.err()),
+        }
+        // Nothing requested: any type is taken.
+        assert!(accept(&profile(""), TOKENS, issued("t1", Some(access))).is_ok());
+        // A type that smuggles an input token is not repeated in the error (it is logged).
+        match accept(&p, TOKENS, issued("t1", Some(&format!("urn:{SUBJECT}")))) {
+            Err(e) => assert!(!e.to_string().contains(SUBJECT), "{e}"),
+            Ok(_) => panic!("accepted a mistyped token"),
+        }
+    }
+
     #[test]
     fn refusals_without_an_sts_call_have_their_own_outcomes() {
-        let refused = |detail: &str| ExchangeError::Unavailable {
-            detail: detail.into(),
+        let refused = |cause| ExchangeError::Unavailable {
+            cause,
             retry_after: None,
         };
-        assert_eq!(refused(resilience::CIRCUIT_OPEN).outcome(), "circuit_open");
-        assert_eq!(refused(resilience::OVERLOADED).outcome(), "overloaded");
-        assert_eq!(refused("HTTP 503").outcome(), "unavailable");
+        assert_eq!(
+            refused(Unavailability::CircuitOpen).outcome(),
+            "circuit_open"
+        );
+        assert_eq!(refused(Unavailability::Overloaded).outcome(), "overloaded");
+        assert_eq!(
+            refused(Unavailability::Status(503)).outcome(),
+            "unavailable"
+        );
+        assert_eq!(
+            refused(Unavailability::CircuitOpen).to_string(),
+            "the token service is unavailable (the token service circuit breaker is open)"
+        );
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!
 //! Both treat tokens and the issuer's answers as hostile input. Both cache successful
 //! validations keyed by the SHA-256 digest of the token (a raw token is never a key), never past
-//! the token's `exp`, and never cache failures. An [`InboundError`] separates "this token is
+//! the token's `exp`. Introspection also remembers the issuer's refusals briefly; a failure to
+//! get an answer is never cached. An [`InboundError`] separates "this token is
 //! not acceptable" (401) from "the validator cannot decide right now" (503), so an unreachable
 //! JWKS or introspection endpoint does not make valid callers look like attackers.
 
@@ -34,8 +35,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 pub use introspection::{
-    DEFAULT_INTROSPECTION_CACHE_TTL, DEFAULT_INTROSPECTION_TIMEOUT, IntrospectionAuth,
-    IntrospectionSettings, IntrospectionValidator, MAX_INTROSPECTION_RESPONSE_BYTES,
+    DEFAULT_INTROSPECTION_CACHE_TTL, DEFAULT_INTROSPECTION_MAX_CONCURRENT,
+    DEFAULT_INTROSPECTION_NEGATIVE_TTL, DEFAULT_INTROSPECTION_QUEUE_TIMEOUT,
+    DEFAULT_INTROSPECTION_TIMEOUT, IntrospectionAuth, IntrospectionSettings,
+    IntrospectionValidator, MAX_INTROSPECTION_RESPONSE_BYTES,
 };
 pub use jwks::{JWKS_FETCH_TIMEOUT, MAX_JWKS_BYTES};
 
@@ -80,6 +83,10 @@ pub enum InboundError {
     /// or the introspection endpoint is down, slow or answering nonsense. The caller gets 503.
     #[error("token validation unavailable: {0}")]
     Unavailable(String),
+    /// Too many validator calls (introspection) in flight: the gateway refused this one
+    /// without calling out. The caller gets 503, like [`InboundError::Unavailable`].
+    #[error("too many token validation calls in flight")]
+    Overloaded,
 }
 
 impl InboundError {
@@ -88,6 +95,7 @@ impl InboundError {
         match self {
             InboundError::Invalid(_) => "invalid_token",
             InboundError::Unavailable(_) => "validator_unavailable",
+            InboundError::Overloaded => "validator_overloaded",
         }
     }
 
@@ -95,6 +103,7 @@ impl InboundError {
     pub fn reason(&self) -> &str {
         match self {
             InboundError::Invalid(reason) | InboundError::Unavailable(reason) => reason,
+            InboundError::Overloaded => "too many validation calls in flight",
         }
     }
 }
@@ -291,6 +300,16 @@ impl JwtValidator {
             tracing::debug!(issuer = %self.settings.issuer, keys = count, "JWKS refreshed");
         }
         Ok(())
+    }
+
+    /// Where the keys come from (for configuration warnings; never logged with a query).
+    pub fn jwks_uri(&self) -> &url::Url {
+        &self.settings.jwks_uri
+    }
+
+    /// The accepted `aud` values; empty when `aud` is not checked.
+    pub fn audiences(&self) -> &[String] {
+        &self.settings.audiences
     }
 
     /// True once a JWKS has been fetched successfully at least once.
@@ -1271,6 +1290,7 @@ mod tests {
             "validator_unavailable"
         );
         assert_eq!(invalid("short reason").reason(), "short reason");
+        assert_eq!(InboundError::Overloaded.outcome(), "validator_overloaded");
     }
 
     #[test]

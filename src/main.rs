@@ -81,6 +81,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config, verbose } => match Config::load(&config) {
             Ok(config) => {
+                // On stderr: the summary on stdout stays one line for scripts.
+                for warning in config.warnings() {
+                    eprintln!("warning: {}: {warning}", config.source);
+                }
                 if verbose {
                     println!("{}", config.describe());
                 } else {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
+            server::log_warnings(&config);
             let listeners = match BoundListeners::bind(&config.server) {
                 Ok(l) => l,
                 Err(e) => return fail(EXIT_START, &e),

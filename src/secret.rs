@@ -34,6 +34,14 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Read from the configuration file as a plain string, so the file layer never holds the
+/// value in a type that prints it.
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
+
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")

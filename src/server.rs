@@ -280,6 +280,13 @@ impl Reloader {
     }
 }
 
+/// Logs each [`Config::warnings`] entry at warn: at start (`txgate run`) and on every reload.
+pub fn log_warnings(config: &Config) {
+    for warning in config.warnings() {
+        tracing::warn!(file = %config.source, "{warning}");
+    }
+}
+
 /// Swaps in a new configuration. Requests in flight finish with the one they started with;
 /// the cache, metrics and readiness carry over. Listen addresses change only with a restart.
 fn swap(current: &CurrentState, config: &Config) -> Result<(), String> {
@@ -298,6 +305,7 @@ fn swap(current: &CurrentState, config: &Config) -> Result<(), String> {
         );
     }
     let state = Arc::new(GatewayState::new(config, Some(&old))?);
+    log_warnings(config);
     state.start_background();
     current.store(state);
     tracing::info!(

@@ -72,8 +72,17 @@ const INVALID: &[(&str, &str)] = &[
         "token_services.corp: set either client_secret or client_secret_file, not both",
     ),
     (
+        "client_credentials_without_audience.yaml",
+        "routes[0].inbound.jwt.audiences: a client_credentials route forwards the gateway's own token, \
+         so it must require an audience of the caller's token (any token of the issuer would do otherwise)",
+    ),
+    (
         "duplicate_route_name.yaml",
         r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
+    ),
+    (
+        "max_ttl_below_default.yaml",
+        "cache.max_ttl: 1m is below cache.default_ttl (5m); the longest lifetime cannot be shorter than the default one",
     ),
     (
         "missing_env_var.yaml",
@@ -83,6 +92,12 @@ const INVALID: &[(&str, &str)] = &[
     (
         "none_with_token_service.yaml",
         "routes[0].exchange.token_service: mode none sends no token upstream; remove this key",
+    ),
+    (
+        "shared_inbound_without_audience.yaml",
+        "token_services.corp.inbound.jwt.audiences: route \"m2m\" uses this inbound block: a client_credentials \
+         route forwards the gateway's own token, so it must require an audience of the caller's token (any token \
+         of the issuer would do otherwise); set audiences here or give the route an inbound block of its own",
     ),
     (
         "unknown_key.yaml",
@@ -325,5 +340,7 @@ fn every_shipped_config_passes_check() {
             "{file}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // Shipped examples are what people copy: none may need a warning.
+        assert_eq!(String::from_utf8_lossy(&output.stderr), "", "{file}");
     }
 }

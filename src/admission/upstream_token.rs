@@ -183,7 +183,14 @@ async fn exchange_with_metrics(
         Err(e) => e.outcome(),
     };
     // Only calls that reached the STS have a duration worth recording.
-    if !matches!(outcome, "circuit_open" | "overloaded") {
+    let refused_here = matches!(
+        &result,
+        Err(exchange::ExchangeError::Unavailable {
+            cause: exchange::Unavailability::CircuitOpen | exchange::Unavailability::Overloaded,
+            ..
+        })
+    );
+    if !refused_here {
         metrics
             .exchange_duration
             .with_label_values(&[service])

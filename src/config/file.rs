@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::secret::Secret;
+
 /// Default for `token_services.*.timeout`: the total time one STS call may take.
 pub const DEFAULT_STS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `token_services.*.connect_timeout`.
@@ -21,6 +23,8 @@ pub const DEFAULT_CACHE_EXPIRY_SKEW: Duration = Duration::from_secs(30);
 /// Default for `cache.default_ttl`: used when the STS omits `expires_in` and the issued token
 /// carries no `exp`.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Default for `cache.max_ttl`: no cache entry lives longer, whatever the STS says.
+pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Default for `server.max_token_bytes` (RFC 6750 sets no limit; real JWTs stay well below).
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Default for `server.grace_period`: how long a SIGTERM keeps serving in-flight requests.
@@ -141,8 +145,9 @@ pub struct TokenServiceFile {
     #[serde(default)]
     pub tenant: Option<String>,
     pub client_id: String,
+    /// A [`Secret`] already here, so a `{:?}` of the parsed file shows no secret.
     #[serde(default)]
-    pub client_secret: Option<String>,
+    pub client_secret: Option<Secret>,
     #[serde(default)]
     pub client_secret_file: Option<PathBuf>,
     /// `private_key_jwt`: PEM RSA or EC private key.
@@ -252,6 +257,22 @@ pub struct IntrospectionFile {
     /// Longest reuse of an `active` answer (never past the token's `exp`); default 60 s.
     #[serde(default, with = "humantime_serde")]
     pub cache_ttl: Option<Duration>,
+    /// Accepted `aud` values of the answer; empty (the default) does not check `aud`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Accepted `client_id` values of the answer; empty (the default) does not check it.
+    #[serde(default)]
+    pub client_ids: Vec<String>,
+    /// How long a refusal (inactive, a refresh token, wrong audience or client) is remembered;
+    /// default 30 s, 0 turns it off.
+    #[serde(default, with = "humantime_serde")]
+    pub negative_cache_ttl: Option<Duration>,
+    /// Most introspection calls in flight; more wait `queue_timeout`, then get 503. Default 64.
+    #[serde(default)]
+    pub max_concurrent: Option<usize>,
+    /// Default 250 ms.
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
 }
 
 /// `routes[]`
@@ -438,6 +459,9 @@ pub struct CacheFile {
     pub expiry_skew: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub default_ttl: Option<Duration>,
+    /// Longest lifetime of any entry; at least `default_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub max_ttl: Option<Duration>,
     /// How long a definitive rejection (`invalid_grant`, `invalid_request`, `invalid_target`)
     /// is remembered; 0 turns negative caching off.
     #[serde(default, with = "humantime_serde")]
@@ -445,4 +469,20 @@ pub struct CacheFile {
     /// Share of an entry's lifetime after which a hit also re-exchanges in the background.
     #[serde(default)]
     pub refresh_ahead: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parsed_file_prints_no_secret() {
+        let yaml = "server: { listen: [\"127.0.0.1:0\"] }\ntoken_services:\n  corp:\n    token_endpoint: \"https://sts.example.com/token\"\n    client_id: gateway\n    client_secret: \"s3cr3t-value-from-the-file\"\n";
+        let file: GatewayFile = serde_yaml::from_str(yaml).unwrap();
+        let shown = format!("{file:?} {:#?}", file.token_services["corp"]);
+        assert!(!shown.contains("s3cr3t-value-from-the-file"), "{shown}");
+        assert!(shown.contains("client_id: \"gateway\""), "{shown}");
+        let secret = file.token_services["corp"].client_secret.as_ref().unwrap();
+        assert_eq!(secret.expose(), "s3cr3t-value-from-the-file");
+    }
 }

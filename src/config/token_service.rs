@@ -16,7 +16,10 @@ use jsonwebtoken::Algorithm;
 use url::Url;
 
 use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
-use super::{BuildResult, http_url, is_label, positive};
+use super::{
+    BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigWarning, clear_text_remote,
+    http_url, is_label, positive,
+};
 use crate::exchange::assertion::AssertionSigner;
 use crate::exchange::resilience::{Resilience, ResilienceSettings};
 use crate::inbound::{
@@ -95,6 +98,68 @@ impl fmt::Debug for TokenService {
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
+}
+
+impl TokenService {
+    /// Plain-HTTP endpoints of this service on another host (see [`super::ConfigWarning`]):
+    /// its token endpoint, JWKS URI and introspection endpoint, and those of its `inbound`
+    /// block where they differ. Used by `txgate check`, `txgate run` and the status page.
+    pub fn transport_warnings(&self) -> Vec<ConfigWarning> {
+        let path = format!("token_services.{}", self.name);
+        let mut out = Vec::new();
+        let mut check = |key: &str, url: Option<&Url>, message: &str| {
+            if url.is_some_and(clear_text_remote) {
+                out.push(ConfigWarning {
+                    path: format!("{path}.{key}"),
+                    message: message.into(),
+                });
+            }
+        };
+        check(
+            "token_endpoint",
+            Some(&self.token_endpoint),
+            CLEAR_TEXT_CREDENTIALS,
+        );
+        check("jwks_uri", self.jwks_uri.as_ref(), CLEAR_TEXT_KEYS);
+        check(
+            "introspection_endpoint",
+            self.introspection_endpoint.as_ref(),
+            CLEAR_TEXT_CREDENTIALS,
+        );
+        if let Some(inbound) = &self.inbound {
+            out.extend(inbound_warnings(&format!("{path}.inbound"), inbound, self));
+        }
+        out
+    }
+}
+
+/// Plain-HTTP URLs of an `inbound` block at `path` that are not `service`'s own (those are
+/// reported at the service's keys).
+pub(super) fn inbound_warnings(
+    path: &str,
+    inbound: &Inbound,
+    service: &TokenService,
+) -> Vec<ConfigWarning> {
+    let mut out = Vec::new();
+    if let Some(jwt) = &inbound.jwt
+        && Some(jwt.jwks_uri()) != service.jwks_uri.as_ref()
+        && clear_text_remote(jwt.jwks_uri())
+    {
+        out.push(ConfigWarning {
+            path: format!("{path}.jwt.jwks_uri"),
+            message: CLEAR_TEXT_KEYS.into(),
+        });
+    }
+    if let Some(introspection) = &inbound.introspection
+        && Some(introspection.endpoint()) != service.introspection_endpoint.as_ref()
+        && clear_text_remote(introspection.endpoint())
+    {
+        out.push(ConfigWarning {
+            path: format!("{path}.introspection.endpoint"),
+            message: CLEAR_TEXT_CREDENTIALS.into(),
+        });
+    }
+    out
 }
 
 /// How the gateway authenticates itself at the token endpoint.
@@ -309,7 +374,7 @@ pub(super) fn build_token_service(
                 "set either client_secret or client_secret_file, not both".into(),
             ));
         }
-        (Some(s), None) => Some(Secret::new(s)),
+        (Some(s), None) => Some(s),
         (None, Some(file)) => {
             Some(read_secret_file(&file).map_err(|m| err("client_secret_file", m))?)
         }
@@ -737,7 +802,15 @@ pub(super) fn build_inbound(
         .transpose()?;
     let introspection = introspection
         .map(|i| {
-            let file::IntrospectionFile { endpoint, cache_ttl } = i;
+            let file::IntrospectionFile {
+                endpoint,
+                cache_ttl,
+                audiences,
+                client_ids,
+                negative_cache_ttl,
+                max_concurrent,
+                queue_timeout,
+            } = i;
             let p = |k: &str| format!("{path}.introspection.{k}");
             let endpoint = match endpoint {
                 Some(u) => http_url(&p("endpoint"), &u)?,
@@ -767,12 +840,33 @@ pub(super) fn build_inbound(
                         cache_ttl.unwrap_or(DEFAULT_INTROSPECTION_CACHE_TTL),
                     )?,
                     max_cached: INBOUND_CACHE_ENTRIES,
+                    audiences: non_empty(&p("audiences"), audiences)?,
+                    client_ids: non_empty(&p("client_ids"), client_ids)?,
+                    negative_cache_ttl: negative_cache_ttl
+                        .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_NEGATIVE_TTL),
+                    max_concurrent: match max_concurrent
+                        .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_MAX_CONCURRENT)
+                    {
+                        0 => return Err((p("max_concurrent"), "must be at least 1".into())),
+                        n => n,
+                    },
+                    queue_timeout: queue_timeout
+                        .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_QUEUE_TIMEOUT),
                 },
                 defaults.http.clone(),
             )))
         })
         .transpose()?;
     Ok(Inbound { jwt, introspection })
+}
+
+/// A list of accepted values with no empty entry (an empty string would match a claim that
+/// is present but says nothing).
+fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
+    if let Some(i) = values.iter().position(String::is_empty) {
+        return Err((format!("{path}[{i}]"), "must not be empty".into()));
+    }
+    Ok(values)
 }
 
 /// An inbound `alg`: asymmetric only. `none` would accept unsigned tokens, and an HMAC

@@ -37,6 +37,9 @@ pub struct Upstream {
     pub balancer: Arc<LoadBalancer<RoundRobin>>,
     /// Health checks run only when configured.
     pub health_check_interval: Option<Duration>,
+    /// `tls.verify: false` on https:// peers: the certificate and host name are not checked.
+    /// Reported by [`crate::config::Config::warnings`].
+    pub unverified_tls: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -112,10 +115,12 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
     let read_timeout = read_timeout
         .map(|d| positive(&format!("{path}.read_timeout"), d))
         .transpose()?;
-    let material = tls
-        .map(|t| build_tls(&format!("{path}.tls"), t))
-        .transpose()?
-        .unwrap_or_default();
+    // Without a `tls:` block an https:// peer is verified against the system roots and its
+    // host name, exactly as with `tls: {}`: only an explicit `verify: false` turns that off.
+    let material = match tls {
+        Some(t) => build_tls(&format!("{path}.tls"), t)?,
+        None => TlsMaterial::system_roots(),
+    };
 
     let mut built: Vec<(SocketAddr, HttpPeer)> = Vec::with_capacity(peers.len());
     let mut scheme_tls = None;
@@ -233,6 +238,7 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         peers: built,
         balancer: Arc::new(balancer),
         health_check_interval,
+        unverified_tls: tls && !material.verify,
     })
 }
 
@@ -268,15 +274,49 @@ fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
     Ok((url, addr))
 }
 
-#[derive(Default)]
+/// What `upstream.tls` decides for https:// peers.
 struct TlsMaterial {
     configured: bool,
     /// A digest of the trust settings (CA certificates), separating connection pools.
     trust_key: u64,
+    /// Trust anchors; `None` means the system roots (pingora's rustls connector loads them,
+    /// honouring `SSL_CERT_FILE` and `SSL_CERT_DIR`).
     ca: Option<Arc<[WrappedX509]>>,
     client: Option<Arc<CertKey>>,
     sni: Option<String>,
+    /// Certificate chain and host name checks; true unless `verify: false` is written.
     verify: bool,
+}
+
+impl TlsMaterial {
+    /// No `tls:` block: system roots, the URL's host as server name, full verification.
+    fn system_roots() -> TlsMaterial {
+        TlsMaterial {
+            configured: false,
+            trust_key: trust_key(None),
+            ca: None,
+            client: None,
+            sni: None,
+            verify: true,
+        }
+    }
+}
+
+/// A digest of the trust anchors, so connections verified against different CAs never share
+/// a pool.
+fn trust_key(ca: Option<&[WrappedX509]>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match ca {
+        Some(certs) => {
+            1u8.hash(&mut h);
+            for cert in certs {
+                cert.borrow_raw_cert().hash(&mut h);
+            }
+        }
+        None => 0u8.hash(&mut h),
+    }
+    h.finish()
 }
 
 fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
@@ -353,23 +393,9 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
             format!("invalid server name \"{sni}\""),
         ));
     }
-    let trust_key = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        match &ca {
-            Some(certs) => {
-                1u8.hash(&mut h);
-                for cert in certs.iter() {
-                    cert.borrow_raw_cert().hash(&mut h);
-                }
-            }
-            None => 0u8.hash(&mut h),
-        }
-        h.finish()
-    };
     Ok(TlsMaterial {
         configured: true,
-        trust_key,
+        trust_key: trust_key(ca.as_deref()),
         ca,
         client,
         sni,
@@ -462,6 +488,40 @@ mod tests {
         let c = config("\"http://127.0.0.1:9001\"").unwrap();
         assert_eq!(c.routes[0].upstream.display, "http://127.0.0.1:9001");
         assert_eq!(c.routes[0].upstream.peers.len(), 1);
+    }
+
+    #[test]
+    fn https_peers_are_verified_unless_verify_false_is_written() {
+        let verified = |c: &Config| {
+            let upstream = &c.routes[0].upstream;
+            upstream.peers.iter().all(|(_, peer)| {
+                peer.options.verify_cert && peer.options.verify_hostname && !upstream.unverified_tls
+            })
+        };
+        for written in [
+            "\"https://127.0.0.1:9443\"",
+            "{ peers: [\"https://127.0.0.1:9443\", \"https://127.0.0.1:9444\"] }",
+            "{ peers: [\"https://127.0.0.1:9443\"], tls: { sni: backend.internal } }",
+            "{ peers: [\"https://127.0.0.1:9443\"], tls: { verify: true } }",
+        ] {
+            let c = config(written).unwrap();
+            assert!(verified(&c), "{written}");
+            // No CA file: pingora verifies against the system roots.
+            assert!(
+                c.routes[0].upstream.peers[0].1.options.ca.is_none(),
+                "{written}"
+            );
+        }
+        let c = config("{ peers: [\"https://127.0.0.1:9443\"], tls: { verify: false } }").unwrap();
+        let (_, peer) = &c.routes[0].upstream.peers[0];
+        assert!(!peer.options.verify_cert && !peer.options.verify_hostname);
+        assert!(c.routes[0].upstream.unverified_tls);
+        // Plain http:// peers have nothing to verify.
+        assert!(
+            !config("\"http://127.0.0.1:9001\"").unwrap().routes[0]
+                .upstream
+                .unverified_tls
+        );
     }
 
     #[test]

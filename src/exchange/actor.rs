@@ -9,10 +9,19 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// A token file and its last read value.
-#[derive(Debug)]
 pub struct TokenFile {
     path: PathBuf,
     current: Mutex<(Option<SystemTime>, Arc<str>)>,
+}
+
+/// The path only: the token is a credential and never prints.
+impl std::fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenFile")
+            .field("path", &self.path)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 impl TokenFile {
@@ -95,6 +104,9 @@ mod tests {
             "a bad re-read keeps the last token"
         );
         assert!(TokenFile::open(&dir.join("missing")).is_err());
+        let shown = format!("{file:?}");
+        assert!(!shown.contains("second-token"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

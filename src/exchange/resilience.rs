@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::ExchangeError;
+use super::{ExchangeError, Unavailability};
 
 /// Default `max_concurrent` STS calls per token service.
 pub const DEFAULT_MAX_CONCURRENT: usize = 64;
@@ -25,10 +25,6 @@ pub const DEFAULT_RETRIES: u32 = 1;
 pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
 /// Default `circuit_breaker.open_for`.
 pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(5);
-/// `Unavailable` detail of a call refused because the breaker is open (no STS call made).
-pub const CIRCUIT_OPEN: &str = "the token service circuit breaker is open";
-/// `Unavailable` detail of a call refused by the concurrency cap (no STS call made).
-pub const OVERLOADED: &str = "too many concurrent calls to the token service";
 /// Base of the retry backoff; the actual wait is jittered between 1× and 2× this.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -152,7 +148,7 @@ impl Resilience {
                     *self.lock() = Breaker::HalfOpen { probing: false };
                 }
                 Err(ExchangeError::Unavailable {
-                    detail: OVERLOADED.into(),
+                    cause: Unavailability::Overloaded,
                     retry_after: Some(Duration::from_secs(1)),
                 })
             }
@@ -222,7 +218,7 @@ impl Resilience {
 
 fn open_error(remaining: Duration) -> ExchangeError {
     ExchangeError::Unavailable {
-        detail: CIRCUIT_OPEN.into(),
+        cause: Unavailability::CircuitOpen,
         retry_after: Some(remaining.max(Duration::from_secs(1))),
     }
 }
@@ -234,8 +230,10 @@ pub fn retryable(error: &ExchangeError) -> bool {
         error,
         ExchangeError::Unavailable {
             retry_after: None,
-            detail,
-        } if detail == "cannot connect" || detail == "connection failed" || detail == "HTTP 503"
+            cause: Unavailability::CannotConnect
+                | Unavailability::ConnectionFailed
+                | Unavailability::Status(503),
+        }
     )
 }
 
@@ -253,7 +251,7 @@ mod tests {
 
     fn down() -> Result<(), ExchangeError> {
         Err(ExchangeError::Unavailable {
-            detail: "cannot connect".into(),
+            cause: Unavailability::CannotConnect,
             retry_after: None,
         })
     }
@@ -298,7 +296,7 @@ mod tests {
         r.record(
             a,
             &Err(ExchangeError::Unavailable {
-                detail: "HTTP 429".into(),
+                cause: Unavailability::Status(429),
                 retry_after: Some(Duration::from_secs(30)),
             }),
         );

@@ -6,6 +6,11 @@
 //! "inactive" makes the validator report itself unavailable (503) rather than calling the
 //! token invalid. Active answers are reused for a short while so that a busy caller does not
 //! cost one introspection per request; concurrent requests with the same token share one call.
+//!
+//! A clear "no" is remembered too, briefly: a replayed revoked or foreign token is answered
+//! from memory instead of costing the issuer one call per attempt. And the calls in flight are
+//! capped, like the token endpoint's: a flood of made-up tokens gets 503 from the gateway
+//! instead of being passed on to the issuer.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,7 +19,8 @@ use std::time::Duration;
 
 use http::{HeaderValue, StatusCode, header};
 use moka::future::Cache;
-use serde_json::Value;
+use serde_json::{Map, Value};
+use tokio::sync::Semaphore;
 
 use super::{
     BodyError, Cached, InboundError, TokenDigest, ValidatedToken, check_size, invalid, new_cache,
@@ -28,6 +34,15 @@ pub const DEFAULT_INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_INTROSPECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest introspection answer read; answers are a handful of claims.
 pub const MAX_INTROSPECTION_RESPONSE_BYTES: usize = 64 * 1024;
+/// How long a refusal (inactive, or failing a configured check) is remembered when none is
+/// configured: 30 seconds.
+pub const DEFAULT_INTROSPECTION_NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// Introspection calls in flight per validator when none is configured.
+pub const DEFAULT_INTROSPECTION_MAX_CONCURRENT: usize = 64;
+/// How long a call waits for a free slot when none is configured; then 503.
+pub const DEFAULT_INTROSPECTION_QUEUE_TIMEOUT: Duration = Duration::from_millis(250);
+/// RFC 8693 §3 identifier of refresh tokens, which some servers put in `token_type`.
+const REFRESH_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:refresh_token";
 
 /// How the gateway authenticates to the introspection endpoint (RFC 7662 §2.1 requires some
 /// form of authorization; these are the RFC 6749 §2.3.1 client password methods).
@@ -68,8 +83,21 @@ pub struct IntrospectionSettings {
     /// Longest reuse of an `active` answer, never past the token's `exp`; zero disables
     /// caching. [`DEFAULT_INTROSPECTION_CACHE_TTL`] by default.
     pub cache_ttl: Duration,
-    /// Bound on cached answers; [`super::DEFAULT_MAX_CACHED`] by default.
+    /// Bound on cached answers (and, separately, on remembered refusals);
+    /// [`super::DEFAULT_MAX_CACHED`] by default.
     pub max_cached: u64,
+    /// Accepted `aud` values; empty does not check `aud`. Otherwise the answer's `aud` (a
+    /// string or an array) must hold one of them.
+    pub audiences: Vec<String>,
+    /// Accepted `client_id` values (the client the token was issued to); empty does not check.
+    pub client_ids: Vec<String>,
+    /// How long a refusal is remembered; zero turns that off.
+    /// [`DEFAULT_INTROSPECTION_NEGATIVE_TTL`] by default.
+    pub negative_cache_ttl: Duration,
+    /// Most calls in flight; [`DEFAULT_INTROSPECTION_MAX_CONCURRENT`] by default.
+    pub max_concurrent: usize,
+    /// Longest wait for a free slot; [`DEFAULT_INTROSPECTION_QUEUE_TIMEOUT`] by default.
+    pub queue_timeout: Duration,
 }
 
 impl IntrospectionSettings {
@@ -86,6 +114,11 @@ impl IntrospectionSettings {
             timeout: DEFAULT_INTROSPECTION_TIMEOUT,
             cache_ttl: DEFAULT_INTROSPECTION_CACHE_TTL,
             max_cached: super::DEFAULT_MAX_CACHED,
+            audiences: Vec::new(),
+            client_ids: Vec::new(),
+            negative_cache_ttl: DEFAULT_INTROSPECTION_NEGATIVE_TTL,
+            max_concurrent: DEFAULT_INTROSPECTION_MAX_CONCURRENT,
+            queue_timeout: DEFAULT_INTROSPECTION_QUEUE_TIMEOUT,
         }
     }
 }
@@ -95,6 +128,10 @@ pub struct IntrospectionValidator {
     settings: IntrospectionSettings,
     http: reqwest::Client,
     cache: Cache<TokenDigest, Cached>,
+    /// Recent refusals by token digest, with their reason; `None` when turned off.
+    refused: Option<Cache<TokenDigest, Arc<str>>>,
+    /// The concurrency cap.
+    slots: Semaphore,
     calls: AtomicU64,
 }
 
@@ -111,8 +148,16 @@ impl IntrospectionValidator {
     /// Builds the validator; `http` comes from [`crate::exchange::http_client`]. Called once
     /// per inbound introspection configuration at start.
     pub fn new(settings: IntrospectionSettings, http: reqwest::Client) -> Self {
+        let refused = (!settings.negative_cache_ttl.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(settings.max_cached)
+                .time_to_live(settings.negative_cache_ttl)
+                .build()
+        });
         IntrospectionValidator {
             cache: new_cache(settings.max_cached),
+            refused,
+            slots: Semaphore::new(settings.max_concurrent.max(1)),
             settings,
             http,
             calls: AtomicU64::new(0),
@@ -122,16 +167,37 @@ impl IntrospectionValidator {
     /// Asks the introspection endpoint about `token` (RFC 7662 §2.1: `token=<token>&
     /// token_type_hint=access_token` with client authentication).
     ///
-    /// `active: false` is `Invalid`; a non-200 status, a body that is not a JSON object with a
-    /// boolean `active`, a body over 64 KiB, or a timeout is `Unavailable`. Active answers are
-    /// cached by SHA-256 of the token for `min(cache_ttl, exp - now)`; inactive answers and
-    /// failures are not cached. Concurrent calls with the same token share one request.
+    /// `active: false` is `Invalid`, and so is an active answer for a refresh token, past its
+    /// `exp`, or outside the configured `audiences` / `client_ids`. A non-200 status, a body
+    /// that is not a JSON object with a boolean `active`, a body over 64 KiB, or a timeout is
+    /// `Unavailable`; no free slot within `queue_timeout` is `Overloaded`. Accepted answers are
+    /// cached by SHA-256 of the token for `min(cache_ttl, exp - now)`, refusals for
+    /// `negative_cache_ttl`; failures are not cached. Concurrent calls with the same token
+    /// share one request.
     pub async fn validate(&self, token: &str) -> Result<Arc<ValidatedToken>, InboundError> {
         check_size(token)?;
-        if self.settings.cache_ttl.is_zero() {
-            return self.introspect(token).await.map(|cached| cached.token);
-        }
         let digest = token_digest(token);
+        if let Some(refused) = &self.refused
+            && let Some(reason) = refused.get(&digest).await
+        {
+            return Err(InboundError::Invalid(reason.to_string()));
+        }
+        let result = if self.settings.cache_ttl.is_zero() {
+            self.introspect(token).await.map(|cached| cached.token)
+        } else {
+            self.cached_or_introspect(digest, token).await
+        };
+        if let (Err(InboundError::Invalid(reason)), Some(refused)) = (&result, &self.refused) {
+            refused.insert(digest, Arc::from(reason.as_str())).await;
+        }
+        result
+    }
+
+    async fn cached_or_introspect(
+        &self,
+        digest: TokenDigest,
+        token: &str,
+    ) -> Result<Arc<ValidatedToken>, InboundError> {
         if let Some(hit) = self.cache.get(&digest).await {
             if hit.token.exp.is_none_or(|exp| exp > now_secs()) {
                 return Ok(hit.token);
@@ -145,12 +211,23 @@ impl IntrospectionValidator {
             .map_err(|error| InboundError::clone(&error))
     }
 
+    /// The introspection endpoint (for configuration warnings).
+    pub fn endpoint(&self) -> &url::Url {
+        &self.settings.endpoint
+    }
+
     /// Number of introspection requests sent so far, for tests and diagnostics.
     pub fn introspection_calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 
     async fn introspect(&self, token: &str) -> Result<Cached, InboundError> {
+        // Held until the answer is read: the cap counts calls the issuer is working on.
+        let _slot =
+            match tokio::time::timeout(self.settings.queue_timeout, self.slots.acquire()).await {
+                Ok(Ok(slot)) => slot,
+                _ => return Err(InboundError::Overloaded),
+            };
         self.calls.fetch_add(1, Ordering::Relaxed);
         let mut form = vec![("token", token), ("token_type_hint", "access_token")];
         let mut request = self
@@ -186,7 +263,7 @@ impl IntrospectionValidator {
                 BodyError::Transport(error) => unavailable(transport_reason(&error)),
             })?;
         let now = now_secs();
-        let token = interpret(&body, now)?;
+        let token = interpret(&body, now, &self.settings)?;
         Ok(Cached {
             ttl: ttl_until(token.exp, now, self.settings.cache_ttl),
             token: Arc::new(token),
@@ -195,8 +272,12 @@ impl IntrospectionValidator {
     }
 }
 
-/// Reads an RFC 7662 §2.2 answer taken at time `now`.
-fn interpret(body: &[u8], now: u64) -> Result<ValidatedToken, InboundError> {
+/// Reads an RFC 7662 §2.2 answer taken at time `now`, and applies `settings`' checks.
+fn interpret(
+    body: &[u8],
+    now: u64,
+    settings: &IntrospectionSettings,
+) -> Result<ValidatedToken, InboundError> {
     let Ok(Value::Object(claims)) = serde_json::from_slice::<Value>(body) else {
         return Err(unavailable("the introspection answer is not a JSON object"));
     };
@@ -218,7 +299,40 @@ fn interpret(body: &[u8], now: u64) -> Result<ValidatedToken, InboundError> {
             return Err(invalid("expired"));
         }
     }
+    // A refresh token is active too, but it is not a credential for an API call: taking it
+    // would let a leaked refresh token stand in for an access token.
+    if is_refresh_token(&claims) {
+        return Err(invalid("a refresh token, not an access token"));
+    }
+    if !settings.audiences.is_empty() && !audience_matches(claims.get("aud"), &settings.audiences) {
+        return Err(invalid("wrong audience"));
+    }
+    if !settings.client_ids.is_empty() {
+        let client = claims.get("client_id").and_then(Value::as_str);
+        if !client.is_some_and(|c| settings.client_ids.iter().any(|allowed| allowed == c)) {
+            return Err(invalid("issued to a client that is not allowed"));
+        }
+    }
     Ok(ValidatedToken::from_claims(claims))
+}
+
+/// `token_type` `refresh_token` (or its RFC 8693 URN), or Keycloak's `typ: Refresh`.
+fn is_refresh_token(claims: &Map<String, Value>) -> bool {
+    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    text("token_type")
+        .is_some_and(|t| t.eq_ignore_ascii_case("refresh_token") || t == REFRESH_TOKEN_TYPE)
+        || text("typ").is_some_and(|t| t.eq_ignore_ascii_case("refresh"))
+}
+
+/// RFC 7662 §2.2 `aud` as in RFC 7519 §4.1.3: one string or an array of strings; any one of
+/// them accepted is enough.
+fn audience_matches(aud: Option<&Value>, accepted: &[String]) -> bool {
+    let accepts = |v: &Value| v.as_str().is_some_and(|a| accepted.iter().any(|x| x == a));
+    match aud {
+        Some(Value::Array(values)) => values.iter().any(accepts),
+        Some(value) => accepts(value),
+        None => false,
+    }
 }
 
 fn unavailable(reason: &str) -> InboundError {
@@ -296,6 +410,8 @@ mod tests {
         body: String,
         forms: Mutex<Vec<Vec<(String, String)>>>,
         hang: bool,
+        /// Signalled for each request received (a permit is kept if nobody waits yet).
+        arrived: tokio::sync::Notify,
     }
 
     async fn canned(status: StatusCode, body: impl Into<String>) -> (Arc<Canned>, url::Url) {
@@ -304,6 +420,7 @@ mod tests {
             body: body.into(),
             forms: Mutex::new(Vec::new()),
             hang: false,
+            arrived: tokio::sync::Notify::new(),
         })
         .await
     }
@@ -321,6 +438,7 @@ mod tests {
     async fn answer(State(canned): State<Arc<Canned>>, body: axum::body::Bytes) -> Response {
         let form = url::form_urlencoded::parse(&body).into_owned().collect();
         canned.forms.lock().unwrap().push(form);
+        canned.arrived.notify_one();
         if canned.hang {
             std::future::pending::<()>().await;
         }
@@ -392,17 +510,175 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_inactive_answer_is_invalid_and_not_cached() {
+    async fn an_inactive_answer_is_invalid_and_remembered_briefly() {
         let (_sts, endpoint) = dev_sts().await;
-        let validator = introspector(endpoint, basic());
-        for expected_calls in [1, 2] {
+        let validator = introspector(endpoint.clone(), basic());
+        // A replayed bad token costs the issuer one call, not one per attempt.
+        for _ in 0..3 {
             let error = validator
                 .validate("not-a-token-we-issued")
                 .await
                 .unwrap_err();
-            assert_eq!(error.outcome(), "invalid_token");
+            assert_eq!(
+                error,
+                InboundError::Invalid("inactive per introspection".into())
+            );
+            assert_eq!(validator.introspection_calls(), 1);
+        }
+        // Another token is asked about.
+        let _ = validator.validate("another-unknown-token").await;
+        assert_eq!(validator.introspection_calls(), 2);
+
+        // With negative caching off, every attempt asks.
+        let mut settings = IntrospectionSettings::new(endpoint.clone(), CLIENT_ID, basic());
+        settings.negative_cache_ttl = Duration::ZERO;
+        let validator = IntrospectionValidator::new(settings, http());
+        for expected_calls in [1, 2] {
+            let _ = validator.validate("not-a-token-we-issued").await;
             assert_eq!(validator.introspection_calls(), expected_calls);
         }
+
+        // Remembered for negative_cache_ttl only.
+        let mut settings = IntrospectionSettings::new(endpoint, CLIENT_ID, basic());
+        settings.negative_cache_ttl = Duration::from_millis(200);
+        let validator = IntrospectionValidator::new(settings, http());
+        let _ = validator.validate("not-a-token-we-issued").await;
+        let _ = validator.validate("not-a-token-we-issued").await;
+        assert_eq!(validator.introspection_calls(), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = validator.validate("not-a-token-we-issued").await;
+        assert_eq!(validator.introspection_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refresh_token_is_not_accepted_as_an_access_token() {
+        for answer in [
+            json!({"active": true, "sub": "ann", "token_type": "refresh_token"}),
+            json!({"active": true, "sub": "ann", "token_type": "Refresh_Token"}),
+            json!({"active": true, "sub": "ann", "token_type": REFRESH_TOKEN_TYPE}),
+            json!({"active": true, "sub": "ann", "typ": "Refresh"}),
+        ] {
+            let (canned, endpoint) = canned(StatusCode::OK, answer.to_string()).await;
+            let validator = introspector(endpoint, basic());
+            let error = validator.validate("opaque-refresh").await.unwrap_err();
+            assert_eq!(
+                error,
+                InboundError::Invalid("a refresh token, not an access token".into()),
+                "{answer}"
+            );
+            // Remembered like an inactive answer.
+            let _ = validator.validate("opaque-refresh").await;
+            assert_eq!(canned.forms.lock().unwrap().len(), 1);
+        }
+        let bearer = json!({"active": true, "sub": "ann", "token_type": "Bearer"});
+        let (_canned, endpoint) = canned(StatusCode::OK, bearer.to_string()).await;
+        assert!(
+            introspector(endpoint, basic())
+                .validate("opaque")
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn audiences_and_client_ids_are_checked_when_configured() {
+        let checked = |endpoint: url::Url| {
+            let mut settings = IntrospectionSettings::new(endpoint, CLIENT_ID, basic());
+            settings.audiences = vec!["https://orders".into(), "orders-api".into()];
+            settings.client_ids = vec!["web".into()];
+            IntrospectionValidator::new(settings, http())
+        };
+        let cases = [
+            (
+                json!({"active": true, "aud": "orders-api", "client_id": "web"}),
+                None,
+            ),
+            (
+                json!({"active": true, "aud": ["other", "https://orders"], "client_id": "web"}),
+                None,
+            ),
+            (
+                json!({"active": true, "aud": "other", "client_id": "web"}),
+                Some("wrong audience"),
+            ),
+            (
+                json!({"active": true, "aud": ["other"], "client_id": "web"}),
+                Some("wrong audience"),
+            ),
+            (
+                json!({"active": true, "client_id": "web"}),
+                Some("wrong audience"),
+            ),
+            (
+                json!({"active": true, "aud": 7, "client_id": "web"}),
+                Some("wrong audience"),
+            ),
+            (
+                json!({"active": true, "aud": "orders-api", "client_id": "batch"}),
+                Some("issued to a client that is not allowed"),
+            ),
+            (
+                json!({"active": true, "aud": "orders-api"}),
+                Some("issued to a client that is not allowed"),
+            ),
+        ];
+        for (answer, refusal) in cases {
+            let (_canned, endpoint) = canned(StatusCode::OK, answer.to_string()).await;
+            let result = checked(endpoint.clone()).validate("opaque").await;
+            match refusal {
+                None => assert!(result.is_ok(), "{answer}: {result:?}"),
+                Some(reason) => {
+                    assert_eq!(
+                        result.unwrap_err(),
+                        InboundError::Invalid(reason.into()),
+                        "{answer}"
+                    )
+                }
+            }
+            // Unconfigured, nothing is checked.
+            assert!(
+                introspector(endpoint, basic())
+                    .validate("opaque")
+                    .await
+                    .is_ok(),
+                "{answer}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_over_the_concurrency_cap_are_refused_without_a_call() {
+        let (canned, endpoint) = start_canned(Canned {
+            status: StatusCode::OK,
+            body: r#"{"active":true}"#.into(),
+            forms: Mutex::new(Vec::new()),
+            hang: true,
+            arrived: tokio::sync::Notify::new(),
+        })
+        .await;
+        let mut settings = IntrospectionSettings::new(endpoint, CLIENT_ID, basic());
+        settings.max_concurrent = 1;
+        settings.queue_timeout = Duration::from_millis(50);
+        // The endpoint never answers: the call after the refusal ends by this deadline.
+        settings.timeout = Duration::from_millis(300);
+        let validator = Arc::new(IntrospectionValidator::new(settings, http()));
+        let holder = {
+            let validator = Arc::clone(&validator);
+            tokio::spawn(async move { validator.validate("first").await })
+        };
+        // The first call holds the only slot once the endpoint has it.
+        canned.arrived.notified().await;
+        let error = validator.validate("second").await.unwrap_err();
+        assert_eq!(error, InboundError::Overloaded);
+        assert_eq!(error.outcome(), "validator_overloaded");
+        assert_eq!(validator.introspection_calls(), 1);
+        assert_eq!(canned.forms.lock().unwrap().len(), 1);
+        // A refusal of ours is not the issuer's verdict: it is not remembered.
+        holder.abort();
+        let _ = holder.await;
+        let again = validator.validate("second").await;
+        assert_ne!(again, Err(InboundError::Overloaded));
+        assert_eq!(validator.introspection_calls(), 2);
     }
 
     #[tokio::test]
@@ -476,6 +752,7 @@ mod tests {
             body: r#"{"active":true}"#.into(),
             forms: Mutex::new(Vec::new()),
             hang: true,
+            arrived: tokio::sync::Notify::new(),
         })
         .await;
         let mut settings = IntrospectionSettings::new(endpoint, CLIENT_ID, basic());
@@ -522,15 +799,20 @@ mod tests {
 
     #[test]
     fn the_cache_lifetime_never_passes_exp() {
+        let settings = IntrospectionSettings::new(
+            url::Url::parse("http://127.0.0.1:1/introspect").unwrap(),
+            CLIENT_ID,
+            basic(),
+        );
         let now = 1_000_000;
         let answer = json!({"active": true, "exp": now + 10}).to_string();
-        let token = interpret(answer.as_bytes(), now).unwrap();
+        let token = interpret(answer.as_bytes(), now, &settings).unwrap();
         assert_eq!(
             ttl_until(token.exp, now, DEFAULT_INTROSPECTION_CACHE_TTL),
             Duration::from_secs(10)
         );
         let answer = json!({"active": true, "exp": now + 3_600}).to_string();
-        let token = interpret(answer.as_bytes(), now).unwrap();
+        let token = interpret(answer.as_bytes(), now, &settings).unwrap();
         assert_eq!(
             ttl_until(token.exp, now, DEFAULT_INTROSPECTION_CACHE_TTL),
             DEFAULT_INTROSPECTION_CACHE_TTL
