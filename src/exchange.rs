@@ -414,9 +414,20 @@ pub fn interpret(
             cause: Unavailability::OAuthError(code.unwrap_or_default()),
             retry_after,
         }),
-        (s, Some(other)) => Err(ExchangeError::BadResponse(format!(
-            "HTTP {s} with unknown error code \"{}\"",
-            other.chars().take(64).collect::<String>()
+        // The code is logged: only a short word of the shape OAuth codes have, never
+        // arbitrary text an STS chose (it could hold the subject token).
+        (s, Some(other))
+            if other.len() <= 40
+                && other
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
+        {
+            Err(ExchangeError::BadResponse(format!(
+                "HTTP {s} with unknown error code \"{other}\""
+            )))
+        }
+        (s, Some(_)) => Err(ExchangeError::BadResponse(format!(
+            "HTTP {s} with an unknown error code that is not a plain word"
         ))),
         (s, None) => Err(ExchangeError::BadResponse(format!(
             "HTTP {s} without an OAuth error body"
