@@ -531,7 +531,7 @@ impl Harness {
                     failures.push(format!(
                         "{}: a caller's token reached the upstream: {}",
                         row.name,
-                        leak.everything()
+                        leak.everything().trim_end().replace('\n', " | ")
                     ));
                 }
             }
@@ -1888,6 +1888,7 @@ fn leak_guard_rows() -> Vec<Row> {
             .upstream_has("x-forwarded-proto", "http")
             .upstream_has("x-forwarded-for", "127.0.0.1")
             .upstream_has_some("x-request-id")
+            .upstream_has("x-forwarded-host", "gateway.test")
             .upstream_has("x-gateway", GATEWAY_HEADER),
         );
     }
