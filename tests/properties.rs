@@ -249,8 +249,31 @@ fn strip_query_token_never_leaves_an_access_token_parameter() {
 /// slashes and backslashes, a raw backslash, encoded unreserved letters, words and the route
 /// prefixes of [`path_router`].
 const PATH_PIECES: &[&str] = &[
-    "/", "/", "/", ".", ".", "..", "%2e", "%2E", "%2F", "%2f", "%5C", "%5c", "\\", "%41", "%7E",
-    "%6F", "a", "x", "7", "orders", "admin", "public", "/public", "/orders", "/orders/admin",
+    "/",
+    "/",
+    "/",
+    ".",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%2F",
+    "%2f",
+    "%5C",
+    "%5c",
+    "\\",
+    "%41",
+    "%7E",
+    "%6F",
+    "a",
+    "x",
+    "7",
+    "orders",
+    "admin",
+    "public",
+    "/public",
+    "/orders",
+    "/orders/admin",
 ];
 
 /// Encoded slashes and backslashes, and the raw backslash: refused by default.
@@ -363,7 +386,12 @@ fn a_normalised_path_never_lies_outside_its_route() {
             };
             // Encoded slashes and backslashes are refused by default, never passed on.
             prop_assert!(!slashy, "{:?} accepted as {:?}", path, normalised);
-            prop_assert!(normalised.starts_with('/'), "{:?} -> {:?}", path, normalised);
+            prop_assert!(
+                normalised.starts_with('/'),
+                "{:?} -> {:?}",
+                path,
+                normalised
+            );
             prop_assert!(!normalised.contains("//"), "{:?} -> {:?}", path, normalised);
             prop_assert!(
                 normalised.split('/').all(|s| s != "." && s != ".."),
@@ -374,7 +402,9 @@ fn a_normalised_path_never_lies_outside_its_route() {
             // RFC 3986 §2.3: encoded unreserved characters are decoded.
             let lower = normalised.to_ascii_lowercase();
             prop_assert!(
-                !["%2e", "%41", "%7e", "%6f"].iter().any(|e| lower.contains(e)),
+                !["%2e", "%41", "%7e", "%6f"]
+                    .iter()
+                    .any(|e| lower.contains(e)),
                 "{:?} -> {:?}",
                 path,
                 normalised
@@ -423,7 +453,12 @@ fn path_normalisation_by_example() {
             "{path}"
         );
     }
-    for path in ["/orders/a%2Fb", "/orders/a%2fb", "/orders%5C7", "/orders%5c7"] {
+    for path in [
+        "/orders/a%2Fb",
+        "/orders/a%2fb",
+        "/orders%5C7",
+        "/orders%5c7",
+    ] {
         assert!(
             matches!(normalize(path, &defaults), Err(PathError::EscapedSlash)),
             "{path}: {:?}",
@@ -454,7 +489,10 @@ fn path_normalisation_by_example() {
         normalised("/orders/a%2Fb", &keep).as_deref(),
         Ok("/orders/a%2Fb")
     );
-    assert_eq!(normalised("/orders%5C7", &keep).as_deref(), Ok("/orders%5C7"));
+    assert_eq!(
+        normalised("/orders%5C7", &keep).as_deref(),
+        Ok("/orders%5C7")
+    );
     // Unescaped before the dot segments go, so the route is chosen on what the upstream reads.
     let unescape = PathRules {
         escaped_slashes: EscapedSlashes::UnescapeAndForward,
@@ -472,13 +510,22 @@ fn path_normalisation_by_example() {
         merge_slashes: false,
         ..PathRules::default()
     };
-    assert_eq!(normalised("/orders//7", &no_merge).as_deref(), Ok("/orders//7"));
+    assert_eq!(
+        normalised("/orders//7", &no_merge).as_deref(),
+        Ok("/orders//7")
+    );
     let merge_only = PathRules {
         normalize_path: false,
         ..PathRules::default()
     };
-    assert_eq!(normalised("/orders//7", &merge_only).as_deref(), Ok("/orders/7"));
-    assert_eq!(normalised("/orders/./7", &merge_only).as_deref(), Ok("/orders/./7"));
+    assert_eq!(
+        normalised("/orders//7", &merge_only).as_deref(),
+        Ok("/orders/7")
+    );
+    assert_eq!(
+        normalised("/orders/./7", &merge_only).as_deref(),
+        Ok("/orders/./7")
+    );
 }
 
 #[test]
