@@ -574,12 +574,13 @@ impl Harness {
         // The observed answer, for `cargo test --test hostile -- --nocapture`.
         match &answer {
             Some(a) => println!(
-                "{:<60} {} {}",
+                "{:<60} {} {:>9.1?} {}",
                 row.name,
                 a.status,
+                took,
                 a.header("www-authenticate").unwrap_or("-")
             ),
-            None => println!("{:<60} closed without an answer", row.name),
+            None => println!("{:<60} closed without an answer {took:.1?}", row.name),
         }
         let calls = sts.calls() - calls_before;
         // Each request the upstreams received for this row, with the body its upstream answers.
