@@ -19,7 +19,9 @@
 //!
 //! Every table runs in process (a [`RunningGateway`]), and all of them again against the
 //! `txgate` binary started on the same configuration with trace logging, whose whole output is
-//! then searched for every caller token (`the_binary_*` at the end).
+//! then searched for every caller token (`the_binary_*` at the end). Only the rows for
+//! non-default path settings, which each need a configuration of their own, run in process
+//! alone.
 
 mod common;
 
@@ -350,6 +352,11 @@ impl Parts {
     /// services at the same STS: `corp`, and `strict`, which validates callers' JWTs first
     /// (one validator shared by `/jwt`, `/orders` and `/machine`).
     fn yaml(&self) -> String {
+        self.yaml_with("")
+    }
+
+    /// [`Parts::yaml`] with more keys (lines indented by two spaces) in its `server:` map.
+    fn yaml_with(&self, server_extra: &str) -> String {
         let strict = format!(
             "  strict:\n    token_endpoint: \"{}\"\n    client_id: \"gateway\"\n    client_secret: \"${{TEST_CLIENT_SECRET}}\"\n    inbound: {{ jwt: {{ issuer: \"{}\", jwks_uri: \"{}\", audiences: [\"{AUDIENCE}\"] }} }}\n",
             self.sts.token_endpoint(),
@@ -368,7 +375,7 @@ impl Parts {
   max_token_bytes: {MAX_TOKEN_BYTES}
   grace_period: 0s
   shutdown_timeout: 1s
-{services}routes:
+{server_extra}{services}routes:
   - name: open
     match: {{ path_prefix: "/open" }}
     upstream: "{up}"
@@ -447,9 +454,14 @@ struct Harness {
 impl Harness {
     /// The gateway in process.
     async fn start() -> Harness {
+        Harness::start_with("").await
+    }
+
+    /// The gateway in process, with more keys in its `server:` map (see [`Parts::yaml_with`]).
+    async fn start_with(server_extra: &str) -> Harness {
         count_panics();
         let parts = Parts::start().await;
-        let gw = gateway(&parts.yaml()).await;
+        let gw = gateway(&parts.yaml_with(server_extra)).await;
         let harness = Harness {
             addr: gw.proxy_addrs[0],
             parts,
@@ -1625,17 +1637,7 @@ fn path_rows(parts: &Parts) -> Vec<Row> {
         ("/orders/7%3Fadmin=1", "/orders/7%3Fadmin=1"),
         ("/orders/7%23x", "/orders/7%23x"),
     ] {
-        let jwt = parts.jwt();
-        rows.push(
-            Row::auth(
-                format!("{path} forwarded as {normalised}"),
-                path,
-                &bearer(&jwt),
-                FORWARDED,
-            )
-            .carrying(&jwt)
-            .arriving_as(normalised),
-        );
+        rows.push(to_orders(parts, path, normalised));
     }
     for (path, normalised) in [
         ("/public/./info", "/public/info"),
@@ -1666,16 +1668,7 @@ fn path_rows(parts: &Parts) -> Vec<Row> {
         "/%2e%2e/orders/7",
         "/orders/../../orders/7",
     ] {
-        let jwt = parts.jwt();
-        rows.push(
-            Row::auth(
-                format!("{path} refused"),
-                path,
-                &bearer(&jwt),
-                INVALID_REQUEST,
-            )
-            .carrying(&jwt),
-        );
+        rows.push(refused_path(parts, path));
     }
     // A raw backslash: the HTTP parser may refuse it before txgate does.
     for path in ["/orders\\7", "/public\\..\\orders\\7"] {
@@ -1698,6 +1691,95 @@ async fn paths_are_normalised_before_routing_and_forwarded_normalised() {
     let h = Harness::start().await;
     let rows = path_rows(&h.parts);
     assert_table(h.run(rows).await);
+}
+
+/// `path` with a valid token, forwarded to the orders route as `normalised`.
+fn to_orders(parts: &Parts, path: &str, normalised: &str) -> Row {
+    let jwt = parts.jwt();
+    Row::auth(
+        format!("{path} forwarded as {normalised}"),
+        path,
+        &bearer(&jwt),
+        FORWARDED,
+    )
+    .carrying(&jwt)
+    .arriving_as(normalised)
+}
+
+/// `path` with a valid token, refused before routing.
+fn refused_path(parts: &Parts, path: &str) -> Row {
+    let jwt = parts.jwt();
+    Row::auth(
+        format!("{path} refused"),
+        path,
+        &bearer(&jwt),
+        INVALID_REQUEST,
+    )
+    .carrying(&jwt)
+}
+
+/// The `server:` keys that change path handling, each set on a gateway of its own (so these
+/// rows run in process only), with rows that tell its effect from the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_settings_change_what_is_refused_and_forwarded() {
+    type Rows = fn(&Parts) -> Vec<Row>;
+    let settings: [(&str, Rows); 5] = [
+        (
+            "  normalize_path: true\n  merge_slashes: true\n  path_with_escaped_slashes_action: reject_request\n",
+            |parts| {
+                vec![
+                    refused_path(parts, "/orders/a%2Fb"),
+                    to_orders(parts, "//orders/./7", "/orders/7"),
+                ]
+            },
+        ),
+        (
+            "  path_with_escaped_slashes_action: keep_unchanged\n",
+            |parts| {
+                vec![
+                    to_orders(parts, "/orders/a%2Fb", "/orders/a%2Fb"),
+                    to_orders(parts, "/orders/a%5Cb", "/orders/a%5Cb"),
+                ]
+            },
+        ),
+        (
+            // Unescaped before routing: the route is chosen on the path the upstream reads.
+            "  path_with_escaped_slashes_action: unescape_and_forward\n",
+            |parts| {
+                vec![
+                    to_orders(parts, "/orders/a%2Fb", "/orders/a/b"),
+                    to_orders(parts, "/public/..%2Forders/7", "/orders/7"),
+                    Row::get(
+                        "/public/..%2Forders/7 without a token",
+                        "/public/..%2Forders/7",
+                        &[],
+                        NO_CREDENTIAL,
+                    ),
+                ]
+            },
+        ),
+        ("  merge_slashes: false\n", |parts| {
+            vec![to_orders(parts, "/orders//7", "/orders//7")]
+        }),
+        ("  normalize_path: false\n", |parts| {
+            vec![
+                to_orders(parts, "/orders/./7", "/orders/./7"),
+                to_orders(parts, "/orders/%37", "/orders/%37"),
+            ]
+        }),
+    ];
+    let mut failures = Vec::new();
+    for (server_extra, rows) in settings {
+        let h = Harness::start_with(server_extra).await;
+        let rows = rows(&h.parts);
+        failures.extend(
+            h.run(rows)
+                .await
+                .into_iter()
+                .map(|f| format!("{}: {f}", server_extra.trim().replace('\n', ", "))),
+        );
+    }
+    assert_table(failures);
 }
 
 /// One kind of route. A token-in-URL rule once held on four kinds out of five, so the URL
