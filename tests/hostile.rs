@@ -506,23 +506,23 @@ impl Harness {
             .lock()
             .unwrap()
             .extend([deleg.clone(), machine.clone()]);
-        for (path, authorization) in [
-            ("/delegation/warm", Some(deleg)),
-            ("/machine/warm", Some(machine)),
-            ("/anonymous/warm", None),
-        ] {
-            let headers: Vec<(&str, Vec<u8>)> = authorization
-                .iter()
-                .map(|t| ("Authorization", bearer(t)))
-                .collect();
-            let headers: Vec<(&str, &[u8])> =
-                headers.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-            let row = Row::get("warm", path, &headers, FORWARDED);
+        let requests = [
+            Row::auth(
+                "/delegation",
+                "/delegation/warm",
+                &bearer(&deleg),
+                FORWARDED,
+            ),
+            Row::auth("/machine", "/machine/warm", &bearer(&machine), FORWARDED),
+            Row::get("/anonymous", "/anonymous/warm", &[], FORWARDED),
+        ];
+        for row in requests {
             let answer = send_raw(self.addr, &row.bytes).await;
             assert_eq!(
                 answer.as_ref().map(|a| a.status),
                 Some(200),
-                "warming {path}: {answer:?}"
+                "warming {}: {answer:?}",
+                row.name
             );
         }
     }
