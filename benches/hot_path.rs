@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, header};
+use txgate::admission::credential;
 use txgate::cache::TokenCache;
 use txgate::config::{Config, Exchange, ExchangeProfile};
-use txgate::proxy::credential;
 use txgate::router::Router;
 
 /// A bearer token the size of a signed JWT with a handful of claims (~600 bytes), in the

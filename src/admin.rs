@@ -23,7 +23,7 @@ use pingora_prometheus::prometheus::IntCounterVec;
 use pingora_prometheus::prometheus::core::Collector;
 
 use crate::config::{ActorSource, Exchange, HostPattern, Route};
-use crate::proxy::{CurrentState, GatewayState};
+use crate::state::{CurrentState, GatewayState};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const HTML: &str = "text/html; charset=utf-8";

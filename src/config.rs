@@ -94,6 +94,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub shutdown_timeout: Duration,
     pub max_token_bytes: usize,
+    /// How request paths are normalised before routing.
+    pub paths: crate::admission::path::PathRules,
 }
 
 /// `server.tls:` after validation: the files are readable and hold a usable key pair.
@@ -124,6 +126,23 @@ pub struct Route {
     /// Local validation of the caller's token: the route's own `inbound`, else its token
     /// service's; `None` leaves validation to the STS.
     pub inbound: Option<Arc<Inbound>>,
+}
+
+impl Route {
+    /// Whether the route does anything with a caller token it is sent (exchanges it, or
+    /// checks it); a `none` route only keeps it from the upstream.
+    pub fn uses_caller_token(&self) -> bool {
+        matches!(self.exchange, Exchange::Token(_))
+    }
+
+    /// Whether a request must present a caller token: every route that exchanges one, except
+    /// `client_credentials` with `caller: anonymous`. Called by admission for every request.
+    pub fn needs_caller_token(&self) -> bool {
+        match &self.exchange {
+            Exchange::None => false,
+            Exchange::Token(profile) => !profile.anonymous_caller,
+        }
+    }
 }
 
 /// `match.host`: exact (case-insensitive) or `*.suffix` (one or more labels before the suffix).
@@ -408,7 +427,26 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         max_request_header_bytes,
         tls,
         watch_config,
+        normalize_path,
+        merge_slashes,
+        path_with_escaped_slashes_action,
     } = raw;
+    let paths = {
+        use crate::admission::path::{EscapedSlashes, PathRules};
+        let defaults = PathRules::default();
+        PathRules {
+            normalize_path: normalize_path.unwrap_or(defaults.normalize_path),
+            merge_slashes: merge_slashes.unwrap_or(defaults.merge_slashes),
+            escaped_slashes: match path_with_escaped_slashes_action {
+                None => defaults.escaped_slashes,
+                Some(file::EscapedSlashesFile::RejectRequest) => EscapedSlashes::RejectRequest,
+                Some(file::EscapedSlashesFile::KeepUnchanged) => EscapedSlashes::KeepUnchanged,
+                Some(file::EscapedSlashesFile::UnescapeAndForward) => {
+                    EscapedSlashes::UnescapeAndForward
+                }
+            },
+        }
+    };
     let watch_config = watch_config
         .map(|d| positive("server.watch_config", d))
         .transpose()?;
@@ -485,6 +523,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         grace_period: grace_period.unwrap_or(file::DEFAULT_GRACE_PERIOD),
         shutdown_timeout: shutdown_timeout.unwrap_or(file::DEFAULT_SHUTDOWN_TIMEOUT),
         max_token_bytes,
+        paths,
     })
 }
 

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::admission::path::PathError;
 use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError};
 
 /// The realm in every `WWW-Authenticate` challenge (RFC 6750 §3).
@@ -31,9 +32,19 @@ pub enum GatewayError {
     /// The request header block is larger than `server.max_request_header_bytes`.
     #[error("request headers larger than the configured limit")]
     HeadersTooLarge,
-    /// The caller's token appears in the request URL outside `access_token`.
+    /// The caller's token appears in the request URL (path, query or host) outside
+    /// `access_token`.
     #[error("the bearer token appears in the request URL")]
     TokenInUrl,
+    /// More `access_token` query parameters than a request may carry.
+    #[error("too many access_token query parameters")]
+    TooManyQueryTokens,
+    /// A path the gateway will not route: an encoded slash, a climb above the root...
+    #[error("refused path: {0}")]
+    InvalidPath(PathError),
+    /// Several `Host` headers, or a `Host` that differs from the URI's authority.
+    #[error("ambiguous or unreadable host")]
+    InvalidHost,
     /// The caller's token failed local validation (signature, expiry, issuer, audience...).
     #[error("the bearer token failed local validation: {0}")]
     InvalidToken(String),
@@ -71,7 +82,10 @@ impl GatewayError {
             GatewayError::ValidatorUnavailable(_) => 503,
             GatewayError::DuplicateCredential
             | GatewayError::MalformedCredential(_)
-            | GatewayError::TokenInUrl => 400,
+            | GatewayError::TokenInUrl
+            | GatewayError::TooManyQueryTokens
+            | GatewayError::InvalidPath(_)
+            | GatewayError::InvalidHost => 400,
             GatewayError::Exchange(e) => match e {
                 ExchangeError::SubjectRejected { .. } => 401,
                 ExchangeError::Forbidden { .. } => 403,
@@ -92,6 +106,9 @@ impl GatewayError {
             GatewayError::MalformedCredential(_) => "malformed_credential",
             GatewayError::TokenTooLarge(_) => "token_too_large",
             GatewayError::TokenInUrl => "token_in_url",
+            GatewayError::TooManyQueryTokens => "too_many_query_tokens",
+            GatewayError::InvalidPath(_) => "invalid_path",
+            GatewayError::InvalidHost => "invalid_host",
             GatewayError::InvalidToken(_) => "invalid_token",
             GatewayError::ValidatorUnavailable(_) => "validator_unavailable",
             GatewayError::MayActDenied => "may_act_denied",
@@ -124,6 +141,18 @@ impl GatewayError {
             GatewayError::MalformedCredential(why) => why,
             GatewayError::TokenTooLarge(_) => "the bearer token is too large",
             GatewayError::TokenInUrl => "bearer tokens must not be sent in the URL",
+            GatewayError::TooManyQueryTokens => "bearer tokens must not be sent in the URL",
+            GatewayError::InvalidPath(PathError::EscapedSlash) => {
+                "encoded slashes and backslashes are not accepted in the path"
+            }
+            GatewayError::InvalidPath(PathError::AboveRoot) => "the path climbs above the root",
+            GatewayError::InvalidPath(PathError::BadEscape) => {
+                "the path has a malformed percent-encoding"
+            }
+            GatewayError::InvalidPath(PathError::NotOriginForm) => {
+                "the request target must be an absolute path"
+            }
+            GatewayError::InvalidHost => "the request names more than one host",
             GatewayError::InvalidToken(_) => "the bearer token was rejected",
             GatewayError::ValidatorUnavailable(_) => {
                 "the token cannot be validated right now; retry later"
@@ -205,6 +234,48 @@ impl GatewayError {
             ) => tracing::warn!(route, outcome, error = %self, "token exchange failed"),
             _ => tracing::debug!(route, outcome, error = %self, "request rejected"),
         }
+    }
+}
+
+/// Why forwarding failed after admission: connecting to the upstream or talking with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyFailure {
+    /// The upstream could not be reached or broke the exchange (502).
+    UpstreamUnavailable,
+    /// The upstream did not connect or answer in time (504).
+    UpstreamTimeout,
+    /// The client sent something the proxy could not read (400).
+    BadRequest,
+    /// The client went away: nobody to answer.
+    ClientGone,
+    /// A failure inside the gateway (500).
+    Internal,
+    /// A status the proxy engine decided itself (passed on as it is).
+    Status(u16),
+}
+
+impl ProxyFailure {
+    /// The status the caller gets; `None` when no answer can be sent.
+    pub fn status(self) -> Option<u16> {
+        match self {
+            ProxyFailure::UpstreamUnavailable => Some(502),
+            ProxyFailure::UpstreamTimeout => Some(504),
+            ProxyFailure::BadRequest => Some(400),
+            ProxyFailure::ClientGone => None,
+            ProxyFailure::Internal => Some(500),
+            ProxyFailure::Status(status) => Some(status),
+        }
+    }
+
+    /// The JSON body: `{"error": ..., "error_description": ...}`.
+    pub fn body(self) -> String {
+        let (code, description) = match self.status() {
+            Some(502) => ("bad_gateway", "the upstream is unavailable"),
+            Some(504) => ("gateway_timeout", "the upstream did not answer in time"),
+            Some(400..=499) => ("invalid_request", "the request could not be read"),
+            _ => ("internal_error", "the gateway failed to proxy the request"),
+        };
+        serde_json::json!({"error": code, "error_description": description}).to_string()
     }
 }
 

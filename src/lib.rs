@@ -6,6 +6,7 @@
 //! the caller's original token.
 
 pub mod admin;
+pub mod admission;
 pub mod cache;
 pub mod config;
 pub mod demo;
@@ -17,7 +18,9 @@ pub mod inbound;
 pub mod jwt;
 pub mod metrics;
 pub mod proxy;
+pub mod redact;
 pub mod router;
 pub mod secret;
 pub mod server;
+pub mod state;
 pub mod tls;

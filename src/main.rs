@@ -139,9 +139,19 @@ fn config_error(error: &txgate::config::ConfigError) -> ExitCode {
 fn init_logging(format: LogFormat) {
     let mut filter =
         EnvFilter::try_from_env("TXGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // pingora's debug events print whole request and response headers (cookies, API keys,
-    // tokens in headers other than Authorization): never below info, whatever TXGATE_LOG says.
-    for target in ["pingora_proxy", "pingora_core::protocols"] {
+    // The HTTP engines' debug and trace events print whole request and response headers
+    // (cookies, API keys, tokens in headers other than Authorization) and STS request details:
+    // never below info, whatever TXGATE_LOG says. txgate's own events never hold a token.
+    for target in [
+        "pingora_proxy",
+        "pingora_core",
+        "pingora_http",
+        "pingora_pool",
+        "hyper",
+        "hyper_util",
+        "h2",
+        "reqwest",
+    ] {
         if let Ok(directive) = format!("{target}=info").parse() {
             filter = filter.add_directive(directive);
         }

@@ -22,8 +22,9 @@ use tokio::sync::oneshot;
 
 use crate::admin::AdminApp;
 use crate::config::{Config, ServerSettings};
-use crate::proxy::CurrentState;
-use crate::proxy::{Gateway, GatewayState};
+use crate::proxy::Gateway;
+use crate::state::CurrentState;
+use crate::state::GatewayState;
 use crate::tls::ReloadingCert;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;

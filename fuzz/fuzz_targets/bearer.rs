@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         count += 1;
     }
     let max = usize::from(max);
-    match txgate::proxy::credential::bearer(&headers, max) {
+    match txgate::admission::credential::bearer(&headers, max) {
         Ok(token) => {
             assert_eq!(count, 1);
             assert!(token.len() <= max);

@@ -73,6 +73,24 @@ pub struct ServerFile {
     /// always reloads).
     #[serde(default, with = "humantime_serde")]
     pub watch_config: Option<Duration>,
+    /// Decode unreserved escapes and remove dot segments before routing; default true.
+    #[serde(default)]
+    pub normalize_path: Option<bool>,
+    /// Merge repeated slashes in paths before routing; default true.
+    #[serde(default)]
+    pub merge_slashes: Option<bool>,
+    /// `%2F`, `%5C` and `\` in paths; default `reject_request`.
+    #[serde(default)]
+    pub path_with_escaped_slashes_action: Option<EscapedSlashesFile>,
+}
+
+/// `server.path_with_escaped_slashes_action:`
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashesFile {
+    RejectRequest,
+    KeepUnchanged,
+    UnescapeAndForward,
 }
 
 /// `server.tls:`

@@ -1,0 +1,265 @@
+//! DESIGN.md step 7: the request the upstream receives. The caller's credential goes out, the
+//! path and query become the ones admission decided on, the leak guard drops any caller header
+//! still carrying the caller's token, and only then does the gateway add its own headers
+//! (route `headers.set`, forwarding headers, the request id, the exchanged `Authorization`), so
+//! nothing a caller chooses can make the guard remove them.
+
+use std::net::SocketAddr;
+
+use http::{HeaderName, HeaderValue, header};
+use pingora::http::RequestHeader;
+use sha2::{Digest, Sha256};
+
+use crate::admission::{Admitted, Caller};
+use crate::redact;
+
+/// Longest `X-Request-Id` kept from a client.
+const MAX_REQUEST_ID: usize = 128;
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+// The same names as written on the wire. pingora's `insert_header` turns a custom `HeaderName`
+// into its wire spelling by copying it; a `&'static str` is used as it is.
+pub(crate) const WIRE_X_REQUEST_ID: &str = "X-Request-Id";
+const WIRE_X_FORWARDED_FOR: &str = "X-Forwarded-For";
+const WIRE_X_FORWARDED_PROTO: &str = "X-Forwarded-Proto";
+const WIRE_X_FORWARDED_HOST: &str = "X-Forwarded-Host";
+
+/// What the forwarding step needs besides the admitted request.
+pub struct Hop<'a> {
+    pub request_id: Option<&'a HeaderValue>,
+    /// The client's address (`X-Forwarded-For`).
+    pub client: Option<SocketAddr>,
+    /// A WebSocket (or other) upgrade: `Connection: upgrade` and `Upgrade` stay.
+    pub upgrade: bool,
+    /// The request arrived over TLS (`X-Forwarded-Proto: https`).
+    pub over_tls: bool,
+}
+
+/// Rewrites the upstream request of an admitted request.
+pub fn rewrite(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>) {
+    let forwarded_host = upstream.headers.get(header::HOST).cloned().or_else(|| {
+        upstream
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
+    });
+    // `remove_header` drops every value of the name at once.
+    upstream.remove_header(&header::AUTHORIZATION);
+    remove_hop_by_hop(upstream, hop.upgrade);
+    let rules = &admitted.target.route.headers;
+    for name in &rules.remove {
+        upstream.remove_header(name);
+    }
+    leak_guard(upstream, &admitted.caller);
+    if let Some(uri) = upstream_uri(&upstream.uri, admitted) {
+        upstream.set_uri(uri);
+    }
+    // The gateway's own headers, after the guard.
+    for (name, value) in &rules.set {
+        let _ = upstream.insert_header(name.clone(), value.clone());
+    }
+    if let Some(host) = forwarded_host {
+        let _ = upstream.insert_header(WIRE_X_FORWARDED_HOST, host);
+    }
+    if let Some(ip) = hop.client.map(|a| a.ip()) {
+        let value = match upstream
+            .headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prior) => HeaderValue::try_from(format!("{prior}, {ip}")).ok(),
+            None => ip_header_value(ip),
+        };
+        if let Some(value) = value {
+            let _ = upstream.insert_header(WIRE_X_FORWARDED_FOR, value);
+        }
+    }
+    let proto = if hop.over_tls { "https" } else { "http" };
+    let _ = upstream.insert_header(WIRE_X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Some(id) = hop.request_id {
+        let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
+    }
+    if let Some(authorization) = &admitted.upstream.authorization {
+        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
+    }
+}
+
+/// The URI the upstream receives when it differs from the request's: the normalised path and
+/// the query without `access_token`; scheme and authority as they were.
+fn upstream_uri(uri: &http::Uri, admitted: &Admitted) -> Option<http::Uri> {
+    let path = admitted.target.normalized_path.as_deref();
+    let query = admitted.caller.query.as_ref();
+    if path.is_none() && query.is_none() {
+        return None;
+    }
+    let path = path.unwrap_or(uri.path());
+    let query = match query {
+        Some(rest) => rest.as_deref(),
+        None => uri.query(),
+    };
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// Drops every caller header whose value still contains one of the caller's tokens (e.g. an
+/// `X-Forwarded-Access-Token` set by an edge proxy, a cookie). One pass over the header bytes
+/// per guarded token, and there are at most five of those.
+fn leak_guard(upstream: &mut RequestHeader, caller: &Caller) {
+    if caller.guarded.is_empty() {
+        return;
+    }
+    let leaking: Vec<HeaderName> = upstream
+        .headers
+        .iter()
+        .filter(|(_, value)| caller.is_carried_by(value.as_bytes()))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in leaking {
+        tracing::debug!(header = %name, "dropped a header carrying the caller's token");
+        upstream.remove_header(&name);
+    }
+}
+
+/// An IP address as a header value, formatted on the stack (no intermediate `String`).
+fn ip_header_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    // The longest text form of an IPv6 address is 45 bytes.
+    let mut buf = [0u8; 48];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    write!(cursor, "{ip}").ok()?;
+    let len = usize::try_from(cursor.position()).ok()?;
+    HeaderValue::from_bytes(&buf[..len]).ok()
+}
+
+/// RFC 9110 §7.6.1: connection-specific headers are not forwarded. For an upgrade (WebSocket)
+/// request `Connection: upgrade` and `Upgrade` are what the upstream needs, so they stay.
+fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
+    static HOP_BY_HOP: [HeaderName; 4] = [
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+    ];
+    // Most requests carry none of these: one pass over the names decides, and the removals
+    // (each a hash lookup in two maps) run only for what is there.
+    let present = upstream.headers.keys().any(|name| {
+        name == header::CONNECTION || name == header::UPGRADE || HOP_BY_HOP.contains(name)
+    });
+    if !present {
+        return;
+    }
+    for name in &HOP_BY_HOP {
+        upstream.remove_header(name);
+    }
+    if !upstream.headers.contains_key(header::CONNECTION) {
+        if !upgrade {
+            upstream.remove_header(&header::UPGRADE);
+        }
+        return;
+    }
+    let listed: Vec<HeaderName> = upstream
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .filter(|name| !(upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        upstream.remove_header(&name);
+    }
+    if upgrade {
+        let _ = upstream.insert_header(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        upstream.remove_header(&header::CONNECTION);
+        upstream.remove_header(&header::UPGRADE);
+    }
+}
+
+/// The client's `X-Request-Id` if it is short, plain and carries no credential of the request
+/// (it is logged and echoed), else a new random one.
+pub fn request_id(request: &RequestHeader) -> HeaderValue {
+    if let Some(value) = request.headers.get(&X_REQUEST_ID) {
+        let bytes = value.as_bytes();
+        if !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+            && redact::is_clean(bytes, &redact::presented(&request.uri, &request.headers))
+        {
+            return value.clone();
+        }
+    }
+    // 32 hex digits written on the stack: no formatting machinery on the hot path.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id: u128 = rand::random();
+    let mut digits = [0u8; 32];
+    for (i, d) in digits.iter_mut().enumerate() {
+        *d = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&digits).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// A short fingerprint of a token for logs: 16 hex digits of its SHA-256.
+pub fn fingerprint(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    hex::encode(&digest[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn caller(tokens: &[&str]) -> Caller {
+        Caller {
+            token: None,
+            guarded: tokens.iter().map(|t| Arc::from(*t)).collect(),
+            query: None,
+        }
+    }
+
+    #[test]
+    fn leak_guard_drops_headers_carrying_the_token() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("x-forwarded-access-token", "tok123456")
+            .unwrap();
+        req.insert_header("x-other", "prefix-tok123456-suffix")
+            .unwrap();
+        req.insert_header("x-fine", "nothing").unwrap();
+        leak_guard(&mut req, &caller(&["tok123456"]));
+        assert!(req.headers.get("x-forwarded-access-token").is_none());
+        assert!(req.headers.get("x-other").is_none());
+        assert_eq!(req.headers.get("x-fine").unwrap(), "nothing");
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_plain_and_clean() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.insert_header("x-request-id", "abc-123").unwrap();
+        assert_eq!(request_id(&req), "abc-123");
+        req.insert_header("x-request-id", "has space").unwrap();
+        assert_ne!(request_id(&req), "has space");
+        assert_eq!(request_id(&req).len(), 32);
+        // A request id that carries the request's own credential is replaced: it is logged.
+        req.insert_header("x-request-id", "id-secret-token-1")
+            .unwrap();
+        req.insert_header("authorization", "Bearer secret-token-1")
+            .unwrap();
+        assert_ne!(request_id(&req), "id-secret-token-1");
+    }
+
+    #[test]
+    fn fingerprints_are_short_and_stable() {
+        assert_eq!(fingerprint("a"), fingerprint("a"));
+        assert_eq!(fingerprint("a").len(), 16);
+        assert_ne!(fingerprint("a"), fingerprint("b"));
+    }
+}

@@ -1,0 +1,68 @@
+//! Answers the gateway writes itself: refusals from admission and failures to proxy, each a
+//! JSON body from the tables in [`crate::error`], never cached by clients.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, header};
+use pingora::http::ResponseHeader;
+use pingora::prelude::Session;
+
+use super::forward::WIRE_X_REQUEST_ID;
+use crate::error::{GatewayError, ProxyFailure};
+
+/// A response written by the gateway itself.
+pub struct Reply {
+    status: u16,
+    body: String,
+    www_authenticate: Option<String>,
+    retry_after: Option<Duration>,
+}
+
+impl Reply {
+    pub fn from_error(error: &GatewayError) -> Reply {
+        Reply {
+            status: error.status(),
+            body: error.body(),
+            www_authenticate: error.www_authenticate(),
+            retry_after: error.retry_after(),
+        }
+    }
+
+    /// The answer to a failure after admission; `None` when nobody is left to answer.
+    pub fn from_proxy_failure(failure: ProxyFailure) -> Option<Reply> {
+        Some(Reply {
+            status: failure.status()?,
+            body: failure.body(),
+            www_authenticate: None,
+            retry_after: None,
+        })
+    }
+
+    pub async fn send(
+        self,
+        session: &mut Session,
+        request_id: Option<&HeaderValue>,
+    ) -> pingora::Result<()> {
+        let mut response = ResponseHeader::build(self.status, Some(6))?;
+        response.insert_header(header::CONTENT_TYPE, "application/json")?;
+        response.insert_header(header::CACHE_CONTROL, "no-store")?;
+        response.insert_header(header::CONTENT_LENGTH, self.body.len().to_string())?;
+        if let Some(challenge) = self.www_authenticate {
+            response.insert_header(header::WWW_AUTHENTICATE, challenge)?;
+        }
+        if let Some(after) = self.retry_after {
+            response.insert_header(header::RETRY_AFTER, after.as_secs().max(1).to_string())?;
+        }
+        if let Some(id) = request_id {
+            response.insert_header(WIRE_X_REQUEST_ID, id.clone())?;
+        }
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(response), false)
+            .await?;
+        session
+            .write_response_body(Some(Bytes::from(self.body)), true)
+            .await
+    }
+}

@@ -1,0 +1,183 @@
+//! The running gateway's shared state: what every request of one configuration reads, built
+//! once from a [`Config`], and the background tasks that keep it current (JWKS refreshers,
+//! upstream health checks). A reload builds a new state and swaps it in; requests in flight
+//! keep the one they started with.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use pingora_prometheus::prometheus::{Histogram, IntCounter};
+
+use crate::admission::path::PathRules;
+use crate::cache::TokenCache;
+use crate::config::{Config, Route};
+use crate::inbound::{JwtValidator, RefresherGuard};
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+/// The configuration in force; a reload swaps it, requests in flight keep the one they began
+/// with.
+pub type CurrentState = Arc<arc_swap::ArcSwap<GatewayState>>;
+
+/// Everything requests share: built once per configuration.
+pub struct GatewayState {
+    pub router: Router,
+    pub routes: Vec<Arc<Route>>,
+    pub cache: Arc<TokenCache>,
+    pub metrics: Arc<Metrics>,
+    pub(crate) route_metrics: Vec<RouteMetrics>,
+    pub(crate) max_token_bytes: usize,
+    pub(crate) max_request_header_bytes: usize,
+    /// How request paths are normalised before routing.
+    pub(crate) paths: PathRules,
+    /// Set when the proxy service has started accepting; read by `/readyz`.
+    pub ready: Arc<AtomicBool>,
+    /// Set when shutdown begins; `/readyz` then fails so load balancers drain us.
+    pub shutting_down: Arc<AtomicBool>,
+    /// The listen addresses of this configuration (they change only with a restart).
+    pub listen: Vec<SocketAddr>,
+    pub tls_listen: Vec<SocketAddr>,
+    /// Every distinct JWT validator; readiness waits for their first JWKS.
+    pub jwt_validators: Vec<Arc<JwtValidator>>,
+    /// Keeps the validators' background JWKS refreshers running.
+    refreshers: Mutex<Vec<RefresherGuard>>,
+}
+
+/// Per-route metric handles, resolved once so the hot path does no label hashing for them.
+pub(crate) struct RouteMetrics {
+    pub(crate) duration: Histogram,
+    pub(crate) hit: IntCounter,
+    pub(crate) miss: IntCounter,
+    pub(crate) coalesced: IntCounter,
+    /// `txgate_requests_total{route, status}` for the statuses a gateway answers most; others
+    /// are looked up by label (which takes the metric family's lock).
+    pub(crate) by_status: Vec<(u16, IntCounter)>,
+}
+
+/// Statuses whose request counters are resolved once per route.
+const COMMON_STATUSES: &[u16] = &[
+    200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 431, 500, 502, 503, 504,
+];
+
+impl GatewayState {
+    /// Starts the JWKS refreshers (first fetch now). Called once, on a runtime, when the proxy
+    /// starts.
+    pub fn start_background(&self) {
+        let guards: Vec<RefresherGuard> = self
+            .jwt_validators
+            .iter()
+            .map(|v| v.spawn_refresher())
+            .collect();
+        if let Ok(mut refreshers) = self.refreshers.lock() {
+            refreshers.extend(guards);
+        }
+        // Upstream health checks; each loop ends when its configuration is replaced.
+        for route in &self.routes {
+            if let Some(interval) = route.upstream.health_check_interval {
+                let balancer = Arc::downgrade(&route.upstream.balancer);
+                tokio::spawn(async move {
+                    while let Some(balancer) = balancer.upgrade() {
+                        balancer.backends().run_health_check(true).await;
+                        drop(balancer);
+                        tokio::time::sleep(interval).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Ready: the proxy accepts, shutdown has not begun, and every JWKS has loaded once.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+            && !self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+            && self.jwt_validators.iter().all(|v| v.is_ready())
+    }
+
+    /// Waits until every JWT validator has loaded its JWKS (used by embedders and tests that
+    /// must not send traffic before the gateway can validate it).
+    pub async fn wait_ready(&self) {
+        for v in &self.jwt_validators {
+            v.wait_ready().await;
+        }
+    }
+
+    /// Builds the shared state for `config`. On a reload `previous` hands over what outlives a
+    /// configuration: the token cache (entries are keyed by exchange profile, so changed
+    /// routes simply miss), the metrics registry and the readiness flags.
+    pub fn new(config: &Config, previous: Option<&GatewayState>) -> Result<GatewayState, String> {
+        let metrics = match previous {
+            Some(p) => p.metrics.clone(),
+            None => Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?),
+        };
+        let route_metrics = config
+            .routes
+            .iter()
+            .map(|r| RouteMetrics {
+                duration: metrics
+                    .request_duration
+                    .with_label_values(&[r.name.as_str()]),
+                hit: metrics
+                    .cache_lookups
+                    .with_label_values(&[r.name.as_str(), "hit"]),
+                miss: metrics
+                    .cache_lookups
+                    .with_label_values(&[r.name.as_str(), "miss"]),
+                coalesced: metrics
+                    .cache_lookups
+                    .with_label_values(&[r.name.as_str(), "coalesced"]),
+                by_status: COMMON_STATUSES
+                    .iter()
+                    .map(|s| {
+                        let label = http::StatusCode::from_u16(*s)
+                            .map(|c| c.as_str().to_string())
+                            .unwrap_or_default();
+                        (
+                            *s,
+                            metrics
+                                .requests
+                                .with_label_values(&[r.name.as_str(), label.as_str()]),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut jwt_validators: Vec<Arc<JwtValidator>> = Vec::new();
+        for inbound in config.routes.iter().filter_map(|r| r.inbound.as_ref()) {
+            if let Some(jwt) = &inbound.jwt
+                && !jwt_validators.iter().any(|v| Arc::ptr_eq(v, jwt))
+            {
+                jwt_validators.push(jwt.clone());
+            }
+        }
+        Ok(GatewayState {
+            jwt_validators,
+            refreshers: Mutex::new(Vec::new()),
+            router: Router::new(&config.routes),
+            routes: config.routes.clone(),
+            cache: match previous {
+                Some(p) => p.cache.clone(),
+                None => Arc::new(TokenCache::new(&config.cache)),
+            },
+            metrics,
+            route_metrics,
+            max_token_bytes: config.server.max_token_bytes,
+            max_request_header_bytes: config.server.max_request_header_bytes,
+            paths: config.server.paths,
+            ready: previous.map_or_else(|| Arc::new(AtomicBool::new(false)), |p| p.ready.clone()),
+            shutting_down: previous.map_or_else(
+                || Arc::new(AtomicBool::new(false)),
+                |p| p.shutting_down.clone(),
+            ),
+            listen: config.server.listen.clone(),
+            tls_listen: config
+                .server
+                .tls
+                .as_ref()
+                .map(|t| t.listen.clone())
+                .unwrap_or_default(),
+        })
+    }
+}
