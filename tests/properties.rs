@@ -1,5 +1,5 @@
 //! Property tests of the parsers that read untrusted input: the `Authorization` header, the
-//! query string, `gateway.yaml`, the STS's answers and callers' JWT headers.
+//! query string, the request path, `gateway.yaml`, the STS's answers and callers' JWT headers.
 //!
 //! Each property holds for every input, so a generator explores far more shapes than a table
 //! could name. They complement the fuzz targets in `fuzz/` (which need a nightly-style build)
@@ -19,9 +19,11 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
 use serde_json::{Value, json};
 use txgate::admission::credential::{bearer, strip_query_token};
+use txgate::admission::path::{EscapedSlashes, PathError, PathRules, normalize};
 use txgate::config::Config;
 use txgate::error::GatewayError;
 use txgate::inbound::{InboundError, JwtSettings, JwtValidator};
+use txgate::router::Router;
 
 fn runner(cases: u32) -> TestRunner {
     TestRunner::new(RunnerConfig {
@@ -247,6 +249,307 @@ fn strip_query_token_never_leaves_an_access_token_parameter() {
             prop_assert_eq!(removed, values);
             Ok(())
         })
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request paths (RFC 3986 §2.3, §5.2.4), normalised before routing
+
+/// Pieces hostile paths are made of: slashes, dot segments plain and percent-encoded, encoded
+/// slashes and backslashes, a raw backslash, encoded unreserved letters, words and the route
+/// prefixes of [`path_router`].
+const PATH_PIECES: &[&str] = &[
+    "/",
+    "/",
+    "/",
+    ".",
+    ".",
+    "..",
+    "%2e",
+    "%2E",
+    "%2F",
+    "%2f",
+    "%5C",
+    "%5c",
+    "\\",
+    "%41",
+    "%7E",
+    "%6F",
+    "a",
+    "x",
+    "7",
+    "orders",
+    "admin",
+    "public",
+    "/public",
+    "/orders",
+    "/orders/admin",
+];
+
+/// Encoded slashes and backslashes, and the raw backslash: refused by default.
+const SLASHY_PIECES: &[&str] = &["%2F", "%2f", "%5C", "%5c", "\\"];
+
+/// A path from [`PATH_PIECES`], and whether it holds a [`SLASHY_PIECES`] piece. Mostly
+/// origin-form (a leading `/`); now and then not.
+fn hostile_path() -> impl Strategy<Value = (String, bool)> {
+    (
+        prop::collection::vec(prop::sample::select(PATH_PIECES), 0..14),
+        prop::bool::weighted(0.9),
+    )
+        .prop_map(|(pieces, rooted)| {
+            let slashy = pieces.iter().any(|p| SLASHY_PIECES.contains(p));
+            let path = pieces.concat();
+            let path = if rooted { format!("/{path}") } else { path };
+            (path, slashy)
+        })
+}
+
+/// Path rules from generated values (the rules themselves need not be `Debug` or `Clone`).
+fn path_rules(normalize_path: bool, merge_slashes: bool, escaped: u8) -> PathRules {
+    PathRules {
+        normalize_path,
+        merge_slashes,
+        escaped_slashes: match escaped % 3 {
+            0 => EscapedSlashes::RejectRequest,
+            1 => EscapedSlashes::KeepUnchanged,
+            _ => EscapedSlashes::UnescapeAndForward,
+        },
+    }
+}
+
+/// Routes `/public`, `/orders` and `/orders/admin`, and nothing else.
+fn path_router() -> Router {
+    let route = |name: &str, prefix: &str| {
+        format!(
+            "  - {{ name: {name}, match: {{ path_prefix: \"{prefix}\" }}, upstream: \"http://127.0.0.1:1\", exchange: {{ mode: none }} }}\n"
+        )
+    };
+    let yaml = format!(
+        "server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n{}{}{}",
+        route("public", "/public"),
+        route("orders", "/orders"),
+        route("admin", "/orders/admin")
+    );
+    let config = Config::from_yaml(&yaml, "test.yaml", &|_| None).expect("the routes load");
+    Router::new(&config.routes)
+}
+
+/// The route the gateway picks for a request path: the route of its normalised form.
+fn route_of(router: &Router, path: &str, rules: &PathRules) -> Option<String> {
+    let normalised = normalize(path, rules).ok()?;
+    router
+        .find(None, &normalised)
+        .map(|(_, route)| route.name.clone())
+}
+
+#[test]
+fn path_normalisation_is_idempotent_under_every_rule_set() {
+    let rules = (any::<bool>(), any::<bool>(), 0u8..3);
+    runner(2048)
+        .run(
+            &(hostile_path(), rules),
+            |((path, _), (normalize_path, merge_slashes, escaped))| {
+                let rules = path_rules(normalize_path, merge_slashes, escaped);
+                if let Ok(once) = normalize(&path, &rules) {
+                    let twice = normalize(&once, &rules);
+                    prop_assert!(
+                        matches!(&twice, Ok(t) if *t == once),
+                        "{:?} -> {:?} -> {:?}",
+                        path,
+                        once,
+                        twice
+                    );
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_path_and_its_normalised_form_get_the_same_route() {
+    let router = path_router();
+    let rules = PathRules::default();
+    runner(2048)
+        .run(&hostile_path(), |(path, _)| {
+            if let Ok(normalised) = normalize(&path, &rules) {
+                let direct = router
+                    .find(None, &normalised)
+                    .map(|(_, route)| route.name.clone());
+                prop_assert_eq!(route_of(&router, &path, &rules), direct.clone());
+                prop_assert_eq!(route_of(&router, &normalised, &rules), direct);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn a_normalised_path_never_lies_outside_its_route() {
+    let router = path_router();
+    let rules = PathRules::default();
+    runner(2048)
+        .run(&hostile_path(), |(path, slashy)| {
+            let normalised = match normalize(&path, &rules) {
+                Ok(n) => n,
+                Err(_) => return Ok(()),
+            };
+            // Encoded slashes and backslashes are refused by default, never passed on.
+            prop_assert!(!slashy, "{:?} accepted as {:?}", path, normalised);
+            prop_assert!(
+                normalised.starts_with('/'),
+                "{:?} -> {:?}",
+                path,
+                normalised
+            );
+            prop_assert!(!normalised.contains("//"), "{:?} -> {:?}", path, normalised);
+            prop_assert!(
+                normalised.split('/').all(|s| s != "." && s != ".."),
+                "{:?} -> {:?}",
+                path,
+                normalised
+            );
+            // RFC 3986 §2.3: encoded unreserved characters are decoded.
+            let lower = normalised.to_ascii_lowercase();
+            prop_assert!(
+                !["%2e", "%41", "%7e", "%6f"]
+                    .iter()
+                    .any(|e| lower.contains(e)),
+                "{:?} -> {:?}",
+                path,
+                normalised
+            );
+            if let Some((_, route)) = router.find(None, &normalised) {
+                let prefix = route.path_prefix.as_str();
+                let inside = normalised.strip_prefix(prefix).is_some_and(|rest| {
+                    rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/')
+                });
+                prop_assert!(inside, "{:?} -> {:?} on {}", path, normalised, prefix);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn path_normalisation_by_example() {
+    let defaults = PathRules::default();
+    let normalised = |path: &str, rules: &PathRules| -> Result<String, String> {
+        normalize(path, rules)
+            .map(|n| n.into_owned())
+            .map_err(|e| format!("{e:?}"))
+    };
+    for (path, expected) in [
+        ("/", "/"),
+        ("/orders", "/orders"),
+        ("/public/../orders/7", "/orders/7"),
+        ("/public/%2e%2e/orders/7", "/orders/7"),
+        ("/public/.%2E/orders/7", "/orders/7"),
+        ("/public/%2E%2e/orders/7", "/orders/7"),
+        ("//orders///7", "/orders/7"),
+        ("/orders/./7", "/orders/7"),
+        ("/orders/%37", "/orders/7"),
+        ("/%6Frders/%7Eitem%2Dx%5F%2E%41", "/orders/~item-x_.A"),
+        ("/orders/7/8/..", "/orders/7/"),
+        ("/orders/7/.", "/orders/7/"),
+        // Only unreserved characters are decoded: an encoded `?`, `#` or space stays encoded.
+        ("/orders/a%20b", "/orders/a%20b"),
+        ("/orders/7%3Fadmin=1", "/orders/7%3Fadmin=1"),
+        ("/orders/7%23x", "/orders/7%23x"),
+    ] {
+        assert_eq!(
+            normalised(path, &defaults).as_deref(),
+            Ok(expected),
+            "{path}"
+        );
+    }
+    for path in [
+        "/orders/a%2Fb",
+        "/orders/a%2fb",
+        "/orders%5C7",
+        "/orders%5c7",
+    ] {
+        assert!(
+            matches!(normalize(path, &defaults), Err(PathError::EscapedSlash)),
+            "{path}: {:?}",
+            normalised(path, &defaults)
+        );
+    }
+    // A raw backslash is refused too (which error is not the point).
+    assert!(normalize("/orders\\7", &defaults).is_err());
+    for path in ["/..", "/../orders", "/a/../../orders", "/%2e%2e/orders"] {
+        assert!(
+            matches!(normalize(path, &defaults), Err(PathError::AboveRoot)),
+            "{path}: {:?}",
+            normalised(path, &defaults)
+        );
+    }
+    for path in ["orders/7", "http://gateway.test/orders/7"] {
+        assert!(
+            matches!(normalize(path, &defaults), Err(PathError::NotOriginForm)),
+            "{path}: {:?}",
+            normalised(path, &defaults)
+        );
+    }
+    let keep = PathRules {
+        escaped_slashes: EscapedSlashes::KeepUnchanged,
+        ..PathRules::default()
+    };
+    assert_eq!(
+        normalised("/orders/a%2Fb", &keep).as_deref(),
+        Ok("/orders/a%2Fb")
+    );
+    assert_eq!(
+        normalised("/orders%5C7", &keep).as_deref(),
+        Ok("/orders%5C7")
+    );
+    // Unescaped before the dot segments go, so the route is chosen on what the upstream reads.
+    let unescape = PathRules {
+        escaped_slashes: EscapedSlashes::UnescapeAndForward,
+        ..PathRules::default()
+    };
+    assert_eq!(
+        normalised("/orders/a%2Fb", &unescape).as_deref(),
+        Ok("/orders/a/b")
+    );
+    assert_eq!(
+        normalised("/public/..%2Forders/7", &unescape).as_deref(),
+        Ok("/orders/7")
+    );
+    let no_merge = PathRules {
+        merge_slashes: false,
+        ..PathRules::default()
+    };
+    assert_eq!(
+        normalised("/orders//7", &no_merge).as_deref(),
+        Ok("/orders//7")
+    );
+    let merge_only = PathRules {
+        normalize_path: false,
+        ..PathRules::default()
+    };
+    assert_eq!(
+        normalised("/orders//7", &merge_only).as_deref(),
+        Ok("/orders/7")
+    );
+    assert_eq!(
+        normalised("/orders/./7", &merge_only).as_deref(),
+        Ok("/orders/./7")
+    );
+}
+
+#[test]
+fn path_normalisation_never_panics() {
+    let rules = (any::<bool>(), any::<bool>(), 0u8..3);
+    runner(1024)
+        .run(
+            &(any::<String>(), rules),
+            |(path, (normalize_path, merge_slashes, escaped))| {
+                let rules = path_rules(normalize_path, merge_slashes, escaped);
+                let _ = normalize(&path, &rules);
+                Ok(())
+            },
+        )
         .unwrap();
 }
 
