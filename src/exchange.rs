@@ -204,7 +204,12 @@ fn accept(
             .flatten()
             .filter(|input| !input.is_empty())
     };
-    if inputs().any(|input| issued.access_token.contains(input)) {
+    // A shorter input is matched whole only: inside a longer token it is likely chance.
+    let echoes = |input: &str| {
+        issued.access_token == input
+            || (input.len() >= MIN_GUARDED_TOKEN_BYTES && issued.access_token.contains(input))
+    };
+    if inputs().any(echoes) {
         return Err(ExchangeError::EchoedInputToken);
     }
     if let (Some(requested), Some(got)) = (
@@ -494,6 +499,11 @@ fn seconds(value: Option<f64>) -> Result<Duration, ExchangeError> {
 pub fn is_token_char(b: u8) -> bool {
     TOKEN_CHARS[usize::from(b)] != 0
 }
+
+/// Shorter values are not treated as tokens when searched for inside other text (URLs,
+/// headers, STS answers): no credential is this short, and a caller-chosen `http` or `1` would
+/// otherwise match the gateway's own headers or half of every request.
+pub const MIN_GUARDED_TOKEN_BYTES: usize = 8;
 
 /// [`TOKEN_CHARS`] entry of a b64token body character (everything but `=`).
 pub const TOKEN_BODY: u8 = 1;

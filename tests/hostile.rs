@@ -2228,9 +2228,11 @@ fn unrouted_rows(parts: &Parts) -> Vec<Row> {
             Expect::NotForwarded,
         )
         .carrying(&t[0]),
+        // An opaque string in a path is only known to be a token when the request presents it
+        // as one (in `Authorization` or as `access_token`); JWTs are known by their shape.
         Row::get(
-            "no route: token in the path, no Authorization",
-            &format!("/nowhere/{}", t[1]),
+            "no route: token in the path and as access_token, no Authorization",
+            &format!("/nowhere/{}?access_token={}", t[1], t[1]),
             &[],
             NOT_FOUND,
         )
@@ -2243,8 +2245,8 @@ fn unrouted_rows(parts: &Parts) -> Vec<Row> {
         )
         .carrying(&t[2]),
         Row::get(
-            "no route: token percent-encoded in the path, no Authorization",
-            &format!("/nowhere/{}", encode_lower(&t[3])),
+            "no route: token percent-encoded in the path and as access_token, no Authorization",
+            &format!("/nowhere/{}?access_token={}", encode_lower(&t[3]), t[3]),
             &[],
             NOT_FOUND,
         )

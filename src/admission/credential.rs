@@ -19,10 +19,7 @@ use crate::state::GatewayState;
 /// More `access_token` query parameters than this is refused: a request has one credential,
 /// and each value costs the leak guard a pass over the headers.
 pub const MAX_QUERY_TOKENS: usize = 4;
-/// Shorter values are not treated as tokens by the URL check and the leak guard: no credential
-/// is this short, and a caller-chosen `http` or `1` would otherwise match the gateway's own
-/// headers or half of every request.
-pub const MIN_GUARDED_TOKEN_BYTES: usize = 8;
+pub use crate::exchange::MIN_GUARDED_TOKEN_BYTES;
 
 /// The caller as the request presents them.
 #[derive(Debug, Default)]
