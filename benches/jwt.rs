@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use txgate::devsts::{DevClient, DevSts, DevStsOptions};
+use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
 use txgate::inbound::{JwtSettings, JwtValidator};
 use txgate::secret::Secret;
 

@@ -12,7 +12,6 @@
 //! hands them a [`Request`] and turns the result into its own answer.
 
 pub mod credential;
-pub mod path;
 pub mod route;
 pub mod upstream_token;
 pub mod validation;
@@ -21,6 +20,10 @@ use http::{HeaderMap, Uri};
 
 use crate::error::GatewayError;
 use crate::state::GatewayState;
+
+/// Path normalisation, the first thing stage 1 does (it lives below config, which holds its
+/// rules).
+pub use crate::path;
 
 pub use credential::Caller;
 pub use route::Target;

@@ -137,7 +137,7 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     pub max_token_bytes: usize,
     /// How request paths are normalised before routing.
-    pub paths: crate::admission::path::PathRules,
+    pub paths: crate::path::PathRules,
 }
 
 /// `server.tls:` after validation: the files are readable and hold a usable key pair.
@@ -516,7 +516,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         path_with_escaped_slashes_action,
     } = raw;
     let paths = {
-        use crate::admission::path::{EscapedSlashes, PathRules};
+        use crate::path::{EscapedSlashes, PathRules};
         let defaults = PathRules::default();
         PathRules {
             normalize_path: normalize_path.unwrap_or(defaults.normalize_path),

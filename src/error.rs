@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::admission::path::PathError;
+use crate::path::PathError;
 use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError, Unavailability};
 
 /// The realm in every `WWW-Authenticate` challenge (RFC 6750 §3).

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use txgate::config::Config;
-use txgate::devsts::{DevClient, DevSts, DevStsOptions};
+use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
 use txgate::secret::Secret;
 use txgate::server::{self, BoundListeners};
 
@@ -116,9 +116,9 @@ fn main() -> ExitCode {
                 Err(e) => fail(EXIT_START, &e),
             }
         }
-        Command::Demo { config } => match txgate::demo::run(&config) {
+        Command::Demo { config } => match txgate::dev::demo::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(txgate::demo::DemoError::Config(e)) => config_error(&e),
+            Err(txgate::dev::demo::DemoError::Config(e)) => config_error(&e),
             Err(e) => fail(EXIT_START, &e),
         },
         Command::DevSts {
@@ -171,7 +171,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) -> ExitCode {
-    let secret = match (&secret_file, std::env::var(txgate::demo::CLIENT_SECRET_VAR)) {
+    let secret = match (&secret_file, std::env::var(txgate::dev::demo::CLIENT_SECRET_VAR)) {
         (Some(path), _) => match std::fs::read_to_string(path) {
             Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
             Err(e) => {

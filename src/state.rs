@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use pingora_prometheus::prometheus::{Histogram, IntCounter};
 
-use crate::admission::path::PathRules;
+use crate::path::PathRules;
 use crate::cache::TokenCache;
 use crate::config::{Config, Route};
 use crate::inbound::{JwtValidator, RefresherGuard};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use common::tls::{TempDir, TestCa, TlsUpstream};
 use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway};
-use txgate::devsts::{DevClient, DevSts, DevStsOptions};
+use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_txgate");
 

@@ -479,7 +479,7 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_and_introspection_against_the_development_sts() {
-    use txgate::devsts::{DevClient, DevSts, DevStsOptions};
+    use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sts = DevSts::new(DevStsOptions::new(

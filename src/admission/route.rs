@@ -1,6 +1,6 @@
 //! Stage 1: which route a request is for (DESIGN.md step 1).
 //!
-//! The route is chosen on the normalised path (see [`super::path`]) and the one host the
+//! The route is chosen on the normalised path (see [`crate::path`]) and the one host the
 //! request names. The upstream later receives that same normalised path, so what was routed is
 //! what is served.
 
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::header;
 
 use super::Request;
-use super::path;
+use crate::path;
 use crate::config::Route;
 use crate::error::GatewayError;
 use crate::state::GatewayState;

@@ -362,7 +362,7 @@ mod tests {
 
     use super::super::test_support::{closed_address, http, serve};
     use super::*;
-    use crate::devsts::{DevClient, DevSts, DevStsOptions};
+    use crate::dev::sts::{DevClient, DevSts, DevStsOptions};
 
     const CLIENT_ID: &str = "gateway";
     const CLIENT_SECRET: &str = "gateway-secret";

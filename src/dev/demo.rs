@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 
 use crate::config::{Config, ConfigError, Exchange};
-use crate::devsts::{DevClient, DevSts, DevStsOptions};
+use crate::dev::sts::{DevClient, DevSts, DevStsOptions};
 use crate::server::{self, BoundListeners};
 
 /// The variable `gateway.yaml` reads the client secret from.
@@ -91,7 +91,7 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
         for socket in backend_sockets {
             let listener = tokio::net::TcpListener::from_std(socket)
                 .map_err(|e| DemoError::Setup(e.to_string()))?;
-            tokio::spawn(crate::echo::serve(listener, std::future::pending()));
+            tokio::spawn(crate::dev::echo::serve(listener, std::future::pending()));
         }
         Ok::<(), DemoError>(())
     })?;
