@@ -3,14 +3,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use common::process::TxgateProcess;
 use common::{Behavior, TestSts, caller_token, client, gateway};
+
+/// How long the binary may take to log that it refused or applied a configuration.
+const RELOAD_WITHIN: Duration = Duration::from_secs(10);
 
 /// An upstream that answers after `delay`, counting requests that reached it.
 async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Mutex<usize>>) {
@@ -102,110 +104,27 @@ async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
     assert_eq!(a.status(), 404);
 }
 
-/// The real binary, with its stderr collected.
-struct Txgate {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Txgate {
-    fn start(config: &std::path::Path) -> Txgate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_txgate"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("TEST_CLIENT_SECRET", common::CLIENT_SECRET)
-            .env("TXGATE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        Txgate { child, log }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Txgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The binary's exit status once it has exited, or `None` if it is still running after `within`.
-async fn exit_status(mut gw: Txgate, within: Duration) -> Option<std::process::ExitStatus> {
-    tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = gw.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::park_timeout(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap()
-}
-
-/// The binary on a fresh port with route `/a` and `server_extra` in its `server:` map, once a
-/// first request through it has been answered 200. Returns it, the route's URL and the
-/// directory holding its config.
+/// The binary with route `/a` and `server_extra` in its `server:` map, once a first request
+/// through it has been answered 200. Returns it and the route's URL.
 async fn serving_binary(
     sts: &TestSts,
     upstream: SocketAddr,
     server_extra: &str,
     token: &str,
-) -> (Txgate, String, std::path::PathBuf) {
-    let port = free_port();
+) -> (TxgateProcess, String) {
     let yaml = routes_yaml(sts, upstream, &["a"]).replace(
         "listen: [\"127.0.0.1:0\"]",
-        &format!("listen: [\"127.0.0.1:{port}\"], {server_extra}"),
+        &format!("listen: [\"127.0.0.1:0\"], {server_extra}"),
     );
-    let dir = std::env::temp_dir().join(format!("txgate-bin-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("gateway.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let gw = Txgate::start(&file);
-    let url = format!("http://127.0.0.1:{port}/a");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&url, token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (gw, url, dir)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let gw = TxgateProcess::run(&yaml).start().await;
+    let url = format!("{}/a", gw.url());
+    assert_eq!(
+        status_of(&url, token).await,
+        Some(200),
+        "the gateway does not serve:\n{}",
+        gw.stderr()
+    );
+    (gw, url)
 }
 
 async fn status_of(url: &str, token: &str) -> Option<u16> {
@@ -223,29 +142,22 @@ async fn status_of(url: &str, token: &str) -> Option<u16> {
 async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, _) = slow_upstream(Duration::ZERO).await;
-    let port = free_port();
     let yaml = |prefixes: &[&str]| {
         routes_yaml(&sts, upstream, prefixes).replace(
             "listen: [\"127.0.0.1:0\"]",
-            &format!("listen: [\"127.0.0.1:{port}\"], grace_period: 0s, shutdown_timeout: 1s"),
+            "listen: [\"127.0.0.1:0\"], grace_period: 0s, shutdown_timeout: 1s",
         )
     };
-    let dir = std::env::temp_dir().join(format!("txgate-reload-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("gateway.yaml");
-    std::fs::write(&file, yaml(&["a"])).unwrap();
-    let gw = Txgate::start(&file);
     let token = caller_token();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&format!("{base}/a"), &token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (gw, _) = serving_binary(
+        &sts,
+        upstream,
+        "grace_period: 0s, shutdown_timeout: 1s",
+        &token,
+    )
+    .await;
+    let base = gw.url();
+    let file = gw.config_path().to_path_buf();
 
     std::fs::write(
         &file,
@@ -253,27 +165,30 @@ async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
     )
     .unwrap();
     gw.signal("HUP");
-    wait_for("the refusal to be logged", || {
-        gw.log().contains("invalid and was refused")
+    gw.wait_for_stderr("log the refusal", RELOAD_WITHIN, |log| {
+        log.contains("invalid and was refused").then_some(())
     })
     .await;
-    assert!(gw.log().contains("routes[0]: missing key"), "{}", gw.log());
+    assert!(
+        gw.stderr().contains("routes[0]: missing key"),
+        "{}",
+        gw.stderr()
+    );
     assert_eq!(status_of(&format!("{base}/a"), &token).await, Some(200));
 
     std::fs::write(&file, yaml(&["a", "b"])).unwrap();
     gw.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status_of(&format!("{base}/b"), &token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "route b never appeared:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gw.log().contains("configuration reloaded"));
-    assert!(!gw.log().contains(&token), "a caller token in the log");
-    let _ = std::fs::remove_dir_all(&dir);
+    gw.wait_for_stderr("log the reload", RELOAD_WITHIN, |log| {
+        log.contains("configuration reloaded").then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_of(&format!("{base}/b"), &token).await,
+        Some(200),
+        "route b after the reload:\n{}",
+        gw.stderr()
+    );
+    assert!(!gw.stderr().contains(&token), "a caller token in the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +196,7 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(1000)).await;
     let token = caller_token();
-    let (gw, url, dir) = serving_binary(
+    let (mut gw, url) = serving_binary(
         &sts,
         upstream,
         "grace_period: 3s, shutdown_timeout: 2s",
@@ -299,12 +214,11 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     .await;
     gw.signal("TERM");
     assert_eq!(in_flight.await.unwrap(), Some(200), "drained, not dropped");
-    let exited = exit_status(gw, Duration::from_secs(15)).await;
+    let exited = gw.exited_within(Duration::from_secs(15)).await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "txgate exits 0 after draining"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The binary's default runtime (`server.work_stealing: false`: one single-threaded runtime per
@@ -315,7 +229,7 @@ async fn two_threads_without_work_stealing_serve_concurrent_requests() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(200)).await;
     let token = caller_token();
-    let (gw, url, dir) = serving_binary(
+    let (mut gw, url) = serving_binary(
         &sts,
         upstream,
         "threads: 2, grace_period: 0s, shutdown_timeout: 1s",
@@ -344,14 +258,13 @@ async fn two_threads_without_work_stealing_serve_concurrent_requests() {
         })
         .collect();
     for request in requests {
-        assert_eq!(request.await.unwrap(), Some(200), "{}", gw.log());
+        assert_eq!(request.await.unwrap(), Some(200), "{}", gw.stderr());
     }
     assert_eq!(*arrived.lock().unwrap() - before, 40);
     gw.signal("TERM");
-    let exited = exit_status(gw, Duration::from_secs(10)).await;
+    let exited = gw.exited_within(Duration::from_secs(10)).await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "txgate exits 0 on SIGTERM"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::process::{Process, TxgateProcess};
 use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway};
 
-const BIN: &str = env!("CARGO_BIN_EXE_txgate");
 /// How often a poll looks again.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -57,16 +57,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A port that was free a moment ago. Binding and dropping races with other processes in
-/// principle; for a child process that binds the port itself there is no better way.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Polls `probe` until it returns `Ok`, or panics at `deadline` with the last `Err` (what was
 /// seen instead) and `context`.
 async fn poll_until<T, F, Fut>(
@@ -102,6 +92,14 @@ fn read_lossy(path: &Path) -> String {
 }
 
 // --- a real Prometheus ---------------------------------------------------------------------
+
+/// The address Prometheus bound, from its log line `msg="Listening on" address=127.0.0.1:PORT`
+/// (its web listener on port 0).
+fn listening_on(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains("msg=\"Listening on\""))?;
+    let at = line.find("address=")? + "address=".len();
+    line[at..].split_whitespace().next()?.parse().ok()
+}
 
 /// Prometheus's HTTP API: `GET /api/v1/<path>` as JSON, or why not.
 async fn prometheus_api(base: &str, path: &str) -> Result<serde_json::Value, String> {
@@ -168,26 +166,26 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
         ),
     )
     .unwrap();
-    let port = free_port();
-    let log = dir.join("prometheus.log");
-    let prometheus = tool("PROMETHEUS", "prometheus");
-    let _prometheus = KillOnDrop(
-        Command::new(&prometheus)
+    let program = tool("PROMETHEUS", "prometheus");
+    let prometheus = Process::spawn(
+        Command::new(&program)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {prometheus} (apt-get install prometheus): {e}")
-            }),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    let context = || format!("prometheus log:\n{}", read_lossy(&log));
+            .arg("--web.listen-address=127.0.0.1:0"),
+    )
+    .unwrap_or_else(|e| panic!("cannot run {program} (apt-get install prometheus): {e}"));
+    let address = prometheus
+        .wait_for_stderr(
+            "log the address it listens on",
+            deadline.saturating_duration_since(Instant::now()),
+            listening_on,
+        )
+        .await;
+    let base = format!("http://{address}");
+    let context = || format!("prometheus log:\n{}", prometheus.stderr());
 
     // Scraped at least once before any traffic: every counter's first sample is its start.
     poll_until(deadline, "the txgate target to be up", context, || async {
@@ -289,16 +287,11 @@ async fn the_binary_logs_one_json_access_event_per_request_and_never_a_token_or_
     let deadline = Instant::now() + Duration::from_secs(60);
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let dir = TempDir::new("logs");
-    let (proxy_port, admin_port) = (free_port(), free_port());
     let secret = format!("client-secret-{:016x}", rand::random::<u64>());
-    let config = dir.join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"server:
-  listen: ["127.0.0.1:{proxy_port}"]
-  admin_listen: "127.0.0.1:{admin_port}"
+    let yaml = format!(
+        r#"server:
+  listen: ["127.0.0.1:0"]
+  admin_listen: "127.0.0.1:0"
   grace_period: 1s
   shutdown_timeout: 1s
   max_token_bytes: 512
@@ -317,33 +310,17 @@ routes:
     upstream: "{up}"
     exchange: {{ mode: none }}
 "#,
-            endpoint = sts.token_endpoint(),
-            up = upstream.url(),
-        ),
-    )
-    .unwrap();
-    let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--log-format", "json"])
-            .env("TXGATE_LOG", "debug")
-            .env("TXGATE_CLIENT_SECRET", &secret)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("txgate runs"),
+        endpoint = sts.token_endpoint(),
+        up = upstream.url(),
     );
-    let output = || {
-        format!(
-            "stdout:\n{}\nstderr:\n{}",
-            read_lossy(&stdout),
-            read_lossy(&stderr)
-        )
-    };
-    let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
+    let mut child = TxgateProcess::run(&yaml)
+        .log_format("json")
+        .log_level("debug")
+        .env("TXGATE_CLIENT_SECRET", &secret)
+        .start()
+        .await;
+    let output = || child.output().both();
+    let readyz = format!("{}/readyz", child.admin_url());
     poll_until(deadline, "txgate /readyz", output, || async {
         match client().get(&readyz).send().await {
             Ok(r) if r.status() == 200 => Ok(()),
@@ -458,7 +435,7 @@ routes:
     c.headers.push(bearer(&token()));
     cases.push(c);
 
-    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let proxy = child.url();
     for c in &cases {
         sts.set(c.sts.clone());
         let mut request = client()
@@ -475,21 +452,10 @@ routes:
     secrets.extend((1..=sts.calls()).map(|n| format!("xt-{n}")));
 
     // SIGTERM, as Kubernetes stops it: a graceful drain, then exit.
-    let pid = child.0.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
-    let status = poll_until(deadline, "txgate to exit after SIGTERM", output, || {
-        let exited = child.0.try_wait();
-        async move {
-            match exited {
-                Ok(Some(status)) => Ok(status),
-                Ok(None) => Err("still running".into()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    })
-    .await;
-    let all = output();
+    let (status, streams) = child
+        .stop(deadline.saturating_duration_since(Instant::now()))
+        .await;
+    let all = streams.both();
     assert!(status.success(), "txgate exited with {status}\n{all}");
 
     let leaks: Vec<String> = all
@@ -510,8 +476,12 @@ routes:
     );
 
     let mut events = Vec::new();
-    let (out, err) = (read_lossy(&stdout), read_lossy(&stderr));
-    for line in out.lines().chain(err.lines()).filter(|l| !l.is_empty()) {
+    for line in streams
+        .stdout
+        .lines()
+        .chain(streams.stderr.lines())
+        .filter(|l| !l.is_empty())
+    {
         let event: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{all}"));
         assert!(

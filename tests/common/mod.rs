@@ -454,6 +454,7 @@ pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
     (path, public)
 }
 
+pub mod process;
 pub mod tls;
 
 /// Parses a gateway config whose `${VAR}`s resolve from `vars`, plus `${TEST_CLIENT_SECRET}`
