@@ -6,7 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, token_service};
+use common::{
+    Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, get, token_service,
+};
 
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -45,14 +47,6 @@ cache:
     )
 }
 
-async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
-    let mut request = client().get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.expect("gateway answers")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_sends_the_rfc8693_form_with_basic_auth_and_forwards_the_new_token() {
     let sts = TestSts::start(Behavior::issue()).await;
@@ -61,8 +55,8 @@ async fn exchange_sends_the_rfc8693_form_with_basic_auth_and_forwards_the_new_to
     let token = caller_token();
 
     let response = get(&format!("{}/orders/42?x=1", gw.url()), Some(&token)).await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.unwrap(), "upstream ok");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, "upstream ok");
 
     let captured = sts.captured();
     assert_eq!(captured.len(), 1);
@@ -121,7 +115,7 @@ async fn client_secret_post_puts_credentials_in_the_form() {
     ))
     .await;
     let response = get(&format!("{}/billing", gw.url()), Some(&caller_token())).await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(call.authorization, None);
     assert_eq!(call.param("client_id"), Some("gateway"));
@@ -145,7 +139,7 @@ async fn twenty_requests_with_one_token_make_one_sts_call() {
         assert_eq!(
             get(&format!("{}/orders", gw.url()), Some(&token))
                 .await
-                .status(),
+                .status,
             200
         );
     }
@@ -170,7 +164,7 @@ async fn fifty_concurrent_requests_with_a_fresh_token_make_one_sts_call() {
     let requests = (0..50).map(|_| {
         let url = url.clone();
         let token = token.clone();
-        tokio::spawn(async move { get(&url, Some(&token)).await.status() })
+        tokio::spawn(async move { get(&url, Some(&token)).await.status })
     });
     for status in futures::future::join_all(requests).await {
         assert_eq!(status.unwrap(), 200);
@@ -209,12 +203,12 @@ async fn an_expired_cache_entry_is_exchanged_again() {
     let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
-    assert_eq!(get(&url, Some(&token)).await.status(), 200);
-    assert_eq!(get(&url, Some(&token)).await.status(), 200);
+    assert_eq!(get(&url, Some(&token)).await.status, 200);
+    assert_eq!(get(&url, Some(&token)).await.status, 200);
     assert_eq!(sts.calls(), 1, "served from the cache while fresh");
     // Let the one-second lifetime pass (this waits on token expiry, not on readiness).
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(get(&url, Some(&token)).await.status(), 200);
+    assert_eq!(get(&url, Some(&token)).await.status, 200);
     assert_eq!(sts.calls(), 2);
     let seen = upstream.seen();
     assert_eq!(seen[2].bearer(), Some("xt-2"));
@@ -238,7 +232,7 @@ async fn routes_with_different_audiences_and_different_users_never_share_a_token
         assert_eq!(
             get(&format!("{}{path}", gw.url()), Some(token))
                 .await
-                .status(),
+                .status,
             200
         );
     }
@@ -304,7 +298,7 @@ async fn a_token_in_the_query_alone_is_not_accepted() {
         None,
     )
     .await;
-    assert_eq!(response.status(), 401);
+    assert_eq!(response.status, 401);
     assert_eq!(sts.calls(), 0);
     assert!(upstream.seen().is_empty());
 }
@@ -317,12 +311,12 @@ async fn credential_errors_are_answered_without_calling_the_sts() {
     let url = format!("{}/orders", gw.url());
 
     let missing = get(&url, None).await;
-    assert_eq!(missing.status(), 401);
+    assert_eq!(missing.status, 401);
     assert_eq!(
-        missing.headers()["www-authenticate"],
+        missing.headers["www-authenticate"],
         r#"Bearer realm="txgate""#
     );
-    let body: serde_json::Value = missing.json().await.unwrap();
+    let body: serde_json::Value = missing.json();
     assert_eq!(body["error"], "unauthorized");
 
     let basic = client()
@@ -357,16 +351,16 @@ async fn credential_errors_are_answered_without_calling_the_sts() {
     assert_eq!(malformed.status(), 400);
 
     let oversize = get(&url, Some(&"a".repeat(9000))).await;
-    assert_eq!(oversize.status(), 401);
+    assert_eq!(oversize.status, 401);
     assert!(
-        oversize.headers()["www-authenticate"]
+        oversize.headers["www-authenticate"]
             .to_str()
             .unwrap()
             .contains(r#"error="invalid_token""#)
     );
 
     let no_route = get(&format!("{}/nowhere", gw.url()), Some(&caller_token())).await;
-    assert_eq!(no_route.status(), 404);
+    assert_eq!(no_route.status, 404);
 
     assert_eq!(sts.calls(), 0);
     assert!(upstream.seen().is_empty());
@@ -483,9 +477,9 @@ async fn each_sts_error_class_gives_the_designed_status() {
         let sts = TestSts::start(case.behavior).await;
         let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
         let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
-        assert_eq!(response.status(), case.status, "{}", case.name);
+        assert_eq!(response.status, case.status, "{}", case.name);
         let challenge = response
-            .headers()
+            .headers
             .get("www-authenticate")
             .map(|v| v.to_str().unwrap().to_string());
         match case.challenge_error {
@@ -501,14 +495,14 @@ async fn each_sts_error_class_gives_the_designed_status() {
         }
         assert_eq!(
             response
-                .headers()
+                .headers
                 .get("retry-after")
                 .map(|v| v.to_str().unwrap()),
             case.retry_after,
             "{}",
             case.name
         );
-        let body: serde_json::Value = response.json().await.unwrap();
+        let body: serde_json::Value = response.json();
         assert!(body["error"].is_string(), "{}", case.name);
         assert!(
             !body.to_string().contains("test STS"),
@@ -538,17 +532,17 @@ routes:
     );
     let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
-    assert_eq!(response.status(), 503);
-    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.status, 503);
+    assert!(response.headers.contains_key("retry-after"));
 
     let sts = TestSts::start(Behavior::error(500, "server_error")).await;
     let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
-    assert_eq!(get(&url, Some(&token)).await.status(), 503);
+    assert_eq!(get(&url, Some(&token)).await.status, 503);
     sts.set(Behavior::issue());
     assert_eq!(
-        get(&url, Some(&token)).await.status(),
+        get(&url, Some(&token)).await.status,
         200,
         "the failure was not cached"
     );
@@ -567,13 +561,13 @@ async fn an_sts_slower_than_the_timeout_gives_504_in_time() {
     let started = Instant::now();
     let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
     let elapsed = started.elapsed();
-    assert_eq!(response.status(), 504);
+    assert_eq!(response.status, 504);
     assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
     assert!(
         elapsed < Duration::from_millis(1300),
         "504 took {elapsed:?}"
     );
-    let body: serde_json::Value = response.json().await.unwrap();
+    let body: serde_json::Value = response.json();
     assert_eq!(body["error"], "gateway_timeout");
 }
 
@@ -590,20 +584,16 @@ async fn an_unreachable_upstream_gives_502() {
     );
     let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
-    assert_eq!(response.status(), 502);
-    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(response.status, 502);
+    let body: serde_json::Value = response.json();
     assert_eq!(body["error"], "bad_gateway");
 }
 
 async fn metrics_text(gw: &txgate::server::RunningGateway) -> String {
     let admin = gw.admin_addr.expect("admin listener configured");
-    let response = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
+    let response = get(&format!("http://{admin}/metrics"), None).await;
+    assert_eq!(response.status, 200);
+    response.body
 }
 
 fn metric_value(text: &str, series: &str) -> f64 {
@@ -721,11 +711,7 @@ async fn metrics_and_probes_report_what_happened() {
 
     let admin = gw.admin_addr.unwrap();
     for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
-        let response = client()
-            .get(format!("http://{admin}{path}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), status, "{path}");
+        let response = get(&format!("http://{admin}{path}"), None).await;
+        assert_eq!(response.status, status, "{path}");
     }
 }

@@ -5,12 +5,14 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use common::process::TxgateProcess;
-use common::{Behavior, TestSts, caller_token, client, gateway};
+use common::{Behavior, TestSts, caller_token, client, eventually, gateway, get};
 
+/// How long a request may take to reach the slow upstream.
+const ARRIVE_WITHIN: Duration = Duration::from_secs(10);
 /// How long the binary may take to log that it refused or applied a configuration.
 const RELOAD_WITHIN: Duration = Duration::from_secs(10);
 
@@ -30,14 +32,6 @@ async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Mutex<usize>>) {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (addr, arrived)
-}
-
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn routes_yaml(sts: &TestSts, upstream: SocketAddr, prefixes: &[&str]) -> String {
@@ -64,19 +58,13 @@ async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
     let url = format!("{}/a", gw.url());
     let in_flight = {
         let token = token.clone();
-        tokio::spawn(async move {
-            client()
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        tokio::spawn(async move { get(&url, Some(&token)).await.status })
     };
-    wait_for("the request to reach the upstream", || {
-        *arrived.lock().unwrap() == 1
-    })
+    eventually(
+        "the request to reach the upstream",
+        ARRIVE_WITHIN,
+        || async { *arrived.lock().unwrap() == 1 },
+    )
     .await;
 
     // Route a is gone and route b is new in the next configuration.
@@ -88,20 +76,10 @@ async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
         200,
         "the request in flight finished"
     );
-    let b = client()
-        .get(format!("{}/b", gw.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(b.status(), 200);
-    let a = client()
-        .get(format!("{}/a", gw.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(a.status(), 404);
+    let b = get(&format!("{}/b", gw.url()), Some(&token)).await;
+    assert_eq!(b.status, 200);
+    let a = get(&format!("{}/a", gw.url()), Some(&token)).await;
+    assert_eq!(a.status, 404);
 }
 
 /// The binary with route `/a` and `server_extra` in its `server:` map, once a first request
@@ -208,9 +186,11 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
         let (url, token) = (url.clone(), token.clone());
         tokio::spawn(async move { status_of(&url, &token).await })
     };
-    wait_for("the request to reach the upstream", || {
-        *arrived.lock().unwrap() > before
-    })
+    eventually(
+        "the request to reach the upstream",
+        ARRIVE_WITHIN,
+        || async { *arrived.lock().unwrap() > before },
+    )
     .await;
     gw.signal("TERM");
     assert_eq!(in_flight.await.unwrap(), Some(200), "drained, not dropped");

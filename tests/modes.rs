@@ -6,21 +6,13 @@ mod common;
 
 use base64::Engine;
 use common::{
-    Behavior, RecordingUpstream, TestIssuer, TestSts, caller_token, client, gateway,
-    private_key_pem, unsigned_jwt,
+    Behavior, RecordingUpstream, TestIssuer, TestSts, caller_token, gateway, get, private_key_pem,
+    unsigned_jwt,
 };
 use serde_json::json;
 
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-
-async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
-    let mut request = client().get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.expect("gateway answers")
-}
 
 /// A config with one token service `corp` (at `sts`, plus `service_extra` keys) and one route
 /// `r` on `/` whose `exchange:` block is `exchange` (and optional route-level `route_extra`).
@@ -58,9 +50,9 @@ async fn delegation_sends_the_gateways_own_token_as_actor_and_caches_it() {
     )).await;
     let alice = caller_token();
     let bob = caller_token();
-    assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
-    assert_eq!(get(&gw.url(), Some(&bob)).await.status(), 200);
-    assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&alice)).await.status, 200);
+    assert_eq!(get(&gw.url(), Some(&bob)).await.status, 200);
+    assert_eq!(get(&gw.url(), Some(&alice)).await.status, 200);
 
     let calls = sts.captured();
     assert_eq!(
@@ -104,7 +96,7 @@ async fn delegation_reads_the_actor_token_from_a_file() {
         ),
         "",
     )).await;
-    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
     let calls = sts.captured();
     assert_eq!(
         calls.len(),
@@ -145,12 +137,12 @@ async fn require_may_act_refuses_subjects_that_do_not_name_the_actor() {
         json!({"sub": "carol", "may_act": {"sub": "gateway-svc", "iss": "https://other"}}),
     );
     let no_claim = unsigned_jwt(json!({"sub": "dave"}));
-    assert_eq!(get(&gw.url(), Some(&allowed)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&allowed)).await.status, 200);
     for token in [&other_actor, &wrong_issuer, &no_claim] {
         let response = get(&gw.url(), Some(token)).await;
-        assert_eq!(response.status(), 403);
+        assert_eq!(response.status, 403);
         assert!(
-            response.headers()["www-authenticate"]
+            response.headers["www-authenticate"]
                 .to_str()
                 .unwrap()
                 .contains("insufficient_scope")
@@ -174,8 +166,8 @@ async fn client_credentials_forwards_the_gateways_token_after_validating_the_cal
     )).await;
     let alice = issuer.sign(json!({"sub": "alice", "aud": "gateway-api"}));
     let bob = issuer.sign(json!({"sub": "bob", "aud": ["other", "gateway-api"]}));
-    assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
-    assert_eq!(get(&gw.url(), Some(&bob)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&alice)).await.status, 200);
+    assert_eq!(get(&gw.url(), Some(&bob)).await.status, 200);
     let calls = sts.captured();
     assert_eq!(calls.len(), 1, "one machine token shared by all callers");
     assert_eq!(calls[0].param("grant_type"), Some("client_credentials"));
@@ -195,15 +187,15 @@ async fn client_credentials_forwards_the_gateways_token_after_validating_the_cal
     let forged = unsigned_jwt(json!({"sub": "eve", "aud": "gateway-api", "iss": issuer.issuer}));
     for token in [wrong_audience.as_str(), forged.as_str(), "opaque-garbage"] {
         let response = get(&gw.url(), Some(token)).await;
-        assert_eq!(response.status(), 401, "{token}");
+        assert_eq!(response.status, 401, "{token}");
         assert!(
-            response.headers()["www-authenticate"]
+            response.headers["www-authenticate"]
                 .to_str()
                 .unwrap()
                 .contains("invalid_token")
         );
     }
-    assert_eq!(get(&gw.url(), None).await.status(), 401);
+    assert_eq!(get(&gw.url(), None).await.status, 401);
     assert_eq!(sts.calls(), calls_before);
 }
 
@@ -219,9 +211,9 @@ async fn client_credentials_with_anonymous_callers_needs_no_token() {
         "",
     ))
     .await;
-    assert_eq!(get(&gw.url(), None).await.status(), 200);
+    assert_eq!(get(&gw.url(), None).await.status, 200);
     let stray = caller_token();
-    assert_eq!(get(&gw.url(), Some(&stray)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&stray)).await.status, 200);
     let seen = upstream.seen();
     assert!(seen.iter().all(|s| s.bearer() == Some("xt-1")));
     assert!(
@@ -248,7 +240,7 @@ async fn a_machine_token_without_sub_is_exchanged_by_impersonation() {
         json!({"client_id": "billing-service", "aud": "gateway-api", "scope": "orders:read"}),
     );
     let response = get(&gw.url(), Some(&machine)).await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(call.param("subject_token"), Some(machine.as_str()));
     assert_eq!(call.param("subject_token_type"), Some(ACCESS_TOKEN_TYPE));
@@ -275,10 +267,10 @@ async fn expired_and_tampered_tokens_fail_locally() {
     let other_issuer =
         issuer.sign(json!({"sub": "a", "aud": "gateway-api", "iss": "https://evil"}));
     for token in [&expired, &tampered, &other_issuer] {
-        assert_eq!(get(&gw.url(), Some(token)).await.status(), 401);
+        assert_eq!(get(&gw.url(), Some(token)).await.status, 401);
     }
     assert_eq!(sts.calls(), 0);
-    assert_eq!(get(&gw.url(), Some(&good)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&good)).await.status, 200);
     assert_eq!(sts.calls(), 1);
 }
 
@@ -312,8 +304,8 @@ async fn private_key_jwt_signs_a_fresh_assertion_per_call() {
             upstream.url()
         );
         let gw = gateway(&yaml).await;
-        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
-        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
+        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
+        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
         let calls = sts.captured();
         let mut jtis = Vec::new();
         for call in &calls {
@@ -355,7 +347,7 @@ async fn client_secret_jwt_signs_with_the_secret() {
         "",
     ))
     .await;
-    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(
         call.param("client_secret"),
@@ -389,7 +381,7 @@ async fn entra_on_behalf_of_sends_the_jwt_bearer_grant() {
         "",
     )).await;
     let caller = caller_token();
-    assert_eq!(get(&gw.url(), Some(&caller)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&caller)).await.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(
         call.form,
@@ -453,7 +445,7 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
         let gw = gateway(&yaml(&sts, profile_keys, &upstream, exchange, "")).await;
         let caller = caller_token();
         assert_eq!(
-            get(&gw.url(), Some(&caller)).await.status(),
+            get(&gw.url(), Some(&caller)).await.status,
             200,
             "{profile_keys}"
         );
@@ -502,7 +494,7 @@ async fn discovery_and_introspection_against_the_development_sts() {
     );
     let gw = gateway(&yaml).await;
     let user = sts.issue_user_token("alice", None, None).unwrap();
-    assert_eq!(get(&gw.url(), Some(&user)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&user)).await.status, 200);
     assert_eq!(sts.tokens_issued(), 1);
     let forwarded = upstream.seen()[0].bearer().unwrap().to_string();
     let claims = txgate::jwt::unverified_claims(&forwarded).unwrap();
@@ -511,7 +503,7 @@ async fn discovery_and_introspection_against_the_development_sts() {
 
     // Not a token the STS knows: introspection says inactive, and no exchange is attempted.
     let response = get(&gw.url(), Some(&caller_token())).await;
-    assert_eq!(response.status(), 401);
+    assert_eq!(response.status, 401);
     assert_eq!(sts.tokens_issued(), 1);
     drop(gw);
     let _ = stop.send(());
@@ -533,21 +525,13 @@ async fn readiness_waits_for_the_jwks_and_requests_get_503_until_then() {
     txgate::tls::install_crypto_provider();
     let gw = txgate::server::RunningGateway::start(&common::config(&yaml)).unwrap();
     let admin = gw.admin_addr.unwrap();
-    let ready = client()
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503, "not ready without a JWKS");
-    let healthy = client()
-        .get(format!("http://{admin}/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(healthy.status(), 200, "alive all the same");
+    let ready = get(&format!("http://{admin}/readyz"), None).await;
+    assert_eq!(ready.status, 503, "not ready without a JWKS");
+    let healthy = get(&format!("http://{admin}/healthz"), None).await;
+    assert_eq!(healthy.status, 200, "alive all the same");
     let token = unsigned_jwt(json!({"sub": "a", "iss": "https://idp"}));
     let response = get(&gw.url(), Some(&token)).await;
-    assert_eq!(response.status(), 503);
-    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.status, 503);
+    assert!(response.headers.contains_key("retry-after"));
     assert_eq!(sts.calls(), 0);
 }

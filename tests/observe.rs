@@ -10,17 +10,15 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::{Process, TxgateProcess};
-use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway};
-
-/// How often a poll looks again.
-const POLL: Duration = Duration::from_millis(100);
+use common::{
+    Behavior, RecordingUpstream, TestSts, caller_token, client, eventually, gateway, get,
+};
 
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -54,32 +52,6 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Polls `probe` until it returns `Ok`, or panics at `deadline` with the last `Err` (what was
-/// seen instead) and `context`.
-async fn poll_until<T, F, Fut>(
-    deadline: Instant,
-    what: &str,
-    context: impl Fn() -> String,
-    mut probe: F,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    loop {
-        match probe().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!(
-                    "timed out waiting for {what}; last seen: {last}\n{}",
-                    context()
-                )
-            }
-            Err(_) => tokio::time::sleep(POLL).await,
-        }
     }
 }
 
@@ -185,19 +157,24 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
         )
         .await;
     let base = format!("http://{address}");
-    let context = || format!("prometheus log:\n{}", prometheus.stderr());
+    // What a timed-out wait shows besides the last answer.
+    let with_log = |seen: String| format!("{seen}\nprometheus log:\n{}", prometheus.stderr());
+    let left = || deadline.saturating_duration_since(Instant::now());
 
     // Scraped at least once before any traffic: every counter's first sample is its start.
-    poll_until(deadline, "the txgate target to be up", context, || async {
-        let data = prometheus_api(&base, "targets").await?;
+    eventually("the txgate target to be up", left(), || async {
+        let data = prometheus_api(&base, "targets").await.map_err(with_log)?;
         let targets = data["activeTargets"]
             .as_array()
             .cloned()
             .unwrap_or_default();
         match targets.iter().find(|t| t["labels"]["job"] == "txgate") {
             Some(t) if t["health"] == "up" => Ok(()),
-            Some(t) => Err(format!("health {} ({})", t["health"], t["lastError"])),
-            None => Err(format!("no txgate target in {data}")),
+            Some(t) => Err(with_log(format!(
+                "health {} ({})",
+                t["health"], t["lastError"]
+            ))),
+            None => Err(with_log(format!("no txgate target in {data}"))),
         }
     })
     .await;
@@ -215,25 +192,22 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
     }
     assert_eq!(sts.calls(), 2, "two exchanges, the rest from the cache");
 
-    let requests = poll_until(
-        deadline,
-        "sum(txgate_requests_total) = 12",
-        context,
-        || async {
-            match query_value(&base, "sum(txgate_requests_total)").await? {
-                v if v == 12.0 => Ok(v),
-                v => Err(format!("{v}")),
-            }
-        },
-    )
+    let requests = eventually("sum(txgate_requests_total) = 12", left(), || async {
+        match query_value(&base, "sum(txgate_requests_total)").await {
+            Ok(v) if v == 12.0 => Ok(v),
+            Ok(v) => Err(with_log(format!("{v}"))),
+            Err(e) => Err(with_log(e)),
+        }
+    })
     .await;
     assert_eq!(requests, 12.0);
 
     let hit_ratio = r#"sum(rate(txgate_token_cache_lookups_total{result="hit"}[1m])) / sum(rate(txgate_token_cache_lookups_total[1m]))"#;
-    let ratio = poll_until(deadline, "the cache hit ratio 10/12", context, || async {
-        match query_value(&base, hit_ratio).await? {
-            v if (v - 10.0 / 12.0).abs() < 1e-9 => Ok(v),
-            v => Err(format!("{v}")),
+    let ratio = eventually("the cache hit ratio 10/12", left(), || async {
+        match query_value(&base, hit_ratio).await {
+            Ok(v) if (v - 10.0 / 12.0).abs() < 1e-9 => Ok(v),
+            Ok(v) => Err(with_log(format!("{v}"))),
+            Err(e) => Err(with_log(e)),
         }
     })
     .await;
@@ -319,15 +293,17 @@ routes:
         .env("TXGATE_CLIENT_SECRET", &secret)
         .start()
         .await;
-    let output = || child.output().both();
     let readyz = format!("{}/readyz", child.admin_url());
-    poll_until(deadline, "txgate /readyz", output, || async {
-        match client().get(&readyz).send().await {
-            Ok(r) if r.status() == 200 => Ok(()),
-            Ok(r) => Err(format!("{}", r.status())),
-            Err(e) => Err(e.to_string()),
-        }
-    })
+    eventually(
+        "txgate /readyz",
+        deadline.saturating_duration_since(Instant::now()),
+        || async {
+            match get(&readyz, None).await.status {
+                status if status == 200 => Ok(()),
+                status => Err(format!("{status}\n{}", child.output().both())),
+            }
+        },
+    )
     .await;
 
     // Every token-like string sent, whatever the gateway made of it; none may be logged.
@@ -569,17 +545,17 @@ async fn chromium_dom(url: &str, deadline: Instant) -> String {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {chromium} (apt-get install chromium): {e}")),
     );
-    let status = poll_until(
-        deadline,
+    let status = eventually(
         "chromium to dump the DOM",
-        || read_lossy(&err),
+        deadline.saturating_duration_since(Instant::now()),
         || {
             let exited = child.0.try_wait();
+            let log = read_lossy(&err);
             async move {
                 match exited {
                     Ok(Some(status)) => Ok(status),
-                    Ok(None) => Err("still running".into()),
-                    Err(e) => Err(e.to_string()),
+                    Ok(None) => Err(format!("still running\n{log}")),
+                    Err(e) => Err(format!("{e}\n{log}")),
                 }
             }
         },

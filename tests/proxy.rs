@@ -21,15 +21,13 @@ use common::tls::{
     https_client, presented_cert,
 };
 use common::{
-    Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, gateway_with_env,
-    token_service,
+    Behavior, RecordingUpstream, TestSts, caller_token, client, eventually, gateway,
+    gateway_with_env, get, token_service,
 };
 use txgate::server::RunningGateway;
 
 /// How long a test waits for the gateway to change behaviour (reload, health) before failing.
 const CHANGE_WITHIN: Duration = Duration::from_secs(15);
-/// The pause between two polls of the gateway.
-const POLL_EVERY: Duration = Duration::from_millis(50);
 
 /// A gateway config: a plain listener, `server_extra` (indented under `server:`), the `corp`
 /// token service at `sts` if given, and `routes` (already indented list items).
@@ -56,30 +54,10 @@ fn proxy_addr(gw: &RunningGateway) -> SocketAddr {
     gw.proxy_addrs[0]
 }
 
-/// Polls `probe` until it returns `Some`, at most [`CHANGE_WITHIN`]; panics with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + CHANGE_WITHIN;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {CHANGE_WITHIN:?}"
-        );
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-}
-
 /// GETs `url` and returns the status and body.
 async fn get_text(url: &str) -> (u16, String) {
-    let response = client().get(url).send().await.expect("gateway answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
+    let response = get(url, None).await;
+    (response.status.as_u16(), response.body)
 }
 
 /// A response read off a raw HTTP/1.1 connection.
@@ -358,17 +336,21 @@ async fn replaced_certificate_files_are_served_to_new_connections() {
     // A certificate from another CA.
     let second = second_ca.server_cert(&["127.0.0.1"]);
     second.install_at(&first.cert_file, &first.key_file);
-    eventually("the certificate from the second CA is served", || {
-        let served = served();
-        let expected = second.cert.to_vec();
-        async move { served.await.filter(|der| *der == expected) }
-    })
+    eventually(
+        "the certificate from the second CA is served",
+        CHANGE_WITHIN,
+        || {
+            let served = served();
+            let expected = second.cert.to_vec();
+            async move { served.await.filter(|der| *der == expected) }
+        },
+    )
     .await;
 
     // A reissue from the same CA: same names and issuer, new serial and key.
     let third = second_ca.server_cert(&["127.0.0.1"]);
     third.install_at(&first.cert_file, &first.key_file);
-    eventually("the reissued certificate is served", || {
+    eventually("the reissued certificate is served", CHANGE_WITHIN, || {
         let served = served();
         let expected = third.cert.to_vec();
         async move { served.await.filter(|der| *der == expected) }
@@ -586,7 +568,7 @@ async fn a_peer_failing_its_health_check_leaves_rotation_and_returns_after_recov
 
     // b fails its checks: within the bound, a run of requests goes to a only.
     b.set_healthy(false);
-    eventually("peer-b leaves rotation", || {
+    eventually("peer-b leaves rotation", CHANGE_WITHIN, || {
         let url = url.clone();
         async move {
             for _ in 0..6 {
@@ -611,7 +593,7 @@ async fn a_peer_failing_its_health_check_leaves_rotation_and_returns_after_recov
 
     // b passes again: it is back in rotation.
     b.set_healthy(true);
-    eventually("peer-b returns to rotation", || {
+    eventually("peer-b returns to rotation", CHANGE_WITHIN, || {
         let url = url.clone();
         async move { (get_text(&url).await == (200, "peer-b".to_string())).then_some(()) }
     })
