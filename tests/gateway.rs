@@ -6,52 +6,41 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{
-    Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, get, token_service,
-};
+use common::tls::dead_addr;
+use common::yaml::{Cache, Exchange, GatewayYaml, Route, TokenService};
+use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, get};
 
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-/// A gateway with an `orders` route (impersonation) and a `public` route (mode none).
-fn standard_yaml(sts: &TestSts, upstream: &RecordingUpstream, service_extra: &str) -> String {
-    format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-{services}routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange:
-      mode: impersonation
-      token_service: corp
-      audience: ["https://orders.example.com"]
-      resource: ["https://orders.example.com/api"]
-      scope: "orders:read orders:write"
-  - name: billing
-    match: {{ path_prefix: "/billing" }}
-    upstream: "{up}"
-    exchange:
-      mode: impersonation
-      token_service: corp
-      audience: ["https://billing.example.com"]
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-cache:
-  expiry_skew: 0s
-"#,
-        services = token_service(sts, service_extra),
-        up = upstream.url(),
-    )
+/// A gateway with `orders` and `billing` routes (impersonation at `service`, which is named
+/// `corp`) and a `public` route (mode none), and an admin listener.
+fn standard_yaml(service: TokenService, upstream: &RecordingUpstream) -> String {
+    let up = upstream.url();
+    GatewayYaml::new()
+        .admin()
+        .token_service(service)
+        .route(
+            Route::new("orders", "/orders", &up).exchange(
+                Exchange::impersonation("corp")
+                    .audience("https://orders.example.com")
+                    .resource("https://orders.example.com/api")
+                    .scope("orders:read orders:write"),
+            ),
+        )
+        .route(
+            Route::new("billing", "/billing", &up)
+                .exchange(Exchange::impersonation("corp").audience("https://billing.example.com")),
+        )
+        .route(Route::new("public", "/public", &up).exchange(Exchange::none()))
+        .cache(Cache::new().expiry_skew(Duration::ZERO))
+        .to_yaml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_sends_the_rfc8693_form_with_basic_auth_and_forwards_the_new_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
 
     let response = get(&format!("{}/orders/42?x=1", gw.url()), Some(&token)).await;
@@ -109,9 +98,8 @@ async fn client_secret_post_puts_credentials_in_the_form() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&standard_yaml(
-        &sts,
+        TokenService::at(&sts).auth_method("client_secret_post"),
         &upstream,
-        "    auth_method: client_secret_post\n",
     ))
     .await;
     let response = get(&format!("{}/billing", gw.url()), Some(&caller_token())).await;
@@ -133,7 +121,7 @@ async fn client_secret_post_puts_credentials_in_the_form() {
 async fn twenty_requests_with_one_token_make_one_sts_call() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     for _ in 0..20 {
         assert_eq!(
@@ -158,7 +146,7 @@ async fn fifty_concurrent_requests_with_a_fresh_token_make_one_sts_call() {
     ))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     let requests = (0..50).map(|_| {
@@ -200,7 +188,7 @@ async fn an_expired_cache_entry_is_exchanged_again() {
     })
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     assert_eq!(get(&url, Some(&token)).await.status, 200);
@@ -218,7 +206,7 @@ async fn an_expired_cache_entry_is_exchanged_again() {
 async fn routes_with_different_audiences_and_different_users_never_share_a_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let alice = caller_token();
     let bob = caller_token();
     for (path, token) in [
@@ -254,7 +242,7 @@ async fn routes_with_different_audiences_and_different_users_never_share_a_token
 async fn the_callers_token_never_reaches_the_upstream() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     for path in ["/orders/7", "/public/page"] {
         let response = client()
@@ -292,7 +280,7 @@ async fn the_callers_token_never_reaches_the_upstream() {
 async fn a_token_in_the_query_alone_is_not_accepted() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let response = get(
         &format!("{}/orders?access_token={}", gw.url(), caller_token()),
         None,
@@ -307,7 +295,7 @@ async fn a_token_in_the_query_alone_is_not_accepted() {
 async fn credential_errors_are_answered_without_calling_the_sts() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let url = format!("{}/orders", gw.url());
 
     let missing = get(&url, None).await;
@@ -475,7 +463,7 @@ async fn each_sts_error_class_gives_the_designed_status() {
     for case in cases {
         // A gateway per case: a Retry-After from one case rightly holds the next one off.
         let sts = TestSts::start(case.behavior).await;
-        let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+        let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
         let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
         assert_eq!(response.status, case.status, "{}", case.name);
         let challenge = response
@@ -515,28 +503,19 @@ async fn each_sts_error_class_gives_the_designed_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_sts_gives_503_and_failures_are_not_cached() {
-    // Bind and drop a listener to get a port where nothing listens.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let upstream = RecordingUpstream::start().await;
-    let yaml = format!(
-        r#"server: {{ listen: ["127.0.0.1:0"] }}
-token_services:
-  corp: {{ token_endpoint: "http://{dead}/token", client_id: g, client_secret: "${{TEST_CLIENT_SECRET}}" }}
-routes:
-  - {{ name: r, match: {{ path_prefix: "/" }}, upstream: "{}", exchange: {{ mode: impersonation, token_service: corp }} }}
-"#,
-        upstream.url()
-    );
+    let yaml = GatewayYaml::new()
+        .token_service(TokenService::new("corp", format!("http://{dead}/token")).client_id("g"))
+        .route(Route::new("r", "/", upstream.url()).exchange(Exchange::impersonation("corp")))
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
     assert_eq!(response.status, 503);
     assert!(response.headers.contains_key("retry-after"));
 
     let sts = TestSts::start(Behavior::error(500, "server_error")).await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     assert_eq!(get(&url, Some(&token)).await.status, 503);
@@ -557,7 +536,11 @@ async fn an_sts_slower_than_the_timeout_gives_504_in_time() {
     ))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "    timeout: 300ms\n")).await;
+    let gw = gateway(&standard_yaml(
+        TokenService::at(&sts).timeout(Duration::from_millis(300)),
+        &upstream,
+    ))
+    .await;
     let started = Instant::now();
     let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
     let elapsed = started.elapsed();
@@ -574,14 +557,13 @@ async fn an_sts_slower_than_the_timeout_gives_504_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_gives_502() {
     let sts = TestSts::start(Behavior::issue()).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"http://{dead}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-        token_service(&sts, "")
-    );
+    let yaml = GatewayYaml::new()
+        .token_service(TokenService::at(&sts))
+        .route(
+            Route::new("r", "/", format!("http://{}", dead_addr()))
+                .exchange(Exchange::impersonation("corp")),
+        )
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
     assert_eq!(response.status, 502);
@@ -608,7 +590,7 @@ fn metric_value(text: &str, series: &str) -> f64 {
 async fn metrics_and_probes_report_what_happened() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     for _ in 0..3 {
         get(&format!("{}/orders", gw.url()), Some(&token)).await;

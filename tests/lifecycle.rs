@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use axum::Router;
 use common::process::TxgateProcess;
+use common::yaml::{Exchange, GatewayYaml, Route, TokenService};
 use common::{Behavior, TestSts, caller_token, client, eventually, gateway, get};
 
 /// How long a request may take to reach the slow upstream.
@@ -34,25 +35,28 @@ async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Mutex<usize>>) {
     (addr, arrived)
 }
 
-fn routes_yaml(sts: &TestSts, upstream: SocketAddr, prefixes: &[&str]) -> String {
-    let mut yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n",
-        common::token_service(sts, "")
-    );
-    for p in prefixes {
-        yaml.push_str(&format!(
-            "  - {{ name: r{}, match: {{ path_prefix: \"/{p}\" }}, upstream: \"http://{upstream}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-            p
-        ));
-    }
-    yaml
+/// A gateway with one impersonation route `r<p>` on `/<p>` per prefix, all to `upstream`.
+fn routes(sts: &TestSts, upstream: SocketAddr, prefixes: &[&str]) -> GatewayYaml {
+    prefixes.iter().fold(
+        GatewayYaml::new().token_service(TokenService::at(sts)),
+        |config, p| {
+            config.route(
+                Route::new(
+                    &format!("r{p}"),
+                    &format!("/{p}"),
+                    format!("http://{upstream}"),
+                )
+                .exchange(Exchange::impersonation("corp")),
+            )
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(800)).await;
-    let gw = gateway(&routes_yaml(&sts, upstream, &["a"])).await;
+    let gw = gateway(&routes(&sts, upstream, &["a"]).to_yaml()).await;
     let token = caller_token();
 
     let url = format!("{}/a", gw.url());
@@ -68,7 +72,7 @@ async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
     .await;
 
     // Route a is gone and route b is new in the next configuration.
-    gw.reload(common::config(&routes_yaml(&sts, upstream, &["b"])))
+    gw.reload(common::config(&routes(&sts, upstream, &["b"]).to_yaml()))
         .await
         .unwrap();
     assert_eq!(
@@ -82,19 +86,10 @@ async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
     assert_eq!(a.status, 404);
 }
 
-/// The binary with route `/a` and `server_extra` in its `server:` map, once a first request
-/// through it has been answered 200. Returns it and the route's URL.
-async fn serving_binary(
-    sts: &TestSts,
-    upstream: SocketAddr,
-    server_extra: &str,
-    token: &str,
-) -> (TxgateProcess, String) {
-    let yaml = routes_yaml(sts, upstream, &["a"]).replace(
-        "listen: [\"127.0.0.1:0\"]",
-        &format!("listen: [\"127.0.0.1:0\"], {server_extra}"),
-    );
-    let gw = TxgateProcess::run(&yaml).start().await;
+/// The binary on `config`, which has route `/a`, once a first request through it has been
+/// answered 200. Returns it and the route's URL.
+async fn serving_binary(config: &GatewayYaml, token: &str) -> (TxgateProcess, String) {
+    let gw = TxgateProcess::run(&config.to_yaml()).start().await;
     let url = format!("{}/a", gw.url());
     assert_eq!(
         status_of(&url, token).await,
@@ -120,20 +115,13 @@ async fn status_of(url: &str, token: &str) -> Option<u16> {
 async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, _) = slow_upstream(Duration::ZERO).await;
-    let yaml = |prefixes: &[&str]| {
-        routes_yaml(&sts, upstream, prefixes).replace(
-            "listen: [\"127.0.0.1:0\"]",
-            "listen: [\"127.0.0.1:0\"], grace_period: 0s, shutdown_timeout: 1s",
-        )
+    let config = |prefixes: &[&str]| {
+        routes(&sts, upstream, prefixes)
+            .grace_period(Duration::ZERO)
+            .shutdown_timeout(Duration::from_secs(1))
     };
     let token = caller_token();
-    let (gw, _) = serving_binary(
-        &sts,
-        upstream,
-        "grace_period: 0s, shutdown_timeout: 1s",
-        &token,
-    )
-    .await;
+    let (gw, _) = serving_binary(&config(&["a"]), &token).await;
     let base = gw.url();
     let file = gw.config_path().to_path_buf();
 
@@ -154,7 +142,7 @@ async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
     );
     assert_eq!(status_of(&format!("{base}/a"), &token).await, Some(200));
 
-    std::fs::write(&file, yaml(&["a", "b"])).unwrap();
+    std::fs::write(&file, config(&["a", "b"]).to_yaml()).unwrap();
     gw.signal("HUP");
     gw.wait_for_stderr("log the reload", RELOAD_WITHIN, |log| {
         log.contains("configuration reloaded").then_some(())
@@ -174,13 +162,10 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(1000)).await;
     let token = caller_token();
-    let (mut gw, url) = serving_binary(
-        &sts,
-        upstream,
-        "grace_period: 3s, shutdown_timeout: 2s",
-        &token,
-    )
-    .await;
+    let config = routes(&sts, upstream, &["a"])
+        .grace_period(Duration::from_secs(3))
+        .shutdown_timeout(Duration::from_secs(2));
+    let (mut gw, url) = serving_binary(&config, &token).await;
     let before = *arrived.lock().unwrap();
     let in_flight = {
         let (url, token) = (url.clone(), token.clone());
@@ -209,13 +194,11 @@ async fn two_threads_without_work_stealing_serve_concurrent_requests() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(200)).await;
     let token = caller_token();
-    let (mut gw, url) = serving_binary(
-        &sts,
-        upstream,
-        "threads: 2, grace_period: 0s, shutdown_timeout: 1s",
-        &token,
-    )
-    .await;
+    let config = routes(&sts, upstream, &["a"])
+        .threads(2)
+        .grace_period(Duration::ZERO)
+        .shutdown_timeout(Duration::from_secs(1));
+    let (mut gw, url) = serving_binary(&config, &token).await;
     let before = *arrived.lock().unwrap();
     // Separate clients: separate connections, handed to the two runtimes at random.
     let requests: Vec<_> = (0..40)

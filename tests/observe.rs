@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::{Process, TxgateProcess};
+use common::yaml::{Exchange, GatewayYaml, Route, TokenService};
 use common::{
     Behavior, RecordingUpstream, TestSts, caller_token, client, eventually, gateway, get,
 };
@@ -112,20 +113,17 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-{services}routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: corp, audience: ["https://orders.example.com"] }}
-"#,
-        services = common::token_service(&sts, ""),
-        up = upstream.url(),
-    ))
-    .await;
+    let gw =
+        gateway(
+            &GatewayYaml::new()
+                .admin()
+                .token_service(TokenService::at(&sts))
+                .route(Route::new("orders", "/orders", upstream.url()).exchange(
+                    Exchange::impersonation("corp").audience("https://orders.example.com"),
+                ))
+                .to_yaml(),
+        )
+        .await;
     let admin = gw.admin_addr.expect("admin listener");
 
     let dir = TempDir::new("prometheus");
@@ -262,31 +260,18 @@ async fn the_binary_logs_one_json_access_event_per_request_and_never_a_token_or_
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let secret = format!("client-secret-{:016x}", rand::random::<u64>());
-    let yaml = format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-  grace_period: 1s
-  shutdown_timeout: 1s
-  max_token_bytes: 512
-token_services:
-  corp:
-    token_endpoint: "{endpoint}"
-    client_id: "gateway"
-    client_secret: "${{TXGATE_CLIENT_SECRET}}"
-routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: corp, scope: "orders:read" }}
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-"#,
-        endpoint = sts.token_endpoint(),
-        up = upstream.url(),
-    );
+    let yaml = GatewayYaml::new()
+        .admin()
+        .grace_period(Duration::from_secs(1))
+        .shutdown_timeout(Duration::from_secs(1))
+        .max_token_bytes(512)
+        .token_service(TokenService::at(&sts).set("client_secret", "${TXGATE_CLIENT_SECRET}"))
+        .route(
+            Route::new("orders", "/orders", upstream.url())
+                .exchange(Exchange::impersonation("corp").scope("orders:read")),
+        )
+        .route(Route::new("public", "/public", upstream.url()).exchange(Exchange::none()))
+        .to_yaml();
     let mut child = TxgateProcess::run(&yaml)
         .log_format("json")
         .log_level("debug")
@@ -598,43 +583,38 @@ async fn the_status_page_shows_routes_services_and_cache_in_chromium() {
     let down = TestSts::start(Behavior::error(503, "temporarily_unavailable")).await;
     let upstream = RecordingUpstream::start().await;
     // A route whose match and audience are markup: the page must show them as text.
-    let gw = gateway(&format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-{services}routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: corp, audience: ["https://orders.example.com"], scope: "orders:read" }}
-  - name: hostile
-    match: {{ host: "*.example.com", path_prefix: "/x<script>alert(1)</script>" }}
-    upstream: "{up}"
-    exchange:
-      mode: impersonation
-      token_service: corp
-      audience: ["<img src=x onerror=alert(2)>"]
-      scope: "a&b \"q\" 'q'"
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-  - name: partner
-    match: {{ path_prefix: "/partner" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: partner }}
-"#,
-        services = common::token_service(
-            &sts,
-            &format!(
-                "  partner:\n    token_endpoint: \"{}\"\n    client_id: \"gateway\"\n    \
-                 client_secret: \"${{TEST_CLIENT_SECRET}}\"\n    retries: 0\n    \
-                 circuit_breaker: {{ failure_threshold: 1, open_for: 10m }}\n",
-                down.token_endpoint()
+    let up = upstream.url();
+    let gw = gateway(
+        &GatewayYaml::new()
+            .admin()
+            .token_service(TokenService::at(&sts))
+            .token_service(
+                TokenService::new("partner", down.token_endpoint())
+                    .retries(0)
+                    .circuit_breaker(1, Duration::from_secs(600)),
             )
-        ),
-        up = upstream.url(),
-    ))
+            .route(
+                Route::new("orders", "/orders", &up).exchange(
+                    Exchange::impersonation("corp")
+                        .audience("https://orders.example.com")
+                        .scope("orders:read"),
+                ),
+            )
+            .route(
+                Route::new("hostile", "/x<script>alert(1)</script>", &up)
+                    .host("*.example.com")
+                    .exchange(
+                        Exchange::impersonation("corp")
+                            .audience("<img src=x onerror=alert(2)>")
+                            .scope("a&b \"q\" 'q'"),
+                    ),
+            )
+            .route(Route::new("public", "/public", &up).exchange(Exchange::none()))
+            .route(
+                Route::new("partner", "/partner", &up).exchange(Exchange::impersonation("partner")),
+            )
+            .to_yaml(),
+    )
     .await;
 
     // Orders lookups: a (miss, hit, hit), b (miss), c (miss, the STS is down): 2 hits of 5,

@@ -5,14 +5,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::yaml::{Cache, Exchange, GatewayYaml, Route, TokenService};
 use common::{Behavior, RecordingUpstream, TestSts, caller_token, eventually, gateway, get};
 
-fn yaml(sts: &TestSts, upstream: &RecordingUpstream, service_extra: &str, cache: &str) -> String {
-    format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp }} }}\ncache: {{ expiry_skew: 0s{cache} }}\n",
-        common::token_service(sts, service_extra),
-        upstream.url()
-    )
+/// One route `r` on `/`, impersonation at `service`; `cache` with `expiry_skew: 0s` added.
+fn yaml(service: TokenService, upstream: &RecordingUpstream, cache: Cache) -> String {
+    GatewayYaml::new()
+        .token_service(service)
+        .route(Route::new("r", "/", upstream.url()).exchange(Exchange::impersonation("corp")))
+        .cache(cache.expiry_skew(Duration::ZERO))
+        .to_yaml()
 }
 
 fn status(code: u16) -> Behavior {
@@ -27,7 +29,7 @@ fn status(code: u16) -> Behavior {
 async fn a_503_is_retried_once_within_the_deadline() {
     let sts = TestSts::start(Behavior::Sequence(vec![status(503), Behavior::issue()])).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&yaml(&sts, &upstream, "", "")).await;
+    let gw = gateway(&yaml(TokenService::at(&sts), &upstream, Cache::new())).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
     assert_eq!(response.status, 200);
     assert_eq!(sts.calls(), 2, "one retry");
@@ -38,7 +40,7 @@ async fn a_503_is_retried_once_within_the_deadline() {
 async fn a_500_is_not_retried() {
     let sts = TestSts::start(status(500)).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&yaml(&sts, &upstream, "", "")).await;
+    let gw = gateway(&yaml(TokenService::at(&sts), &upstream, Cache::new())).await;
     assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 503);
     assert_eq!(sts.calls(), 1);
 }
@@ -48,10 +50,11 @@ async fn the_breaker_opens_fails_fast_serves_hits_and_closes_after_a_probe() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
+        TokenService::at(&sts)
+            .retries(0)
+            .circuit_breaker(3, Duration::from_secs(1)),
         &upstream,
-        "    retries: 0\n    circuit_breaker: { failure_threshold: 3, open_for: 1s }\n",
-        "",
+        Cache::new(),
     ))
     .await;
     let cached = caller_token();
@@ -90,7 +93,7 @@ async fn retry_after_from_a_429_holds_misses_off() {
     })
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&yaml(&sts, &upstream, "", "")).await;
+    let gw = gateway(&yaml(TokenService::at(&sts), &upstream, Cache::new())).await;
     let first = get(&gw.url(), Some(&caller_token())).await;
     assert_eq!(first.status, 503);
     assert_eq!(first.headers["retry-after"], "30");
@@ -116,10 +119,9 @@ async fn the_concurrency_cap_sheds_a_burst_of_fresh_tokens() {
     .await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
+        TokenService::at(&sts).max_concurrent(2, Duration::from_millis(50)),
         &upstream,
-        "    max_concurrent: 2\n    queue_timeout: 50ms\n",
-        "",
+        Cache::new(),
     ))
     .await;
     let url = gw.url();
@@ -149,7 +151,12 @@ async fn the_concurrency_cap_sheds_a_burst_of_fresh_tokens() {
 async fn definitive_rejections_are_cached_briefly_and_outages_are_not() {
     let sts = TestSts::start(Behavior::error(400, "invalid_grant")).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&yaml(&sts, &upstream, "", ", negative_ttl: 1s")).await;
+    let gw = gateway(&yaml(
+        TokenService::at(&sts),
+        &upstream,
+        Cache::new().negative_ttl(Duration::from_secs(1)),
+    ))
+    .await;
     let rejected = caller_token();
     assert_eq!(get(&gw.url(), Some(&rejected)).await.status, 401);
     assert_eq!(get(&gw.url(), Some(&rejected)).await.status, 401);
@@ -178,7 +185,12 @@ async fn an_entry_near_expiry_is_refreshed_in_the_background_while_served() {
     })
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&yaml(&sts, &upstream, "", ", refresh_ahead: 0.5")).await;
+    let gw = gateway(&yaml(
+        TokenService::at(&sts),
+        &upstream,
+        Cache::new().refresh_ahead(0.5),
+    ))
+    .await;
     let token = caller_token();
     assert_eq!(get(&gw.url(), Some(&token)).await.status, 200);
     // Past half of the 2 s lifetime: the next hit is served the cached token and starts a

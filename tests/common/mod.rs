@@ -559,6 +559,7 @@ pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
 
 pub mod process;
 pub mod tls;
+pub mod yaml;
 
 /// Parses a gateway config whose `${VAR}`s resolve from `vars`, plus `${TEST_CLIENT_SECRET}`
 /// as in [`config`]; any other variable is unset.
