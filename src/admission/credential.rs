@@ -131,9 +131,7 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
 /// Whether `haystack` contains `needle`. Most of what is searched (a path, a header value) is
 /// shorter than a token: the length test answers those without building a searcher.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty()
-        && haystack.len() >= needle.len()
-        && memmem::find(haystack, needle).is_some()
+    !needle.is_empty() && haystack.len() >= needle.len() && memmem::find(haystack, needle).is_some()
 }
 
 /// `text` percent-decoded (and `+` as a space would not hide a token: b64token has no space);
