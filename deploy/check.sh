@@ -3,7 +3,7 @@
 # alerts and Grafana dashboard, and every shipped gateway.yaml. Installs what it needs when it
 # is missing, builds the txgate binary, and exits non-zero on the first failure.
 #   deploy/check.sh
-# Lines shown in the README's Deploy and Observe sections are lines of this script, verbatim
+# Lines shown in docs/deploy.md and docs/metrics-and-logs.md are lines of this script, verbatim
 # (the last check enforces it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -149,10 +149,10 @@ curl -fsS "http://127.0.0.1:$admin_port/metrics" > "$work/metrics.txt"
 promtool check metrics < "$work/metrics.txt"
 python3 deploy/checks.py metric-names "$work/metrics.txt"
 
-# --- README ---------------------------------------------------------------------------------
-step "README commands are the ones this script runs"
-readme=README.md
-grep -q '^## Deploy' "$readme" || readme=deploy/README-sections.md
-python3 deploy/checks.py readme-commands "$readme" deploy/check.sh
+# --- docs -----------------------------------------------------------------------------------
+step "the commands the docs show are the ones this script runs"
+for doc in $(grep -l -- '<!-- run by deploy/check.sh -->' docs/*.md); do
+    python3 deploy/checks.py readme-commands "$doc" deploy/check.sh
+done
 
 printf '\ndeploy/check.sh: all checks passed\n'

@@ -8,10 +8,8 @@
 
 use std::borrow::Cow;
 
+use crate::admission::credential::{MIN_GUARDED_TOKEN_BYTES, contains, strip_query_token};
 use http::{HeaderMap, Uri, header};
-use memchr::memmem;
-
-use crate::admission::credential::{MIN_GUARDED_TOKEN_BYTES, strip_query_token};
 
 /// Replaces a caller token in logged text.
 const TOKEN_MASK: &str = "<token>";
@@ -55,9 +53,7 @@ pub fn path<'a>(path: &'a str, presented: &[Cow<'_, [u8]>]) -> Cow<'a, str> {
     } else {
         Cow::Borrowed(path.as_bytes())
     };
-    let carries_token = presented
-        .iter()
-        .any(|t| memmem::find(&decoded, t.as_ref()).is_some());
+    let carries_token = presented.iter().any(|t| contains(&decoded, t.as_ref()));
     if !carries_token && !has_jwt_run(&decoded) {
         return Cow::Borrowed(path);
     }
@@ -74,10 +70,7 @@ pub fn path<'a>(path: &'a str, presented: &[Cow<'_, [u8]>]) -> Cow<'a, str> {
 /// Whether logged text that a caller chose (a request id) may be logged and echoed as it is:
 /// it carries none of the presented credentials and nothing JWT-shaped.
 pub fn is_clean(text: &[u8], presented: &[Cow<'_, [u8]>]) -> bool {
-    !has_jwt_run(text)
-        && !presented
-            .iter()
-            .any(|t| memmem::find(text, t.as_ref()).is_some())
+    !has_jwt_run(text) && !presented.iter().any(|t| contains(text, t.as_ref()))
 }
 
 /// Characters of a compact JWS/JWE: base64url and the dots between parts.

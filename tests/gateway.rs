@@ -6,63 +6,46 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, token_service};
+use common::tls::dead_addr;
+use common::yaml::{Cache, Exchange, GatewayYaml, Route, TokenService};
+use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, get};
 
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-/// A gateway with an `orders` route (impersonation) and a `public` route (mode none).
-fn standard_yaml(sts: &TestSts, upstream: &RecordingUpstream, service_extra: &str) -> String {
-    format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-{services}routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange:
-      mode: impersonation
-      token_service: corp
-      audience: ["https://orders.example.com"]
-      resource: ["https://orders.example.com/api"]
-      scope: "orders:read orders:write"
-  - name: billing
-    match: {{ path_prefix: "/billing" }}
-    upstream: "{up}"
-    exchange:
-      mode: impersonation
-      token_service: corp
-      audience: ["https://billing.example.com"]
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-cache:
-  expiry_skew: 0s
-"#,
-        services = token_service(sts, service_extra),
-        up = upstream.url(),
-    )
-}
-
-async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
-    let mut request = client().get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.expect("gateway answers")
+/// A gateway with `orders` and `billing` routes (impersonation at `service`, which is named
+/// `corp`) and a `public` route (mode none), and an admin listener.
+fn standard_yaml(service: TokenService, upstream: &RecordingUpstream) -> String {
+    let up = upstream.url();
+    GatewayYaml::new()
+        .admin()
+        .token_service(service)
+        .route(
+            Route::new("orders", "/orders", &up).exchange(
+                Exchange::impersonation("corp")
+                    .audience("https://orders.example.com")
+                    .resource("https://orders.example.com/api")
+                    .scope("orders:read orders:write"),
+            ),
+        )
+        .route(
+            Route::new("billing", "/billing", &up)
+                .exchange(Exchange::impersonation("corp").audience("https://billing.example.com")),
+        )
+        .route(Route::new("public", "/public", &up).exchange(Exchange::none()))
+        .cache(Cache::new().expiry_skew(Duration::ZERO))
+        .to_yaml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exchange_sends_the_rfc8693_form_with_basic_auth_and_forwards_the_new_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
 
     let response = get(&format!("{}/orders/42?x=1", gw.url()), Some(&token)).await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.unwrap(), "upstream ok");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, "upstream ok");
 
     let captured = sts.captured();
     assert_eq!(captured.len(), 1);
@@ -115,13 +98,12 @@ async fn client_secret_post_puts_credentials_in_the_form() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&standard_yaml(
-        &sts,
+        TokenService::at(&sts).auth_method("client_secret_post"),
         &upstream,
-        "    auth_method: client_secret_post\n",
     ))
     .await;
     let response = get(&format!("{}/billing", gw.url()), Some(&caller_token())).await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(call.authorization, None);
     assert_eq!(call.param("client_id"), Some("gateway"));
@@ -139,13 +121,13 @@ async fn client_secret_post_puts_credentials_in_the_form() {
 async fn twenty_requests_with_one_token_make_one_sts_call() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     for _ in 0..20 {
         assert_eq!(
             get(&format!("{}/orders", gw.url()), Some(&token))
                 .await
-                .status(),
+                .status,
             200
         );
     }
@@ -164,13 +146,13 @@ async fn fifty_concurrent_requests_with_a_fresh_token_make_one_sts_call() {
     ))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
     let requests = (0..50).map(|_| {
         let url = url.clone();
         let token = token.clone();
-        tokio::spawn(async move { get(&url, Some(&token)).await.status() })
+        tokio::spawn(async move { get(&url, Some(&token)).await.status })
     });
     for status in futures::future::join_all(requests).await {
         assert_eq!(status.unwrap(), 200);
@@ -206,15 +188,15 @@ async fn an_expired_cache_entry_is_exchanged_again() {
     })
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
-    assert_eq!(get(&url, Some(&token)).await.status(), 200);
-    assert_eq!(get(&url, Some(&token)).await.status(), 200);
+    assert_eq!(get(&url, Some(&token)).await.status, 200);
+    assert_eq!(get(&url, Some(&token)).await.status, 200);
     assert_eq!(sts.calls(), 1, "served from the cache while fresh");
     // Let the one-second lifetime pass (this waits on token expiry, not on readiness).
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(get(&url, Some(&token)).await.status(), 200);
+    assert_eq!(get(&url, Some(&token)).await.status, 200);
     assert_eq!(sts.calls(), 2);
     let seen = upstream.seen();
     assert_eq!(seen[2].bearer(), Some("xt-2"));
@@ -224,7 +206,7 @@ async fn an_expired_cache_entry_is_exchanged_again() {
 async fn routes_with_different_audiences_and_different_users_never_share_a_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let alice = caller_token();
     let bob = caller_token();
     for (path, token) in [
@@ -238,7 +220,7 @@ async fn routes_with_different_audiences_and_different_users_never_share_a_token
         assert_eq!(
             get(&format!("{}{path}", gw.url()), Some(token))
                 .await
-                .status(),
+                .status,
             200
         );
     }
@@ -260,7 +242,7 @@ async fn routes_with_different_audiences_and_different_users_never_share_a_token
 async fn the_callers_token_never_reaches_the_upstream() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     for path in ["/orders/7", "/public/page"] {
         let response = client()
@@ -298,13 +280,13 @@ async fn the_callers_token_never_reaches_the_upstream() {
 async fn a_token_in_the_query_alone_is_not_accepted() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let response = get(
         &format!("{}/orders?access_token={}", gw.url(), caller_token()),
         None,
     )
     .await;
-    assert_eq!(response.status(), 401);
+    assert_eq!(response.status, 401);
     assert_eq!(sts.calls(), 0);
     assert!(upstream.seen().is_empty());
 }
@@ -313,16 +295,16 @@ async fn a_token_in_the_query_alone_is_not_accepted() {
 async fn credential_errors_are_answered_without_calling_the_sts() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let url = format!("{}/orders", gw.url());
 
     let missing = get(&url, None).await;
-    assert_eq!(missing.status(), 401);
+    assert_eq!(missing.status, 401);
     assert_eq!(
-        missing.headers()["www-authenticate"],
+        missing.headers["www-authenticate"],
         r#"Bearer realm="txgate""#
     );
-    let body: serde_json::Value = missing.json().await.unwrap();
+    let body: serde_json::Value = missing.json();
     assert_eq!(body["error"], "unauthorized");
 
     let basic = client()
@@ -357,16 +339,16 @@ async fn credential_errors_are_answered_without_calling_the_sts() {
     assert_eq!(malformed.status(), 400);
 
     let oversize = get(&url, Some(&"a".repeat(9000))).await;
-    assert_eq!(oversize.status(), 401);
+    assert_eq!(oversize.status, 401);
     assert!(
-        oversize.headers()["www-authenticate"]
+        oversize.headers["www-authenticate"]
             .to_str()
             .unwrap()
             .contains(r#"error="invalid_token""#)
     );
 
     let no_route = get(&format!("{}/nowhere", gw.url()), Some(&caller_token())).await;
-    assert_eq!(no_route.status(), 404);
+    assert_eq!(no_route.status, 404);
 
     assert_eq!(sts.calls(), 0);
     assert!(upstream.seen().is_empty());
@@ -481,11 +463,11 @@ async fn each_sts_error_class_gives_the_designed_status() {
     for case in cases {
         // A gateway per case: a Retry-After from one case rightly holds the next one off.
         let sts = TestSts::start(case.behavior).await;
-        let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+        let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
         let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
-        assert_eq!(response.status(), case.status, "{}", case.name);
+        assert_eq!(response.status, case.status, "{}", case.name);
         let challenge = response
-            .headers()
+            .headers
             .get("www-authenticate")
             .map(|v| v.to_str().unwrap().to_string());
         match case.challenge_error {
@@ -501,14 +483,14 @@ async fn each_sts_error_class_gives_the_designed_status() {
         }
         assert_eq!(
             response
-                .headers()
+                .headers
                 .get("retry-after")
                 .map(|v| v.to_str().unwrap()),
             case.retry_after,
             "{}",
             case.name
         );
-        let body: serde_json::Value = response.json().await.unwrap();
+        let body: serde_json::Value = response.json();
         assert!(body["error"].is_string(), "{}", case.name);
         assert!(
             !body.to_string().contains("test STS"),
@@ -521,34 +503,25 @@ async fn each_sts_error_class_gives_the_designed_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_sts_gives_503_and_failures_are_not_cached() {
-    // Bind and drop a listener to get a port where nothing listens.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let upstream = RecordingUpstream::start().await;
-    let yaml = format!(
-        r#"server: {{ listen: ["127.0.0.1:0"] }}
-token_services:
-  corp: {{ token_endpoint: "http://{dead}/token", client_id: g, client_secret: "${{TEST_CLIENT_SECRET}}" }}
-routes:
-  - {{ name: r, match: {{ path_prefix: "/" }}, upstream: "{}", exchange: {{ mode: impersonation, token_service: corp }} }}
-"#,
-        upstream.url()
-    );
+    let yaml = GatewayYaml::new()
+        .token_service(TokenService::new("corp", format!("http://{dead}/token")).client_id("g"))
+        .route(Route::new("r", "/", upstream.url()).exchange(Exchange::impersonation("corp")))
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
-    assert_eq!(response.status(), 503);
-    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.status, 503);
+    assert!(response.headers.contains_key("retry-after"));
 
     let sts = TestSts::start(Behavior::error(500, "server_error")).await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     let url = format!("{}/orders", gw.url());
-    assert_eq!(get(&url, Some(&token)).await.status(), 503);
+    assert_eq!(get(&url, Some(&token)).await.status, 503);
     sts.set(Behavior::issue());
     assert_eq!(
-        get(&url, Some(&token)).await.status(),
+        get(&url, Some(&token)).await.status,
         200,
         "the failure was not cached"
     );
@@ -563,47 +536,46 @@ async fn an_sts_slower_than_the_timeout_gives_504_in_time() {
     ))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "    timeout: 300ms\n")).await;
+    let gw = gateway(&standard_yaml(
+        TokenService::at(&sts).timeout(Duration::from_millis(300)),
+        &upstream,
+    ))
+    .await;
     let started = Instant::now();
     let response = get(&format!("{}/orders", gw.url()), Some(&caller_token())).await;
     let elapsed = started.elapsed();
-    assert_eq!(response.status(), 504);
+    assert_eq!(response.status, 504);
     assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
     assert!(
         elapsed < Duration::from_millis(1300),
         "504 took {elapsed:?}"
     );
-    let body: serde_json::Value = response.json().await.unwrap();
+    let body: serde_json::Value = response.json();
     assert_eq!(body["error"], "gateway_timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_gives_502() {
     let sts = TestSts::start(Behavior::issue()).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"http://{dead}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-        token_service(&sts, "")
-    );
+    let yaml = GatewayYaml::new()
+        .token_service(TokenService::at(&sts))
+        .route(
+            Route::new("r", "/", format!("http://{}", dead_addr()))
+                .exchange(Exchange::impersonation("corp")),
+        )
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let response = get(&gw.url(), Some(&caller_token())).await;
-    assert_eq!(response.status(), 502);
-    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(response.status, 502);
+    let body: serde_json::Value = response.json();
     assert_eq!(body["error"], "bad_gateway");
 }
 
 async fn metrics_text(gw: &txgate::server::RunningGateway) -> String {
     let admin = gw.admin_addr.expect("admin listener configured");
-    let response = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
+    let response = get(&format!("http://{admin}/metrics"), None).await;
+    assert_eq!(response.status, 200);
+    response.body
 }
 
 fn metric_value(text: &str, series: &str) -> f64 {
@@ -618,7 +590,7 @@ fn metric_value(text: &str, series: &str) -> f64 {
 async fn metrics_and_probes_report_what_happened() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&standard_yaml(&sts, &upstream, "")).await;
+    let gw = gateway(&standard_yaml(TokenService::at(&sts), &upstream)).await;
     let token = caller_token();
     for _ in 0..3 {
         get(&format!("{}/orders", gw.url()), Some(&token)).await;
@@ -721,11 +693,7 @@ async fn metrics_and_probes_report_what_happened() {
 
     let admin = gw.admin_addr.unwrap();
     for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
-        let response = client()
-            .get(format!("http://{admin}{path}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), status, "{path}");
+        let response = get(&format!("http://{admin}{path}"), None).await;
+        assert_eq!(response.status, status, "{path}");
     }
 }

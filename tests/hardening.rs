@@ -11,18 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::tls::{TempDir, TestCa, TlsUpstream};
-use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway};
+use common::{Behavior, RecordingUpstream, TestSts, caller_token, gateway, get};
 use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_txgate");
-
-async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
-    let mut request = client().get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.expect("gateway answers")
-}
 
 // ---- upstream TLS ------------------------------------------------------------------------
 
@@ -64,15 +56,15 @@ routes:
     // request never reaches the upstream.
     for path in ["/bare-url", "/peer-list", "/empty-tls"] {
         let response = get(&format!("{}{path}", gw.url()), None).await;
-        assert_eq!(response.status(), 502, "{path}");
+        assert_eq!(response.status, 502, "{path}");
         assert!(upstream.seen().is_empty(), "{path} reached the upstream");
     }
     let response = get(&format!("{}/with-ca/x", gw.url()), None).await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.unwrap(), "tls-upstream");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, "tls-upstream");
     assert_eq!(upstream.seen().len(), 1);
     let response = get(&format!("{}/unverified/y", gw.url()), None).await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status, 200);
     let seen = upstream.seen();
     assert_eq!(seen.len(), 2);
     assert!(seen[0].request.uri.ends_with("/with-ca/x"));
@@ -81,7 +73,7 @@ routes:
     // Each route keeps its own verdict: the verified connection pooled for /with-ca is not
     // what makes /bare-url work, and the unverified one is not reused by a verified route.
     assert_eq!(
-        get(&format!("{}/bare-url", gw.url()), None).await.status(),
+        get(&format!("{}/bare-url", gw.url()), None).await.status,
         502
     );
     assert_eq!(upstream.seen().len(), 2);
@@ -223,9 +215,7 @@ routes:
     let gw = gateway(&yaml).await;
     let page = get(&format!("http://{}/", gw.admin_addr.unwrap()), None)
         .await
-        .text()
-        .await
-        .unwrap();
+        .body;
     let row = |name: &str| {
         let start = page
             .find(&format!("<tr><td>{name}</td>"))
@@ -269,9 +259,9 @@ async fn an_sts_that_echoes_the_callers_token_is_refused_and_nothing_is_forwarde
 
     for attempt in 1..=2 {
         let response = get(&format!("{}/echo", gw.url()), Some(&caller)).await;
-        assert_eq!(response.status(), 502);
+        assert_eq!(response.status, 502);
         assert_eq!(
-            response.text().await.unwrap(),
+            response.body,
             r#"{"error":"bad_gateway","error_description":"the token exchange failed"}"#
         );
         // Not cached: the second request asks the STS again.
@@ -286,7 +276,7 @@ async fn an_sts_that_echoes_the_callers_token_is_refused_and_nothing_is_forwarde
     assert_eq!(
         get(&format!("{}/echo", gw.url()), Some(&caller))
             .await
-            .status(),
+            .status,
         502
     );
 
@@ -299,16 +289,14 @@ async fn an_sts_that_echoes_the_callers_token_is_refused_and_nothing_is_forwarde
     assert_eq!(
         get(&format!("{}/typed", gw.url()), Some(&caller))
             .await
-            .status(),
+            .status,
         502
     );
     assert!(upstream.seen().is_empty(), "the upstream was called");
 
     let metrics = get(&format!("http://{}/metrics", gw.admin_addr.unwrap()), None)
         .await
-        .text()
-        .await
-        .unwrap();
+        .body;
     for (outcome, n) in [("echoed_input_token", 3), ("unexpected_token_type", 1)] {
         let series = format!(
             "txgate_token_exchanges_total{{outcome=\"{outcome}\",token_service=\"corp\"}} {n}"
@@ -322,7 +310,7 @@ async fn an_sts_that_echoes_the_callers_token_is_refused_and_nothing_is_forwarde
     assert_eq!(
         get(&format!("{}/echo", gw.url()), Some(&caller))
             .await
-            .status(),
+            .status,
         200
     );
     assert_eq!(upstream.seen().len(), 1);
@@ -374,7 +362,7 @@ routes:
     let for_us = sts
         .issue_user_token("alice", Some("gateway-api"), None)
         .unwrap();
-    assert_eq!(get(&gw.url(), Some(&for_us)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&for_us)).await.status, 200);
     assert_eq!(sts.tokens_issued(), 1);
 
     // Active, but minted for another API: refused before any exchange, and remembered.
@@ -383,14 +371,14 @@ routes:
         .unwrap();
     let calls = validator.introspection_calls();
     for _ in 0..3 {
-        assert_eq!(get(&gw.url(), Some(&elsewhere)).await.status(), 401);
+        assert_eq!(get(&gw.url(), Some(&elsewhere)).await.status, 401);
     }
     assert_eq!(validator.introspection_calls(), calls + 1);
 
     // A token the issuer does not know: inactive, asked about once however often replayed.
     let unknown = caller_token();
     for _ in 0..3 {
-        assert_eq!(get(&gw.url(), Some(&unknown)).await.status(), 401);
+        assert_eq!(get(&gw.url(), Some(&unknown)).await.status, 401);
     }
     assert_eq!(validator.introspection_calls(), calls + 2);
     assert_eq!(sts.tokens_issued(), 1, "no exchange for a refused token");

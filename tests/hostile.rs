@@ -26,16 +26,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::tls::{TempDir, TestCa, TlsUpstream};
+use common::process::TxgateProcess;
+use common::tls::{TestCa, TlsUpstream};
 use common::{Behavior, RecordingUpstream, Seen, TestIssuer, TestSts, caller_token, gateway};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +54,8 @@ const TLS_UPSTREAM: &str = "tls upstream ok";
 /// one over `u16::MAX - 1` bytes; pingora's own limit on the whole header block
 /// (`MAX_HEADER_SIZE`, 1 MiB) is far above it.
 const MAX_REQUEST_TARGET: usize = 65_534;
+/// How long the binary may take to load the JWKS, and to exit after SIGTERM.
+const BINARY_WITHIN: Duration = Duration::from_secs(30);
 
 /// Panics anywhere in this test binary, counted by a hook: pingora catches a panicking request
 /// task and drops the connection, which a client alone could mistake for a parser refusal.
@@ -439,7 +440,7 @@ enum Gateway {
     InProcess {
         _running: RunningGateway,
     },
-    Binary(Binary),
+    Binary(TxgateProcess),
 }
 
 /// The gateway under attack and everything it talks to.
@@ -478,16 +479,17 @@ impl Harness {
     async fn start_binary(format: &'static str) -> Harness {
         count_panics();
         let parts = Parts::start().await;
-        let yaml = parts.yaml();
-        let binary = Binary::start(&yaml, format);
-        let addr = tokio::task::block_in_place(|| {
-            binary.wait_for_stderr("log its listen address", listen_address)
-        });
-        tokio::task::block_in_place(|| {
-            binary.wait_for_stderr("load the JWKS", |stderr| {
+        let binary = TxgateProcess::run(&parts.yaml())
+            .log_level("trace")
+            .log_format(format)
+            .start()
+            .await;
+        binary
+            .wait_for_stderr("load the JWKS", BINARY_WITHIN, |stderr| {
                 stderr.contains("JWKS refreshed").then_some(())
             })
-        });
+            .await;
+        let addr = binary.proxy;
         let harness = Harness {
             parts,
             addr,
@@ -2271,173 +2273,6 @@ fn unrouted_rows(parts: &Parts) -> Vec<Row> {
 // ---------------------------------------------------------------------------------------------
 // Every row again, through the binary, and nothing of any token in its output.
 
-/// The `txgate` binary serving a configuration, started as an operator would (`txgate run
-/// --config FILE`) with `TXGATE_LOG=trace`. One thread per stream reads its stdout and stderr to
-/// the end as they are written (so a full pipe never stalls it); killed if a test ends early.
-struct Binary {
-    child: Child,
-    output: Arc<Output>,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    _dir: TempDir,
-}
-
-/// What the binary wrote so far, and a signal for each new line.
-#[derive(Default)]
-struct Output {
-    streams: Mutex<Streams>,
-    grew: Condvar,
-}
-
-#[derive(Default)]
-struct Streams {
-    stdout: String,
-    stderr: String,
-    /// Streams not yet at end of file.
-    open: usize,
-}
-
-impl Binary {
-    fn start(yaml: &str, format: &str) -> Binary {
-        let dir = TempDir::new("hostile");
-        let config = dir.write("gateway.yaml", yaml);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_txgate"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--log-format", format])
-            .env("TXGATE_LOG", "trace")
-            .env("TEST_CLIENT_SECRET", common::CLIENT_SECRET)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("txgate runs");
-        let output = Arc::new(Output::default());
-        output.streams.lock().unwrap().open = 2;
-        let stdout = child.stdout.take().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let readers = vec![
-            read_lines(stdout, output.clone(), |s| &mut s.stdout),
-            read_lines(stderr, output.clone(), |s| &mut s.stderr),
-        ];
-        Binary {
-            child,
-            output,
-            readers,
-            _dir: dir,
-        }
-    }
-
-    /// Blocks until `found` finds what it looks for in the output so far, woken by each new
-    /// line; panics with the output if 30 s pass first.
-    fn wait<T>(&self, what: &str, found: impl Fn(&Streams) -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut streams = self.output.streams.lock().unwrap();
-        loop {
-            if let Some(value) = found(&streams) {
-                return value;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                panic!(
-                    "txgate did not {what} within 30 s\nstdout:\n{}\nstderr:\n{}",
-                    streams.stdout, streams.stderr
-                );
-            }
-            streams = self
-                .output
-                .grew
-                .wait_timeout(streams, deadline - now)
-                .unwrap()
-                .0;
-        }
-    }
-
-    /// [`Binary::wait`] for something in stderr; panics if the binary exits first.
-    fn wait_for_stderr<T>(&self, what: &str, found: impl Fn(&str) -> Option<T>) -> T {
-        let value = self.wait(what, |streams| match found(&streams.stderr) {
-            Some(value) => Some(Some(value)),
-            None if streams.open == 0 => Some(None),
-            None => None,
-        });
-        value.unwrap_or_else(|| {
-            let streams = self.output.streams.lock().unwrap();
-            panic!(
-                "txgate exited before it would {what}\nstdout:\n{}\nstderr:\n{}",
-                streams.stdout, streams.stderr
-            )
-        })
-    }
-
-    /// SIGTERM, as an orchestrator stops it; then its exit status and everything it wrote
-    /// (stdout, stderr), read to the end.
-    fn stop(&mut self) -> (ExitStatus, String, String) {
-        let pid = self.child.id().to_string();
-        let signalled = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(signalled.success(), "kill -TERM {pid} failed");
-        // Both streams end when the process exits.
-        self.wait("close its output after SIGTERM", |streams| {
-            (streams.open == 0).then_some(())
-        });
-        for reader in self.readers.drain(..) {
-            reader.join().expect("an output reader ends");
-        }
-        let status = self.child.wait().expect("txgate exits");
-        let streams = self.output.streams.lock().unwrap();
-        (status, streams.stdout.clone(), streams.stderr.clone())
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        // A test that failed before `stop`: do not leave the gateway running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads `pipe` line by line into the stream `pick` selects, signalling each line and the end.
-fn read_lines(
-    pipe: impl std::io::Read + Send + 'static,
-    output: Arc<Output>,
-    pick: fn(&mut Streams) -> &mut String,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut reader = std::io::BufReader::new(pipe);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            let read = reader.read_until(b'\n', &mut line).unwrap_or(0);
-            let mut streams = output.streams.lock().unwrap();
-            if read == 0 {
-                streams.open -= 1;
-                output.grew.notify_all();
-                return;
-            }
-            pick(&mut streams).push_str(&String::from_utf8_lossy(&line));
-            output.grew.notify_all();
-        }
-    })
-}
-
-/// The proxy address from the binary's `txgate ... starting` line (`listen=[127.0.0.1:PORT]`
-/// in text, `"listen":"[127.0.0.1:PORT]"` in JSON).
-fn listen_address(stderr: &str) -> Option<SocketAddr> {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("txgate") && l.contains("starting"))?;
-    let after = &line[line.find("listen")?..];
-    let at = after.find("127.0.0.1:")?;
-    let address: String = after[at..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | ':'))
-        .collect();
-    address.parse().ok()
-}
-
 /// Every table of this file, in order.
 async fn every_row(parts: &Parts) -> Vec<Row> {
     let mut rows = malformed_credential_rows();
@@ -2530,7 +2365,8 @@ async fn replay_through_the_binary(format: &'static str) -> Vec<String> {
     let Gateway::Binary(binary) = &mut h.gateway else {
         unreachable!("started as a binary")
     };
-    let (status, stdout, stderr) = tokio::task::block_in_place(|| binary.stop());
+    let (status, output) = binary.stop(BINARY_WITHIN).await;
+    let (stdout, stderr) = (output.stdout, output.stderr);
     if !status.success() {
         failures.push(format!("txgate exited with {status}"));
     }

@@ -3,14 +3,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
-use common::{Behavior, TestSts, caller_token, client, gateway};
+use common::process::TxgateProcess;
+use common::yaml::{Exchange, GatewayYaml, Route, TokenService};
+use common::{Behavior, TestSts, caller_token, client, eventually, gateway, get};
+
+/// How long a request may take to reach the slow upstream.
+const ARRIVE_WITHIN: Duration = Duration::from_secs(10);
+/// How long the binary may take to log that it refused or applied a configuration.
+const RELOAD_WITHIN: Duration = Duration::from_secs(10);
 
 /// An upstream that answers after `delay`, counting requests that reached it.
 async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Mutex<usize>>) {
@@ -30,55 +35,44 @@ async fn slow_upstream(delay: Duration) -> (SocketAddr, Arc<Mutex<usize>>) {
     (addr, arrived)
 }
 
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn routes_yaml(sts: &TestSts, upstream: SocketAddr, prefixes: &[&str]) -> String {
-    let mut yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n",
-        common::token_service(sts, "")
-    );
-    for p in prefixes {
-        yaml.push_str(&format!(
-            "  - {{ name: r{}, match: {{ path_prefix: \"/{p}\" }}, upstream: \"http://{upstream}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-            p
-        ));
-    }
-    yaml
+/// A gateway with one impersonation route `r<p>` on `/<p>` per prefix, all to `upstream`.
+fn routes(sts: &TestSts, upstream: SocketAddr, prefixes: &[&str]) -> GatewayYaml {
+    prefixes.iter().fold(
+        GatewayYaml::new().token_service(TokenService::at(sts)),
+        |config, p| {
+            config.route(
+                Route::new(
+                    &format!("r{p}"),
+                    &format!("/{p}"),
+                    format!("http://{upstream}"),
+                )
+                .exchange(Exchange::impersonation("corp")),
+            )
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(800)).await;
-    let gw = gateway(&routes_yaml(&sts, upstream, &["a"])).await;
+    let gw = gateway(&routes(&sts, upstream, &["a"]).to_yaml()).await;
     let token = caller_token();
 
     let url = format!("{}/a", gw.url());
     let in_flight = {
         let token = token.clone();
-        tokio::spawn(async move {
-            client()
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        })
+        tokio::spawn(async move { get(&url, Some(&token)).await.status })
     };
-    wait_for("the request to reach the upstream", || {
-        *arrived.lock().unwrap() == 1
-    })
+    eventually(
+        "the request to reach the upstream",
+        ARRIVE_WITHIN,
+        || async { *arrived.lock().unwrap() == 1 },
+    )
     .await;
 
     // Route a is gone and route b is new in the next configuration.
-    gw.reload(common::config(&routes_yaml(&sts, upstream, &["b"])))
+    gw.reload(common::config(&routes(&sts, upstream, &["b"]).to_yaml()))
         .await
         .unwrap();
     assert_eq!(
@@ -86,126 +80,24 @@ async fn a_reload_applies_new_routes_without_dropping_requests_in_flight() {
         200,
         "the request in flight finished"
     );
-    let b = client()
-        .get(format!("{}/b", gw.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(b.status(), 200);
-    let a = client()
-        .get(format!("{}/a", gw.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(a.status(), 404);
+    let b = get(&format!("{}/b", gw.url()), Some(&token)).await;
+    assert_eq!(b.status, 200);
+    let a = get(&format!("{}/a", gw.url()), Some(&token)).await;
+    assert_eq!(a.status, 404);
 }
 
-/// The real binary, with its stderr collected.
-struct Txgate {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Txgate {
-    fn start(config: &std::path::Path) -> Txgate {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_txgate"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("TEST_CLIENT_SECRET", common::CLIENT_SECRET)
-            .env("TXGATE_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        Txgate { child, log }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Txgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The binary's exit status once it has exited, or `None` if it is still running after `within`.
-async fn exit_status(mut gw: Txgate, within: Duration) -> Option<std::process::ExitStatus> {
-    tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = gw.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::park_timeout(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap()
-}
-
-/// The binary on a fresh port with route `/a` and `server_extra` in its `server:` map, once a
-/// first request through it has been answered 200. Returns it, the route's URL and the
-/// directory holding its config.
-async fn serving_binary(
-    sts: &TestSts,
-    upstream: SocketAddr,
-    server_extra: &str,
-    token: &str,
-) -> (Txgate, String, std::path::PathBuf) {
-    let port = free_port();
-    let yaml = routes_yaml(sts, upstream, &["a"]).replace(
-        "listen: [\"127.0.0.1:0\"]",
-        &format!("listen: [\"127.0.0.1:{port}\"], {server_extra}"),
+/// The binary on `config`, which has route `/a`, once a first request through it has been
+/// answered 200. Returns it and the route's URL.
+async fn serving_binary(config: &GatewayYaml, token: &str) -> (TxgateProcess, String) {
+    let gw = TxgateProcess::run(&config.to_yaml()).start().await;
+    let url = format!("{}/a", gw.url());
+    assert_eq!(
+        status_of(&url, token).await,
+        Some(200),
+        "the gateway does not serve:\n{}",
+        gw.stderr()
     );
-    let dir = std::env::temp_dir().join(format!("txgate-bin-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("gateway.yaml");
-    std::fs::write(&file, yaml).unwrap();
-    let gw = Txgate::start(&file);
-    let url = format!("http://127.0.0.1:{port}/a");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&url, token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (gw, url, dir)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    (gw, url)
 }
 
 async fn status_of(url: &str, token: &str) -> Option<u16> {
@@ -223,29 +115,15 @@ async fn status_of(url: &str, token: &str) -> Option<u16> {
 async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, _) = slow_upstream(Duration::ZERO).await;
-    let port = free_port();
-    let yaml = |prefixes: &[&str]| {
-        routes_yaml(&sts, upstream, prefixes).replace(
-            "listen: [\"127.0.0.1:0\"]",
-            &format!("listen: [\"127.0.0.1:{port}\"], grace_period: 0s, shutdown_timeout: 1s"),
-        )
+    let config = |prefixes: &[&str]| {
+        routes(&sts, upstream, prefixes)
+            .grace_period(Duration::ZERO)
+            .shutdown_timeout(Duration::from_secs(1))
     };
-    let dir = std::env::temp_dir().join(format!("txgate-reload-{}", rand::random::<u64>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("gateway.yaml");
-    std::fs::write(&file, yaml(&["a"])).unwrap();
-    let gw = Txgate::start(&file);
     let token = caller_token();
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&format!("{base}/a"), &token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "the gateway never served:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (gw, _) = serving_binary(&config(&["a"]), &token).await;
+    let base = gw.url();
+    let file = gw.config_path().to_path_buf();
 
     std::fs::write(
         &file,
@@ -253,27 +131,30 @@ async fn sighup_refuses_an_invalid_config_and_applies_a_valid_one() {
     )
     .unwrap();
     gw.signal("HUP");
-    wait_for("the refusal to be logged", || {
-        gw.log().contains("invalid and was refused")
+    gw.wait_for_stderr("log the refusal", RELOAD_WITHIN, |log| {
+        log.contains("invalid and was refused").then_some(())
     })
     .await;
-    assert!(gw.log().contains("routes[0]: missing key"), "{}", gw.log());
+    assert!(
+        gw.stderr().contains("routes[0]: missing key"),
+        "{}",
+        gw.stderr()
+    );
     assert_eq!(status_of(&format!("{base}/a"), &token).await, Some(200));
 
-    std::fs::write(&file, yaml(&["a", "b"])).unwrap();
+    std::fs::write(&file, config(&["a", "b"]).to_yaml()).unwrap();
     gw.signal("HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status_of(&format!("{base}/b"), &token).await != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "route b never appeared:\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(gw.log().contains("configuration reloaded"));
-    assert!(!gw.log().contains(&token), "a caller token in the log");
-    let _ = std::fs::remove_dir_all(&dir);
+    gw.wait_for_stderr("log the reload", RELOAD_WITHIN, |log| {
+        log.contains("configuration reloaded").then_some(())
+    })
+    .await;
+    assert_eq!(
+        status_of(&format!("{base}/b"), &token).await,
+        Some(200),
+        "route b after the reload:\n{}",
+        gw.stderr()
+    );
+    assert!(!gw.stderr().contains(&token), "a caller token in the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,30 +162,28 @@ async fn sigterm_drains_requests_in_flight_then_exits() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(1000)).await;
     let token = caller_token();
-    let (gw, url, dir) = serving_binary(
-        &sts,
-        upstream,
-        "grace_period: 3s, shutdown_timeout: 2s",
-        &token,
-    )
-    .await;
+    let config = routes(&sts, upstream, &["a"])
+        .grace_period(Duration::from_secs(3))
+        .shutdown_timeout(Duration::from_secs(2));
+    let (mut gw, url) = serving_binary(&config, &token).await;
     let before = *arrived.lock().unwrap();
     let in_flight = {
         let (url, token) = (url.clone(), token.clone());
         tokio::spawn(async move { status_of(&url, &token).await })
     };
-    wait_for("the request to reach the upstream", || {
-        *arrived.lock().unwrap() > before
-    })
+    eventually(
+        "the request to reach the upstream",
+        ARRIVE_WITHIN,
+        || async { *arrived.lock().unwrap() > before },
+    )
     .await;
     gw.signal("TERM");
     assert_eq!(in_flight.await.unwrap(), Some(200), "drained, not dropped");
-    let exited = exit_status(gw, Duration::from_secs(15)).await;
+    let exited = gw.exited_within(Duration::from_secs(15)).await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "txgate exits 0 after draining"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The binary's default runtime (`server.work_stealing: false`: one single-threaded runtime per
@@ -315,13 +194,11 @@ async fn two_threads_without_work_stealing_serve_concurrent_requests() {
     let sts = TestSts::start(Behavior::issue()).await;
     let (upstream, arrived) = slow_upstream(Duration::from_millis(200)).await;
     let token = caller_token();
-    let (gw, url, dir) = serving_binary(
-        &sts,
-        upstream,
-        "threads: 2, grace_period: 0s, shutdown_timeout: 1s",
-        &token,
-    )
-    .await;
+    let config = routes(&sts, upstream, &["a"])
+        .threads(2)
+        .grace_period(Duration::ZERO)
+        .shutdown_timeout(Duration::from_secs(1));
+    let (mut gw, url) = serving_binary(&config, &token).await;
     let before = *arrived.lock().unwrap();
     // Separate clients: separate connections, handed to the two runtimes at random.
     let requests: Vec<_> = (0..40)
@@ -344,14 +221,13 @@ async fn two_threads_without_work_stealing_serve_concurrent_requests() {
         })
         .collect();
     for request in requests {
-        assert_eq!(request.await.unwrap(), Some(200), "{}", gw.log());
+        assert_eq!(request.await.unwrap(), Some(200), "{}", gw.stderr());
     }
     assert_eq!(*arrived.lock().unwrap() - before, 40);
     gw.signal("TERM");
-    let exited = exit_status(gw, Duration::from_secs(10)).await;
+    let exited = gw.exited_within(Duration::from_secs(10)).await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "txgate exits 0 on SIGTERM"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

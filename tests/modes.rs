@@ -5,44 +5,29 @@
 mod common;
 
 use base64::Engine;
+use common::tls::dead_addr;
+use common::yaml::{Actor, Exchange, GatewayYaml, Inbound, Route, TokenService};
 use common::{
-    Behavior, RecordingUpstream, TestIssuer, TestSts, caller_token, client, gateway,
-    private_key_pem, unsigned_jwt,
+    Behavior, RecordingUpstream, TestIssuer, TestSts, caller_token, gateway, get, private_key_pem,
+    unsigned_jwt,
 };
 use serde_json::json;
 
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
-async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
-    let mut request = client().get(url);
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.expect("gateway answers")
+/// A config with one token service (`service`, named `corp` unless the route says otherwise)
+/// and one route `r` on `/` whose `exchange:` block is `exchange`.
+fn yaml(service: TokenService, upstream: &RecordingUpstream, exchange: Exchange) -> String {
+    GatewayYaml::new()
+        .token_service(service)
+        .route(Route::new("r", "/", upstream.url()).exchange(exchange))
+        .to_yaml()
 }
 
-/// A config with one token service `corp` (at `sts`, plus `service_extra` keys) and one route
-/// `r` on `/` whose `exchange:` block is `exchange` (and optional route-level `route_extra`).
-fn yaml(
-    sts: &TestSts,
-    service_extra: &str,
-    upstream: &RecordingUpstream,
-    exchange: &str,
-    route_extra: &str,
-) -> String {
-    format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n  - name: r\n    match: {{ path_prefix: \"/\" }}\n    upstream: \"{}\"\n    exchange: {exchange}\n{route_extra}",
-        common::token_service(sts, service_extra),
-        upstream.url()
-    )
-}
-
-fn inbound_jwt(issuer: &TestIssuer) -> String {
-    format!(
-        "    inbound:\n      jwt: {{ issuer: \"{}\", jwks_uri: \"{}\", audiences: [\"gateway-api\"] }}\n",
-        issuer.issuer, issuer.jwks_uri
-    )
+/// `corp` at `sts`, validating callers' JWTs from `issuer` for the audience `gateway-api`.
+fn validating(sts: &TestSts, issuer: &TestIssuer) -> TokenService {
+    TokenService::at(sts).inbound(Inbound::jwt_of(issuer).audiences(&["gateway-api"]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,17 +35,18 @@ async fn delegation_sends_the_gateways_own_token_as_actor_and_caches_it() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        "",
+        TokenService::at(&sts),
         &upstream,
-        "{ mode: delegation, token_service: corp, audience: [\"https://orders.example.com\"], actor: { scope: \"gateway:act\" } }",
-        "",
-    )).await;
+        Exchange::delegation("corp")
+            .audience("https://orders.example.com")
+            .actor(Actor::own_token("gateway:act")),
+    ))
+    .await;
     let alice = caller_token();
     let bob = caller_token();
-    assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
-    assert_eq!(get(&gw.url(), Some(&bob)).await.status(), 200);
-    assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&alice)).await.status, 200);
+    assert_eq!(get(&gw.url(), Some(&bob)).await.status, 200);
+    assert_eq!(get(&gw.url(), Some(&alice)).await.status, 200);
 
     let calls = sts.captured();
     assert_eq!(
@@ -95,16 +81,12 @@ async fn delegation_reads_the_actor_token_from_a_file() {
     let file = std::env::temp_dir().join(format!("txgate-actor-{}", rand::random::<u64>()));
     std::fs::write(&file, "platform-actor-token\n").unwrap();
     let gw = gateway(&yaml(
-        &sts,
-        "",
+        TokenService::at(&sts),
         &upstream,
-        &format!(
-            "{{ mode: delegation, token_service: corp, actor: {{ token_file: \"{}\", token_type: jwt }} }}",
-            file.display()
-        ),
-        "",
-    )).await;
-    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
+        Exchange::delegation("corp").actor(Actor::token_file(&file).token_type("jwt")),
+    ))
+    .await;
+    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
     let calls = sts.captured();
     assert_eq!(
         calls.len(),
@@ -130,27 +112,25 @@ async fn require_may_act_refuses_subjects_that_do_not_name_the_actor() {
     )
     .unwrap();
     let gw = gateway(&yaml(
-        &sts,
-        "",
+        TokenService::at(&sts),
         &upstream,
-        &format!(
-            "{{ mode: delegation, token_service: corp, require_may_act: true, actor: {{ token_file: \"{}\" }} }}",
-            file.display()
-        ),
-        "",
-    )).await;
+        Exchange::delegation("corp")
+            .require_may_act()
+            .actor(Actor::token_file(&file)),
+    ))
+    .await;
     let allowed = unsigned_jwt(json!({"sub": "alice", "may_act": {"sub": "gateway-svc"}}));
     let other_actor = unsigned_jwt(json!({"sub": "bob", "may_act": {"sub": "someone-else"}}));
     let wrong_issuer = unsigned_jwt(
         json!({"sub": "carol", "may_act": {"sub": "gateway-svc", "iss": "https://other"}}),
     );
     let no_claim = unsigned_jwt(json!({"sub": "dave"}));
-    assert_eq!(get(&gw.url(), Some(&allowed)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&allowed)).await.status, 200);
     for token in [&other_actor, &wrong_issuer, &no_claim] {
         let response = get(&gw.url(), Some(token)).await;
-        assert_eq!(response.status(), 403);
+        assert_eq!(response.status, 403);
         assert!(
-            response.headers()["www-authenticate"]
+            response.headers["www-authenticate"]
                 .to_str()
                 .unwrap()
                 .contains("insufficient_scope")
@@ -166,16 +146,17 @@ async fn client_credentials_forwards_the_gateways_token_after_validating_the_cal
     let issuer = TestIssuer::start().await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        &inbound_jwt(&issuer),
+        validating(&sts, &issuer),
         &upstream,
-        "{ mode: client_credentials, token_service: corp, audience: [\"https://inventory.example.com\"], scope: \"inventory:read\" }",
-        "",
-    )).await;
+        Exchange::client_credentials("corp")
+            .audience("https://inventory.example.com")
+            .scope("inventory:read"),
+    ))
+    .await;
     let alice = issuer.sign(json!({"sub": "alice", "aud": "gateway-api"}));
     let bob = issuer.sign(json!({"sub": "bob", "aud": ["other", "gateway-api"]}));
-    assert_eq!(get(&gw.url(), Some(&alice)).await.status(), 200);
-    assert_eq!(get(&gw.url(), Some(&bob)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&alice)).await.status, 200);
+    assert_eq!(get(&gw.url(), Some(&bob)).await.status, 200);
     let calls = sts.captured();
     assert_eq!(calls.len(), 1, "one machine token shared by all callers");
     assert_eq!(calls[0].param("grant_type"), Some("client_credentials"));
@@ -195,15 +176,15 @@ async fn client_credentials_forwards_the_gateways_token_after_validating_the_cal
     let forged = unsigned_jwt(json!({"sub": "eve", "aud": "gateway-api", "iss": issuer.issuer}));
     for token in [wrong_audience.as_str(), forged.as_str(), "opaque-garbage"] {
         let response = get(&gw.url(), Some(token)).await;
-        assert_eq!(response.status(), 401, "{token}");
+        assert_eq!(response.status, 401, "{token}");
         assert!(
-            response.headers()["www-authenticate"]
+            response.headers["www-authenticate"]
                 .to_str()
                 .unwrap()
                 .contains("invalid_token")
         );
     }
-    assert_eq!(get(&gw.url(), None).await.status(), 401);
+    assert_eq!(get(&gw.url(), None).await.status, 401);
     assert_eq!(sts.calls(), calls_before);
 }
 
@@ -212,16 +193,14 @@ async fn client_credentials_with_anonymous_callers_needs_no_token() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        "",
+        TokenService::at(&sts),
         &upstream,
-        "{ mode: client_credentials, token_service: corp, caller: anonymous }",
-        "",
+        Exchange::client_credentials("corp").caller("anonymous"),
     ))
     .await;
-    assert_eq!(get(&gw.url(), None).await.status(), 200);
+    assert_eq!(get(&gw.url(), None).await.status, 200);
     let stray = caller_token();
-    assert_eq!(get(&gw.url(), Some(&stray)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&stray)).await.status, 200);
     let seen = upstream.seen();
     assert!(seen.iter().all(|s| s.bearer() == Some("xt-1")));
     assert!(
@@ -237,18 +216,16 @@ async fn a_machine_token_without_sub_is_exchanged_by_impersonation() {
     let issuer = TestIssuer::start().await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        &inbound_jwt(&issuer),
+        validating(&sts, &issuer),
         &upstream,
-        "{ mode: impersonation, token_service: corp, scope: \"orders:read\" }",
-        "",
+        Exchange::impersonation("corp").scope("orders:read"),
     ))
     .await;
     let machine = issuer.sign(
         json!({"client_id": "billing-service", "aud": "gateway-api", "scope": "orders:read"}),
     );
     let response = get(&gw.url(), Some(&machine)).await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(call.param("subject_token"), Some(machine.as_str()));
     assert_eq!(call.param("subject_token_type"), Some(ACCESS_TOKEN_TYPE));
@@ -261,11 +238,9 @@ async fn expired_and_tampered_tokens_fail_locally() {
     let issuer = TestIssuer::start().await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        &inbound_jwt(&issuer),
+        validating(&sts, &issuer),
         &upstream,
-        "{ mode: impersonation, token_service: corp }",
-        "",
+        Exchange::impersonation("corp"),
     ))
     .await;
     let expired = issuer.sign(json!({"sub": "a", "aud": "gateway-api", "exp": 1_000_000}));
@@ -275,10 +250,10 @@ async fn expired_and_tampered_tokens_fail_locally() {
     let other_issuer =
         issuer.sign(json!({"sub": "a", "aud": "gateway-api", "iss": "https://evil"}));
     for token in [&expired, &tampered, &other_issuer] {
-        assert_eq!(get(&gw.url(), Some(token)).await.status(), 401);
+        assert_eq!(get(&gw.url(), Some(token)).await.status, 401);
     }
     assert_eq!(sts.calls(), 0);
-    assert_eq!(get(&gw.url(), Some(&good)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&good)).await.status, 200);
     assert_eq!(sts.calls(), 1);
 }
 
@@ -305,15 +280,14 @@ async fn private_key_jwt_signs_a_fresh_assertion_per_call() {
         let sts = TestSts::start(Behavior::issue()).await;
         let upstream = RecordingUpstream::start().await;
         let (pem, public) = private_key_pem(kind);
-        let yaml = format!(
-            "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  corp:\n    token_endpoint: \"{}\"\n    client_id: gateway\n    auth_method: private_key_jwt\n    private_key_file: \"{}\"\n    private_key_id: key-1\nroutes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-            sts.token_endpoint(),
-            pem.display(),
-            upstream.url()
-        );
-        let gw = gateway(&yaml).await;
-        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
-        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
+        let gw = gateway(&yaml(
+            TokenService::at(&sts).private_key_jwt(&pem, "key-1"),
+            &upstream,
+            Exchange::impersonation("corp"),
+        ))
+        .await;
+        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
+        assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
         let calls = sts.captured();
         let mut jtis = Vec::new();
         for call in &calls {
@@ -348,14 +322,12 @@ async fn client_secret_jwt_signs_with_the_secret() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        "    auth_method: client_secret_jwt\n",
+        TokenService::at(&sts).auth_method("client_secret_jwt"),
         &upstream,
-        "{ mode: impersonation, token_service: corp }",
-        "",
+        Exchange::impersonation("corp"),
     ))
     .await;
-    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(
         call.param("client_secret"),
@@ -382,14 +354,15 @@ async fn entra_on_behalf_of_sends_the_jwt_bearer_grant() {
     .await;
     let upstream = RecordingUpstream::start().await;
     let gw = gateway(&yaml(
-        &sts,
-        "    profile: entra_obo\n    tenant: contoso.onmicrosoft.com\n    auth_method: client_secret_post\n",
+        TokenService::at(&sts)
+            .profile("entra_obo", &[("tenant", "contoso.onmicrosoft.com")])
+            .auth_method("client_secret_post"),
         &upstream,
-        "{ mode: impersonation, token_service: corp, scope: \"api://orders/.default\" }",
-        "",
-    )).await;
+        Exchange::impersonation("corp").scope("api://orders/.default"),
+    ))
+    .await;
     let caller = caller_token();
-    assert_eq!(get(&gw.url(), Some(&caller)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&caller)).await.status, 200);
     let call = &sts.captured()[0];
     assert_eq!(
         call.form,
@@ -416,10 +389,16 @@ async fn entra_on_behalf_of_sends_the_jwt_bearer_grant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_parameters() {
-    for (profile_keys, exchange, expected_tail) in [
+    for (profile, profile_keys, exchange, expected_tail) in [
         (
-            "    profile: pingone\n    environment_id: 3f1b6c2e-8a4d-4e1f-9b7a-0c5d2e8f1a34\n    region: eu\n",
-            "{ mode: impersonation, token_service: corp, scope: \"orders:read\", subject_token_type: id_token }",
+            "pingone",
+            &[
+                ("environment_id", "3f1b6c2e-8a4d-4e1f-9b7a-0c5d2e8f1a34"),
+                ("region", "eu"),
+            ][..],
+            Exchange::impersonation("corp")
+                .scope("orders:read")
+                .subject_token_type("id_token"),
             vec![
                 (
                     "subject_token_type",
@@ -429,8 +408,11 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
             ],
         ),
         (
-            "    profile: keycloak\n    base_url: https://sso.example.com\n    realm: corp\n",
-            "{ mode: impersonation, token_service: corp, audience: [\"orders-api\"], requested_token_type: access_token }",
+            "keycloak",
+            &[("base_url", "https://sso.example.com"), ("realm", "corp")][..],
+            Exchange::impersonation("corp")
+                .audience("orders-api")
+                .requested_token_type("access_token"),
             vec![
                 ("subject_token_type", ACCESS_TOKEN_TYPE),
                 ("audience", "orders-api"),
@@ -438,8 +420,14 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
             ],
         ),
         (
-            "    profile: okta\n    authorization_server: https://example.okta.com/oauth2/default\n",
-            "{ mode: impersonation, token_service: corp, audience: [\"api://orders\"], scope: \"orders.read\" }",
+            "okta",
+            &[(
+                "authorization_server",
+                "https://example.okta.com/oauth2/default",
+            )][..],
+            Exchange::impersonation("corp")
+                .audience("api://orders")
+                .scope("orders.read"),
             vec![
                 ("subject_token_type", ACCESS_TOKEN_TYPE),
                 ("audience", "api://orders"),
@@ -450,13 +438,14 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
         let sts = TestSts::start(Behavior::issue()).await;
         let upstream = RecordingUpstream::start().await;
         // The explicit token_endpoint (the capturing STS) wins over the profile's.
-        let gw = gateway(&yaml(&sts, profile_keys, &upstream, exchange, "")).await;
+        let gw = gateway(&yaml(
+            TokenService::at(&sts).profile(profile, profile_keys),
+            &upstream,
+            exchange,
+        ))
+        .await;
         let caller = caller_token();
-        assert_eq!(
-            get(&gw.url(), Some(&caller)).await.status(),
-            200,
-            "{profile_keys}"
-        );
+        assert_eq!(get(&gw.url(), Some(&caller)).await.status, 200, "{profile}");
         let call = &sts.captured()[0];
         let mut expected = vec![
             ("grant_type".to_string(), TOKEN_EXCHANGE.to_string()),
@@ -467,7 +456,7 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
-        assert_eq!(call.form, expected, "{profile_keys}");
+        assert_eq!(call.form, expected, "{profile}");
         let basic = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD
@@ -496,13 +485,15 @@ async fn discovery_and_introspection_against_the_development_sts() {
     }));
     let upstream = RecordingUpstream::start().await;
     // Only the issuer: discovery finds the token and introspection endpoints.
-    let yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  dev:\n    issuer: \"http://{addr}\"\n    client_id: gateway\n    client_secret: \"${{TEST_CLIENT_SECRET}}\"\n    inbound:\n      introspection: {{}}\nroutes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: dev, audience: [\"https://orders.example.com\"] }} }}\n",
-        upstream.url()
-    );
-    let gw = gateway(&yaml).await;
+    let gw = gateway(&yaml(
+        TokenService::discovered("dev", &format!("http://{addr}"))
+            .inbound(Inbound::introspection()),
+        &upstream,
+        Exchange::impersonation("dev").audience("https://orders.example.com"),
+    ))
+    .await;
     let user = sts.issue_user_token("alice", None, None).unwrap();
-    assert_eq!(get(&gw.url(), Some(&user)).await.status(), 200);
+    assert_eq!(get(&gw.url(), Some(&user)).await.status, 200);
     assert_eq!(sts.tokens_issued(), 1);
     let forwarded = upstream.seen()[0].bearer().unwrap().to_string();
     let claims = txgate::jwt::unverified_claims(&forwarded).unwrap();
@@ -511,7 +502,7 @@ async fn discovery_and_introspection_against_the_development_sts() {
 
     // Not a token the STS knows: introspection says inactive, and no exchange is attempted.
     let response = get(&gw.url(), Some(&caller_token())).await;
-    assert_eq!(response.status(), 401);
+    assert_eq!(response.status, 401);
     assert_eq!(sts.tokens_issued(), 1);
     drop(gw);
     let _ = stop.send(());
@@ -521,33 +512,22 @@ async fn discovery_and_introspection_against_the_development_sts() {
 async fn readiness_waits_for_the_jwks_and_requests_get_503_until_then() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"], admin_listen: \"127.0.0.1:0\" }}\n{}    inbound:\n      jwt: {{ issuer: \"https://idp\", jwks_uri: \"http://{dead}/jwks\" }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-        common::token_service(&sts, ""),
-        upstream.url()
-    );
+    let jwks_uri = format!("http://{}/jwks", dead_addr());
+    let yaml = GatewayYaml::new()
+        .admin()
+        .token_service(TokenService::at(&sts).inbound(Inbound::jwt("https://idp", &jwks_uri)))
+        .route(Route::new("r", "/", upstream.url()).exchange(Exchange::impersonation("corp")))
+        .to_yaml();
     txgate::tls::install_crypto_provider();
     let gw = txgate::server::RunningGateway::start(&common::config(&yaml)).unwrap();
     let admin = gw.admin_addr.unwrap();
-    let ready = client()
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503, "not ready without a JWKS");
-    let healthy = client()
-        .get(format!("http://{admin}/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(healthy.status(), 200, "alive all the same");
+    let ready = get(&format!("http://{admin}/readyz"), None).await;
+    assert_eq!(ready.status, 503, "not ready without a JWKS");
+    let healthy = get(&format!("http://{admin}/healthz"), None).await;
+    assert_eq!(healthy.status, 200, "alive all the same");
     let token = unsigned_jwt(json!({"sub": "a", "iss": "https://idp"}));
     let response = get(&gw.url(), Some(&token)).await;
-    assert_eq!(response.status(), 503);
-    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.status, 503);
+    assert!(response.headers.contains_key("retry-after"));
     assert_eq!(sts.calls(), 0);
 }

@@ -10,17 +10,16 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway};
-
-const BIN: &str = env!("CARGO_BIN_EXE_txgate");
-/// How often a poll looks again.
-const POLL: Duration = Duration::from_millis(100);
+use common::process::{Process, TxgateProcess};
+use common::yaml::{Exchange, GatewayYaml, Route, TokenService};
+use common::{
+    Behavior, RecordingUpstream, TestSts, caller_token, client, eventually, gateway, get,
+};
 
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -57,42 +56,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A port that was free a moment ago. Binding and dropping races with other processes in
-/// principle; for a child process that binds the port itself there is no better way.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Polls `probe` until it returns `Ok`, or panics at `deadline` with the last `Err` (what was
-/// seen instead) and `context`.
-async fn poll_until<T, F, Fut>(
-    deadline: Instant,
-    what: &str,
-    context: impl Fn() -> String,
-    mut probe: F,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    loop {
-        match probe().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!(
-                    "timed out waiting for {what}; last seen: {last}\n{}",
-                    context()
-                )
-            }
-            Err(_) => tokio::time::sleep(POLL).await,
-        }
-    }
-}
-
 fn tool(variable: &str, default: &str) -> String {
     std::env::var(variable).unwrap_or_else(|_| default.to_string())
 }
@@ -102,6 +65,14 @@ fn read_lossy(path: &Path) -> String {
 }
 
 // --- a real Prometheus ---------------------------------------------------------------------
+
+/// The address Prometheus bound, from its log line `msg="Listening on" address=127.0.0.1:PORT`
+/// (its web listener on port 0).
+fn listening_on(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|l| l.contains("msg=\"Listening on\""))?;
+    let at = line.find("address=")? + "address=".len();
+    line[at..].split_whitespace().next()?.parse().ok()
+}
 
 /// Prometheus's HTTP API: `GET /api/v1/<path>` as JSON, or why not.
 async fn prometheus_api(base: &str, path: &str) -> Result<serde_json::Value, String> {
@@ -142,20 +113,17 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
     let deadline = Instant::now() + Duration::from_secs(90);
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-{services}routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: corp, audience: ["https://orders.example.com"] }}
-"#,
-        services = common::token_service(&sts, ""),
-        up = upstream.url(),
-    ))
-    .await;
+    let gw =
+        gateway(
+            &GatewayYaml::new()
+                .admin()
+                .token_service(TokenService::at(&sts))
+                .route(Route::new("orders", "/orders", upstream.url()).exchange(
+                    Exchange::impersonation("corp").audience("https://orders.example.com"),
+                ))
+                .to_yaml(),
+        )
+        .await;
     let admin = gw.admin_addr.expect("admin listener");
 
     let dir = TempDir::new("prometheus");
@@ -168,38 +136,43 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
         ),
     )
     .unwrap();
-    let port = free_port();
-    let log = dir.join("prometheus.log");
-    let prometheus = tool("PROMETHEUS", "prometheus");
-    let _prometheus = KillOnDrop(
-        Command::new(&prometheus)
+    let program = tool("PROMETHEUS", "prometheus");
+    let prometheus = Process::spawn(
+        Command::new(&program)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {prometheus} (apt-get install prometheus): {e}")
-            }),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    let context = || format!("prometheus log:\n{}", read_lossy(&log));
+            .arg("--web.listen-address=127.0.0.1:0"),
+    )
+    .unwrap_or_else(|e| panic!("cannot run {program} (apt-get install prometheus): {e}"));
+    let address = prometheus
+        .wait_for_stderr(
+            "log the address it listens on",
+            deadline.saturating_duration_since(Instant::now()),
+            listening_on,
+        )
+        .await;
+    let base = format!("http://{address}");
+    // What a timed-out wait shows besides the last answer.
+    let with_log = |seen: String| format!("{seen}\nprometheus log:\n{}", prometheus.stderr());
+    let left = || deadline.saturating_duration_since(Instant::now());
 
     // Scraped at least once before any traffic: every counter's first sample is its start.
-    poll_until(deadline, "the txgate target to be up", context, || async {
-        let data = prometheus_api(&base, "targets").await?;
+    eventually("the txgate target to be up", left(), || async {
+        let data = prometheus_api(&base, "targets").await.map_err(with_log)?;
         let targets = data["activeTargets"]
             .as_array()
             .cloned()
             .unwrap_or_default();
         match targets.iter().find(|t| t["labels"]["job"] == "txgate") {
             Some(t) if t["health"] == "up" => Ok(()),
-            Some(t) => Err(format!("health {} ({})", t["health"], t["lastError"])),
-            None => Err(format!("no txgate target in {data}")),
+            Some(t) => Err(with_log(format!(
+                "health {} ({})",
+                t["health"], t["lastError"]
+            ))),
+            None => Err(with_log(format!("no txgate target in {data}"))),
         }
     })
     .await;
@@ -217,25 +190,22 @@ async fn prometheus_scrapes_the_request_count_and_cache_hit_ratio() {
     }
     assert_eq!(sts.calls(), 2, "two exchanges, the rest from the cache");
 
-    let requests = poll_until(
-        deadline,
-        "sum(txgate_requests_total) = 12",
-        context,
-        || async {
-            match query_value(&base, "sum(txgate_requests_total)").await? {
-                v if v == 12.0 => Ok(v),
-                v => Err(format!("{v}")),
-            }
-        },
-    )
+    let requests = eventually("sum(txgate_requests_total) = 12", left(), || async {
+        match query_value(&base, "sum(txgate_requests_total)").await {
+            Ok(v) if v == 12.0 => Ok(v),
+            Ok(v) => Err(with_log(format!("{v}"))),
+            Err(e) => Err(with_log(e)),
+        }
+    })
     .await;
     assert_eq!(requests, 12.0);
 
     let hit_ratio = r#"sum(rate(txgate_token_cache_lookups_total{result="hit"}[1m])) / sum(rate(txgate_token_cache_lookups_total[1m]))"#;
-    let ratio = poll_until(deadline, "the cache hit ratio 10/12", context, || async {
-        match query_value(&base, hit_ratio).await? {
-            v if (v - 10.0 / 12.0).abs() < 1e-9 => Ok(v),
-            v => Err(format!("{v}")),
+    let ratio = eventually("the cache hit ratio 10/12", left(), || async {
+        match query_value(&base, hit_ratio).await {
+            Ok(v) if (v - 10.0 / 12.0).abs() < 1e-9 => Ok(v),
+            Ok(v) => Err(with_log(format!("{v}"))),
+            Err(e) => Err(with_log(e)),
         }
     })
     .await;
@@ -289,68 +259,36 @@ async fn the_binary_logs_one_json_access_event_per_request_and_never_a_token_or_
     let deadline = Instant::now() + Duration::from_secs(60);
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let dir = TempDir::new("logs");
-    let (proxy_port, admin_port) = (free_port(), free_port());
     let secret = format!("client-secret-{:016x}", rand::random::<u64>());
-    let config = dir.join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"server:
-  listen: ["127.0.0.1:{proxy_port}"]
-  admin_listen: "127.0.0.1:{admin_port}"
-  grace_period: 1s
-  shutdown_timeout: 1s
-  max_token_bytes: 512
-token_services:
-  corp:
-    token_endpoint: "{endpoint}"
-    client_id: "gateway"
-    client_secret: "${{TXGATE_CLIENT_SECRET}}"
-routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: corp, scope: "orders:read" }}
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-"#,
-            endpoint = sts.token_endpoint(),
-            up = upstream.url(),
-        ),
-    )
-    .unwrap();
-    let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
-    let mut child = KillOnDrop(
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .args(["--log-format", "json"])
-            .env("TXGATE_LOG", "debug")
-            .env("TXGATE_CLIENT_SECRET", &secret)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("txgate runs"),
-    );
-    let output = || {
-        format!(
-            "stdout:\n{}\nstderr:\n{}",
-            read_lossy(&stdout),
-            read_lossy(&stderr)
+    let yaml = GatewayYaml::new()
+        .admin()
+        .grace_period(Duration::from_secs(1))
+        .shutdown_timeout(Duration::from_secs(1))
+        .max_token_bytes(512)
+        .token_service(TokenService::at(&sts).set("client_secret", "${TXGATE_CLIENT_SECRET}"))
+        .route(
+            Route::new("orders", "/orders", upstream.url())
+                .exchange(Exchange::impersonation("corp").scope("orders:read")),
         )
-    };
-    let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
-    poll_until(deadline, "txgate /readyz", output, || async {
-        match client().get(&readyz).send().await {
-            Ok(r) if r.status() == 200 => Ok(()),
-            Ok(r) => Err(format!("{}", r.status())),
-            Err(e) => Err(e.to_string()),
-        }
-    })
+        .route(Route::new("public", "/public", upstream.url()).exchange(Exchange::none()))
+        .to_yaml();
+    let mut child = TxgateProcess::run(&yaml)
+        .log_format("json")
+        .log_level("debug")
+        .env("TXGATE_CLIENT_SECRET", &secret)
+        .start()
+        .await;
+    let readyz = format!("{}/readyz", child.admin_url());
+    eventually(
+        "txgate /readyz",
+        deadline.saturating_duration_since(Instant::now()),
+        || async {
+            match get(&readyz, None).await.status {
+                status if status == 200 => Ok(()),
+                status => Err(format!("{status}\n{}", child.output().both())),
+            }
+        },
+    )
     .await;
 
     // Every token-like string sent, whatever the gateway made of it; none may be logged.
@@ -458,7 +396,7 @@ routes:
     c.headers.push(bearer(&token()));
     cases.push(c);
 
-    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let proxy = child.url();
     for c in &cases {
         sts.set(c.sts.clone());
         let mut request = client()
@@ -475,21 +413,10 @@ routes:
     secrets.extend((1..=sts.calls()).map(|n| format!("xt-{n}")));
 
     // SIGTERM, as Kubernetes stops it: a graceful drain, then exit.
-    let pid = child.0.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
-    let status = poll_until(deadline, "txgate to exit after SIGTERM", output, || {
-        let exited = child.0.try_wait();
-        async move {
-            match exited {
-                Ok(Some(status)) => Ok(status),
-                Ok(None) => Err("still running".into()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-    })
-    .await;
-    let all = output();
+    let (status, streams) = child
+        .stop(deadline.saturating_duration_since(Instant::now()))
+        .await;
+    let all = streams.both();
     assert!(status.success(), "txgate exited with {status}\n{all}");
 
     let leaks: Vec<String> = all
@@ -510,8 +437,12 @@ routes:
     );
 
     let mut events = Vec::new();
-    let (out, err) = (read_lossy(&stdout), read_lossy(&stderr));
-    for line in out.lines().chain(err.lines()).filter(|l| !l.is_empty()) {
+    for line in streams
+        .stdout
+        .lines()
+        .chain(streams.stderr.lines())
+        .filter(|l| !l.is_empty())
+    {
         let event: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{all}"));
         assert!(
@@ -599,17 +530,17 @@ async fn chromium_dom(url: &str, deadline: Instant) -> String {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {chromium} (apt-get install chromium): {e}")),
     );
-    let status = poll_until(
-        deadline,
+    let status = eventually(
         "chromium to dump the DOM",
-        || read_lossy(&err),
+        deadline.saturating_duration_since(Instant::now()),
         || {
             let exited = child.0.try_wait();
+            let log = read_lossy(&err);
             async move {
                 match exited {
                     Ok(Some(status)) => Ok(status),
-                    Ok(None) => Err("still running".into()),
-                    Err(e) => Err(e.to_string()),
+                    Ok(None) => Err(format!("still running\n{log}")),
+                    Err(e) => Err(format!("{e}\n{log}")),
                 }
             }
         },
@@ -652,43 +583,38 @@ async fn the_status_page_shows_routes_services_and_cache_in_chromium() {
     let down = TestSts::start(Behavior::error(503, "temporarily_unavailable")).await;
     let upstream = RecordingUpstream::start().await;
     // A route whose match and audience are markup: the page must show them as text.
-    let gw = gateway(&format!(
-        r#"server:
-  listen: ["127.0.0.1:0"]
-  admin_listen: "127.0.0.1:0"
-{services}routes:
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: corp, audience: ["https://orders.example.com"], scope: "orders:read" }}
-  - name: hostile
-    match: {{ host: "*.example.com", path_prefix: "/x<script>alert(1)</script>" }}
-    upstream: "{up}"
-    exchange:
-      mode: impersonation
-      token_service: corp
-      audience: ["<img src=x onerror=alert(2)>"]
-      scope: "a&b \"q\" 'q'"
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-  - name: partner
-    match: {{ path_prefix: "/partner" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: partner }}
-"#,
-        services = common::token_service(
-            &sts,
-            &format!(
-                "  partner:\n    token_endpoint: \"{}\"\n    client_id: \"gateway\"\n    \
-                 client_secret: \"${{TEST_CLIENT_SECRET}}\"\n    retries: 0\n    \
-                 circuit_breaker: {{ failure_threshold: 1, open_for: 10m }}\n",
-                down.token_endpoint()
+    let up = upstream.url();
+    let gw = gateway(
+        &GatewayYaml::new()
+            .admin()
+            .token_service(TokenService::at(&sts))
+            .token_service(
+                TokenService::new("partner", down.token_endpoint())
+                    .retries(0)
+                    .circuit_breaker(1, Duration::from_secs(600)),
             )
-        ),
-        up = upstream.url(),
-    ))
+            .route(
+                Route::new("orders", "/orders", &up).exchange(
+                    Exchange::impersonation("corp")
+                        .audience("https://orders.example.com")
+                        .scope("orders:read"),
+                ),
+            )
+            .route(
+                Route::new("hostile", "/x<script>alert(1)</script>", &up)
+                    .host("*.example.com")
+                    .exchange(
+                        Exchange::impersonation("corp")
+                            .audience("<img src=x onerror=alert(2)>")
+                            .scope("a&b \"q\" 'q'"),
+                    ),
+            )
+            .route(Route::new("public", "/public", &up).exchange(Exchange::none()))
+            .route(
+                Route::new("partner", "/partner", &up).exchange(Exchange::impersonation("partner")),
+            )
+            .to_yaml(),
+    )
     .await;
 
     // Orders lookups: a (miss, hit, hit), b (miss), c (miss, the STS is down): 2 hits of 5,

@@ -20,31 +20,24 @@ use common::tls::{
     Alpn, PeerUpstream, StreamingUpstream, TestCa, TlsUpstream, WsEchoUpstream, dead_addr,
     https_client, presented_cert,
 };
+use common::yaml::{Exchange, GatewayYaml, Route, TokenService, Upstream};
 use common::{
-    Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, gateway_with_env,
-    token_service,
+    Behavior, RecordingUpstream, TestSts, caller_token, client, eventually, gateway,
+    gateway_with_env, get,
 };
+use serde_json::json;
 use txgate::server::RunningGateway;
 
 /// How long a test waits for the gateway to change behaviour (reload, health) before failing.
 const CHANGE_WITHIN: Duration = Duration::from_secs(15);
-/// The pause between two polls of the gateway.
-const POLL_EVERY: Duration = Duration::from_millis(50);
 
-/// A gateway config: a plain listener, `server_extra` (indented under `server:`), the `corp`
-/// token service at `sts` if given, and `routes` (already indented list items).
-fn yaml(sts: Option<&TestSts>, server_extra: &str, routes: &str) -> String {
-    let services = sts.map(|sts| token_service(sts, "")).unwrap_or_default();
-    format!("server:\n  listen: [\"127.0.0.1:0\"]\n{server_extra}{services}routes:\n{routes}")
-}
-
-/// The `server.tls` block for a certificate's files.
-fn server_tls(cert: &common::tls::Issued, reload_interval: &str) -> String {
-    format!(
-        "  tls:\n    listen: [\"127.0.0.1:0\"]\n    cert_file: \"{}\"\n    key_file: \"{}\"\n    reload_interval: {reload_interval}\n",
-        cert.cert_file.display(),
-        cert.key_file.display()
-    )
+/// A gateway config with a plain listener and, if `sts` is given, the `corp` token service at
+/// it; tests add routes and `server:` keys.
+fn base(sts: Option<&TestSts>) -> GatewayYaml {
+    match sts {
+        Some(sts) => GatewayYaml::new().token_service(TokenService::at(sts)),
+        None => GatewayYaml::new(),
+    }
 }
 
 /// The gateway's first TLS listener as a base URL.
@@ -56,30 +49,10 @@ fn proxy_addr(gw: &RunningGateway) -> SocketAddr {
     gw.proxy_addrs[0]
 }
 
-/// Polls `probe` until it returns `Some`, at most [`CHANGE_WITHIN`]; panics with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + CHANGE_WITHIN;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {CHANGE_WITHIN:?}"
-        );
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-}
-
 /// GETs `url` and returns the status and body.
 async fn get_text(url: &str) -> (u16, String) {
-    let response = client().get(url).send().await.expect("gateway answers");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap_or_default())
+    let response = get(url, None).await;
+    (response.status.as_u16(), response.body)
 }
 
 /// A response read off a raw HTTP/1.1 connection.
@@ -267,15 +240,13 @@ async fn tls_listener_serves_h2_and_http1_by_alpn_and_forwards_the_exchanged_tok
     let cert = ca.server_cert(&["gateway.test", "127.0.0.1"]);
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{}"
-    exchange: {{ mode: impersonation, token_service: corp }}
-"#,
-        upstream.url()
-    );
-    let gw = gateway(&yaml(Some(&sts), &server_tls(&cert, "10s"), &routes)).await;
+    let config = base(Some(&sts))
+        .tls(&cert.cert_file, &cert.key_file, Duration::from_secs(10))
+        .route(
+            Route::new("orders", "/orders", upstream.url())
+                .exchange(Exchange::impersonation("corp")),
+        );
+    let gw = gateway(&config.to_yaml()).await;
 
     let mut tokens = Vec::new();
     for (alpn, version) in [(Alpn::H2, Version::HTTP_2), (Alpn::Http1, Version::HTTP_11)] {
@@ -329,15 +300,14 @@ async fn replaced_certificate_files_are_served_to_new_connections() {
     let second_ca = TestCa::new("second");
     let first = first_ca.server_cert(&["127.0.0.1"]);
     let upstream = RecordingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: public
-    match: {{ path_prefix: "/" }}
-    upstream: "{}"
-    exchange: {{ mode: none }}
-"#,
-        upstream.url()
-    );
-    let gw = gateway(&yaml(None, &server_tls(&first, "200ms"), &routes)).await;
+    let config = base(None)
+        .tls(
+            &first.cert_file,
+            &first.key_file,
+            Duration::from_millis(200),
+        )
+        .route(Route::new("public", "/", upstream.url()).exchange(Exchange::none()));
+    let gw = gateway(&config.to_yaml()).await;
     let url = format!("{}/ping", tls_url(&gw));
 
     // What a brand-new connection is shown: a new client has no pooled connection.
@@ -358,17 +328,21 @@ async fn replaced_certificate_files_are_served_to_new_connections() {
     // A certificate from another CA.
     let second = second_ca.server_cert(&["127.0.0.1"]);
     second.install_at(&first.cert_file, &first.key_file);
-    eventually("the certificate from the second CA is served", || {
-        let served = served();
-        let expected = second.cert.to_vec();
-        async move { served.await.filter(|der| *der == expected) }
-    })
+    eventually(
+        "the certificate from the second CA is served",
+        CHANGE_WITHIN,
+        || {
+            let served = served();
+            let expected = second.cert.to_vec();
+            async move { served.await.filter(|der| *der == expected) }
+        },
+    )
     .await;
 
     // A reissue from the same CA: same names and issuer, new serial and key.
     let third = second_ca.server_cert(&["127.0.0.1"]);
     third.install_at(&first.cert_file, &first.key_file);
-    eventually("the reissued certificate is served", || {
+    eventually("the reissued certificate is served", CHANGE_WITHIN, || {
         let served = served();
         let expected = third.cert.to_vec();
         async move { served.await.filter(|der| *der == expected) }
@@ -386,43 +360,44 @@ async fn https_upstream_is_verified_with_the_configured_ca_and_sni() {
     let by_address =
         TlsUpstream::start_named("by-address", &upstream_ca, &["127.0.0.1"], None).await;
     let sts = TestSts::start(Behavior::issue()).await;
-    let ca_file = upstream_ca.ca_file.display();
-    let routes = format!(
-        r#"  - name: named
-    match: {{ path_prefix: "/named" }}
-    upstream:
-      peers: ["{named}"]
-      tls: {{ ca_file: "{ca_file}", sni: "backend.internal" }}
-    exchange: {{ mode: impersonation, token_service: corp }}
-  - name: by-address
-    match: {{ path_prefix: "/by-address" }}
-    upstream:
-      peers: ["{by_address}"]
-      tls: {{ ca_file: "{ca_file}" }}
-    exchange: {{ mode: none }}
-  - name: wrong-name
-    match: {{ path_prefix: "/wrong-name" }}
-    upstream:
-      peers: ["{named}"]
-      tls: {{ ca_file: "{ca_file}", sni: "other.internal" }}
-    exchange: {{ mode: none }}
-  - name: system-roots
-    match: {{ path_prefix: "/system-roots" }}
-    upstream:
-      peers: ["{named}"]
-      tls: {{ sni: "backend.internal" }}
-    exchange: {{ mode: none }}
-  - name: unverified
-    match: {{ path_prefix: "/unverified" }}
-    upstream:
-      peers: ["{named}"]
-      tls: {{ sni: "other.internal", verify: false }}
-    exchange: {{ mode: none }}
-"#,
-        named = named.url(),
-        by_address = by_address.url(),
-    );
-    let gw = gateway(&yaml(Some(&sts), "", &routes)).await;
+    let ca_file = &upstream_ca.ca_file;
+    let tls_route = |name: &str, peer: &TlsUpstream, tls: serde_json::Value| {
+        Route::new(
+            name,
+            &format!("/{name}"),
+            Upstream::peers(&[peer.url()]).tls(tls),
+        )
+    };
+    let config = base(Some(&sts))
+        .route(
+            tls_route(
+                "named",
+                &named,
+                json!({ "ca_file": ca_file, "sni": "backend.internal" }),
+            )
+            .exchange(Exchange::impersonation("corp")),
+        )
+        .route(tls_route(
+            "by-address",
+            &by_address,
+            json!({ "ca_file": ca_file }),
+        ))
+        .route(tls_route(
+            "wrong-name",
+            &named,
+            json!({ "ca_file": ca_file, "sni": "other.internal" }),
+        ))
+        .route(tls_route(
+            "system-roots",
+            &named,
+            json!({ "sni": "backend.internal" }),
+        ))
+        .route(tls_route(
+            "unverified",
+            &named,
+            json!({ "sni": "other.internal", "verify": false }),
+        ));
+    let gw = gateway(&config.to_yaml()).await;
     let token = caller_token();
 
     let response = client()
@@ -476,30 +451,24 @@ async fn upstream_requiring_a_client_certificate_gets_the_configured_one() {
     )
     .await;
     let sts = TestSts::start(Behavior::issue()).await;
-    let routes = format!(
-        r#"  - name: with-cert
-    match: {{ path_prefix: "/with-cert" }}
-    upstream:
-      peers: ["{url}"]
-      tls:
-        ca_file: "{ca}"
-        sni: "backend.internal"
-        client_cert_file: "{cert}"
-        client_key_file: "{key}"
-    exchange: {{ mode: impersonation, token_service: corp }}
-  - name: without-cert
-    match: {{ path_prefix: "/without-cert" }}
-    upstream:
-      peers: ["{url}"]
-      tls: {{ ca_file: "{ca}", sni: "backend.internal" }}
-    exchange: {{ mode: impersonation, token_service: corp }}
-"#,
-        url = upstream.url(),
-        ca = upstream_ca.ca_file.display(),
-        cert = gateway_cert.cert_file.display(),
-        key = gateway_cert.key_file.display(),
-    );
-    let gw = gateway(&yaml(Some(&sts), "", &routes)).await;
+    let tls = |client_cert: bool| {
+        let mut tls = json!({ "ca_file": upstream_ca.ca_file, "sni": "backend.internal" });
+        if client_cert {
+            tls["client_cert_file"] = json!(gateway_cert.cert_file);
+            tls["client_key_file"] = json!(gateway_cert.key_file);
+        }
+        Upstream::peers(&[upstream.url()]).tls(tls)
+    };
+    let config = base(Some(&sts))
+        .route(
+            Route::new("with-cert", "/with-cert", tls(true))
+                .exchange(Exchange::impersonation("corp")),
+        )
+        .route(
+            Route::new("without-cert", "/without-cert", tls(false))
+                .exchange(Exchange::impersonation("corp")),
+        );
+    let gw = gateway(&config.to_yaml()).await;
 
     let response = client()
         .get(format!("{}/with-cert", gw.url()))
@@ -536,23 +505,18 @@ async fn upstream_requiring_a_client_certificate_gets_the_configured_one() {
 
 // ---- several peers -------------------------------------------------------------------------
 
-/// A mode-none route `/` over `peers` with `extra` lines under `upstream:`.
-fn peers_route(peers: &[String], extra: &str) -> String {
-    let peers = peers
-        .iter()
-        .map(|p| format!("\"{p}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "  - name: pool\n    match: {{ path_prefix: \"/\" }}\n    upstream:\n      peers: [{peers}]\n{extra}    exchange: {{ mode: none }}\n"
-    )
+/// A gateway with one mode-none route `/` over `upstream`'s peers.
+fn pool(upstream: Upstream) -> String {
+    base(None)
+        .route(Route::new("pool", "/", upstream))
+        .to_yaml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_alternate_between_two_peers() {
     let a = PeerUpstream::start("peer-a").await;
     let b = PeerUpstream::start("peer-b").await;
-    let gw = gateway(&yaml(None, "", &peers_route(&[a.url(), b.url()], ""))).await;
+    let gw = gateway(&pool(Upstream::peers(&[a.url(), b.url()]))).await;
 
     let mut bodies = Vec::new();
     for i in 0..10 {
@@ -571,8 +535,13 @@ async fn requests_alternate_between_two_peers() {
 async fn a_peer_failing_its_health_check_leaves_rotation_and_returns_after_recovering() {
     let a = PeerUpstream::start("peer-a").await;
     let b = PeerUpstream::start("peer-b").await;
-    let health = "      health_check: { path: \"/healthz\", interval: 100ms, unhealthy_after: 2, healthy_after: 1 }\n";
-    let gw = gateway(&yaml(None, "", &peers_route(&[a.url(), b.url()], health))).await;
+    let gw = gateway(&pool(Upstream::peers(&[a.url(), b.url()]).health_check(
+        "/healthz",
+        Duration::from_millis(100),
+        2,
+        1,
+    )))
+    .await;
     let url = format!("{}/work", gw.url());
 
     // Both serve to begin with.
@@ -586,7 +555,7 @@ async fn a_peer_failing_its_health_check_leaves_rotation_and_returns_after_recov
 
     // b fails its checks: within the bound, a run of requests goes to a only.
     b.set_healthy(false);
-    eventually("peer-b leaves rotation", || {
+    eventually("peer-b leaves rotation", CHANGE_WITHIN, || {
         let url = url.clone();
         async move {
             for _ in 0..6 {
@@ -611,7 +580,7 @@ async fn a_peer_failing_its_health_check_leaves_rotation_and_returns_after_recov
 
     // b passes again: it is back in rotation.
     b.set_healthy(true);
-    eventually("peer-b returns to rotation", || {
+    eventually("peer-b returns to rotation", CHANGE_WITHIN, || {
         let url = url.clone();
         async move { (get_text(&url).await == (200, "peer-b".to_string())).then_some(()) }
     })
@@ -626,7 +595,7 @@ async fn a_peer_failing_its_health_check_leaves_rotation_and_returns_after_recov
 async fn a_get_to_a_dead_peer_is_retried_on_the_live_one() {
     let live = PeerUpstream::start("live").await;
     let dead = format!("http://{}", dead_addr());
-    let gw = gateway(&yaml(None, "", &peers_route(&[dead, live.url()], ""))).await;
+    let gw = gateway(&pool(Upstream::peers(&[dead, live.url()]))).await;
     for i in 0..10 {
         assert_eq!(
             get_text(&format!("{}/get/{i}", gw.url())).await,
@@ -641,7 +610,7 @@ async fn a_get_to_a_dead_peer_is_retried_on_the_live_one() {
 async fn a_post_to_a_dead_peer_is_not_retried() {
     let live = PeerUpstream::start("live").await;
     let dead = format!("http://{}", dead_addr());
-    let gw = gateway(&yaml(None, "", &peers_route(&[dead, live.url()], ""))).await;
+    let gw = gateway(&pool(Upstream::peers(&[dead, live.url()]))).await;
     let mut statuses = Vec::new();
     for i in 0..4 {
         let response = client()
@@ -668,15 +637,9 @@ async fn a_post_to_a_dead_peer_is_not_retried() {
 async fn websocket_upgrade_carries_the_exchanged_token_and_echoes() {
     let sts = TestSts::start(Behavior::issue()).await;
     let ws = WsEchoUpstream::start().await;
-    let routes = format!(
-        r#"  - name: ws
-    match: {{ path_prefix: "/ws" }}
-    upstream: "{}"
-    exchange: {{ mode: impersonation, token_service: corp }}
-"#,
-        ws.url()
-    );
-    let gw = gateway(&yaml(Some(&sts), "", &routes)).await;
+    let config = base(Some(&sts))
+        .route(Route::new("ws", "/ws", ws.url()).exchange(Exchange::impersonation("corp")));
+    let gw = gateway(&config.to_yaml()).await;
     let token = caller_token();
 
     let mut request = format!("ws://{}/ws/chat", proxy_addr(&gw))
@@ -730,19 +693,19 @@ async fn websocket_upgrade_carries_the_exchanged_token_and_echoes() {
 async fn header_rules_apply_and_hop_by_hop_headers_are_not_forwarded() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: api
-    match: {{ path_prefix: "/api" }}
-    upstream: "{}"
-    headers:
-      remove: ["x-internal-debug"]
-      set: {{ "x-env": "test", "x-from-env": "${{TXGATE_TEST_HEADER_VALUE}}" }}
-    exchange: {{ mode: impersonation, token_service: corp }}
-"#,
-        upstream.url()
+    let config = base(Some(&sts)).route(
+        Route::new("api", "/api", upstream.url())
+            .headers(
+                &["x-internal-debug"],
+                &[
+                    ("x-env", "test"),
+                    ("x-from-env", "${TXGATE_TEST_HEADER_VALUE}"),
+                ],
+            )
+            .exchange(Exchange::impersonation("corp")),
     );
     let gw = gateway_with_env(
-        &yaml(Some(&sts), "", &routes),
+        &config.to_yaml(),
         &[("TXGATE_TEST_HEADER_VALUE", "value-from-env")],
     )
     .await;
@@ -802,15 +765,8 @@ async fn header_rules_apply_and_hop_by_hop_headers_are_not_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarding_headers_name_the_client_host_proto_and_request_id() {
     let upstream = RecordingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: public
-    match: {{ path_prefix: "/" }}
-    upstream: "{}"
-    exchange: {{ mode: none }}
-"#,
-        upstream.url()
-    );
-    let gw = gateway(&yaml(None, "", &routes)).await;
+    let config = base(None).route(Route::new("public", "/", upstream.url()));
+    let gw = gateway(&config.to_yaml()).await;
 
     let response = client()
         .get(format!("{}/where", gw.url()))
@@ -858,19 +814,15 @@ async fn oversize_request_headers_get_431_with_the_documented_body() {
     let ca = TestCa::new("limits");
     let cert = ca.server_cert(&["127.0.0.1"]);
     let upstream = RecordingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: public
-    match: {{ path_prefix: "/" }}
-    upstream: "{}"
-    exchange: {{ mode: none }}
-"#,
-        upstream.url()
-    );
-    let server = format!(
-        "  max_request_header_bytes: 4096\n{}",
-        server_tls(&cert, "10s")
-    );
-    let gw = gateway(&yaml(None, &server, &routes)).await;
+    let config = base(None).route(Route::new("public", "/", upstream.url()));
+    let gw = gateway(
+        &config
+            .clone()
+            .server("max_request_header_bytes", 4096)
+            .tls(&cert.cert_file, &cert.key_file, Duration::from_secs(10))
+            .to_yaml(),
+    )
+    .await;
 
     let send = |client: reqwest::Client, url: String, size: usize| async move {
         let response = client
@@ -902,7 +854,7 @@ async fn oversize_request_headers_get_431_with_the_documented_body() {
     );
 
     // The default limit is 32 KiB.
-    let default_gw = gateway(&yaml(None, "", &routes)).await;
+    let default_gw = gateway(&config.to_yaml()).await;
     let (status, _) = send(client(), format!("{}/default", default_gw.url()), 16 * 1024).await;
     assert_eq!(status, 200);
     let (status, body) = send(client(), format!("{}/default", default_gw.url()), 40 * 1024).await;
@@ -914,15 +866,10 @@ async fn oversize_request_headers_get_431_with_the_documented_body() {
 async fn oversize_token_gets_401_invalid_token_without_an_exchange() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{}"
-    exchange: {{ mode: impersonation, token_service: corp }}
-"#,
-        upstream.url()
+    let config = base(Some(&sts)).max_token_bytes(64).route(
+        Route::new("orders", "/orders", upstream.url()).exchange(Exchange::impersonation("corp")),
     );
-    let gw = gateway(&yaml(Some(&sts), "  max_token_bytes: 64\n", &routes)).await;
+    let gw = gateway(&config.to_yaml()).await;
 
     let response = client()
         .get(format!("{}/orders", gw.url()))
@@ -1014,15 +961,8 @@ async fn stream_post(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_response_bodies_stream_through() {
     let upstream = StreamingUpstream::start().await;
-    let routes = format!(
-        r#"  - name: uploads
-    match: {{ path_prefix: "/uploads" }}
-    upstream: "{}"
-    exchange: {{ mode: none }}
-"#,
-        upstream.url()
-    );
-    let gw = gateway(&yaml(None, "", &routes)).await;
+    let config = base(None).route(Route::new("uploads", "/uploads", upstream.url()));
+    let gw = gateway(&config.to_yaml()).await;
     let (body, head) = stream_post(proxy_addr(&gw), &upstream, "/uploads").await;
     assert_eq!(body, "part-1\npart-2\n", "{head}");
     assert_eq!(upstream.received(), b"first-chunk|second-chunk");

@@ -38,9 +38,7 @@ pub struct Caller {
 impl Caller {
     /// Whether `bytes` contains one of the caller's tokens.
     pub fn is_carried_by(&self, bytes: &[u8]) -> bool {
-        self.guarded
-            .iter()
-            .any(|t| memmem::find(bytes, t.as_bytes()).is_some())
+        self.guarded.iter().any(|t| contains(bytes, t.as_bytes()))
     }
 }
 
@@ -128,6 +126,12 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
     .any(|part| caller.is_carried_by(part.as_bytes()) || caller.is_carried_by(&decoded(part)))
         || host.is_some_and(|h| caller.is_carried_by(h))
         || authority.is_some_and(|a| caller.is_carried_by(a))
+}
+
+/// Whether `haystack` contains `needle`. Most of what is searched (a path, a header value) is
+/// shorter than a token: the length test answers those without building a searcher.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.len() >= needle.len() && memmem::find(haystack, needle).is_some()
 }
 
 /// `text` percent-decoded (and `+` as a space would not hide a token: b64token has no space);

@@ -337,6 +337,109 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A response read to the end: what [`get`] returns.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    /// The body as text (invalid UTF-8 replaced).
+    pub body: String,
+}
+
+impl Reply {
+    /// The body parsed as JSON; panics with the body when it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON body ({e}): {}", self.body))
+    }
+
+    /// A header's value as text, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// GETs `url`, with `Authorization: Bearer <token>` when a token is given, and reads the whole
+/// response. Panics when no response comes (a refused connection, [`client`]'s 20 s timeout).
+pub async fn get(url: &str, token: Option<&str>) -> Reply {
+    let mut request = client().get(url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: no answer: {e}"));
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: the body breaks off: {e}"));
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// How often [`eventually`] looks again.
+pub const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// What an [`eventually`] condition returns: `true`, `Some(value)` or `Ok(value)` when it
+/// holds; `false`, `None` or `Err(what was seen instead)` when not yet.
+pub trait Probe {
+    type Value;
+    fn check(self) -> Result<Self::Value, String>;
+}
+
+impl Probe for bool {
+    type Value = ();
+    fn check(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err("false".into()) }
+    }
+}
+
+impl<T> Probe for Option<T> {
+    type Value = T;
+    fn check(self) -> Result<T, String> {
+        self.ok_or_else(|| "nothing yet".into())
+    }
+}
+
+impl<T, E: std::fmt::Display> Probe for Result<T, E> {
+    type Value = T;
+    fn check(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Evaluates `condition` every [`POLL_EVERY`] until it holds and returns its value; panics
+/// naming `what` and the last thing seen if `within` passes first. For what the gateway does
+/// in its own time (a reload, a health check, a background refresh, a scrape): never to wait
+/// for a listener, which is bound before its address is known.
+pub async fn eventually<F, Fut>(
+    what: &str,
+    within: Duration,
+    mut condition: F,
+) -> <Fut::Output as Probe>::Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+    Fut::Output: Probe,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match condition().await.check() {
+            Ok(value) => return value,
+            Err(last) if std::time::Instant::now() >= deadline => {
+                panic!("{what}: not within {within:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(POLL_EVERY).await,
+        }
+    }
+}
+
 /// A fresh opaque-looking caller token, unique per call.
 pub fn caller_token() -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -454,7 +557,9 @@ pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
     (path, public)
 }
 
+pub mod process;
 pub mod tls;
+pub mod yaml;
 
 /// Parses a gateway config whose `${VAR}`s resolve from `vars`, plus `${TEST_CLIENT_SECRET}`
 /// as in [`config`]; any other variable is unset.
