@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use crate::path::PathError;
 use crate::exchange::{DEFAULT_RETRY_AFTER, ExchangeError, Unavailability};
+use crate::path::PathError;
 
 /// The realm in every `WWW-Authenticate` challenge (RFC 6750 §3).
 pub const REALM: &str = "txgate";

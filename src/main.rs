@@ -171,7 +171,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) -> ExitCode {
-    let secret = match (&secret_file, std::env::var(txgate::dev::demo::CLIENT_SECRET_VAR)) {
+    let secret = match (
+        &secret_file,
+        std::env::var(txgate::dev::demo::CLIENT_SECRET_VAR),
+    ) {
         (Some(path), _) => match std::fs::read_to_string(path) {
             Ok(s) => s.trim_end_matches(['\r', '\n']).to_string(),
             Err(e) => {

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 
 use pingora_prometheus::prometheus::{Histogram, IntCounter};
 
-use crate::path::PathRules;
 use crate::cache::TokenCache;
 use crate::config::{Config, Route};
 use crate::inbound::{JwtValidator, RefresherGuard};
 use crate::metrics::Metrics;
+use crate::path::PathRules;
 use crate::router::Router;
 
 /// The configuration in force; a reload swaps it, requests in flight keep the one they began

@@ -27,8 +27,8 @@ pub fn install_crypto_provider() {
 /// Reads a PEM certificate chain and its private key and checks they form a usable pair.
 pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<Arc<CertifiedKey>, String> {
     install_crypto_provider();
-    let certs = crate::config::upstream::read_certs(cert_file)?;
-    let key = crate::config::upstream::read_key(key_file)?;
+    let certs = read_certs(cert_file)?;
+    let key = read_key(key_file)?;
     let key = rustls::pki_types::PrivateKeyDer::try_from(key)
         .map_err(|e| format!("\"{}\": {e}", key_file.display()))?;
     let provider = rustls::crypto::CryptoProvider::get_default()
@@ -132,4 +132,28 @@ pub fn listener_settings(cert: Arc<ReloadingCert>) -> Result<TlsSettings, String
     settings.set_cert_resolver(cert);
     settings.enable_h2();
     Ok(settings)
+}
+
+/// Every certificate in a PEM file, as DER; none is an error.
+pub fn read_certs(file: &Path) -> Result<Vec<Vec<u8>>, String> {
+    let bytes =
+        std::fs::read(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
+    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("\"{}\" is not PEM: {e}", file.display()))?;
+    if certs.is_empty() {
+        return Err(format!("\"{}\" holds no PEM certificate", file.display()));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), as DER.
+pub fn read_key(file: &Path) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|e| format!("\"{}\" is not PEM: {e}", file.display()))?
+        .map(|k| k.secret_der().to_vec())
+        .ok_or_else(|| format!("\"{}\" holds no PEM private key", file.display()))
 }

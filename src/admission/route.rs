@@ -9,9 +9,9 @@ use std::sync::Arc;
 use http::header;
 
 use super::Request;
-use crate::path;
 use crate::config::Route;
 use crate::error::GatewayError;
+use crate::path;
 use crate::state::GatewayState;
 
 /// The route of a request and the path it was chosen on.

@@ -5,7 +5,6 @@
 //! a config error; pingora's own TLS code assumes well-formed material and would panic on it.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use url::Url;
 
 use super::file::{HeadersFile, HealthCheckFile, UpstreamFile, UpstreamPeersFile, UpstreamTlsFile};
 use super::{BuildResult, http_url, positive};
+use crate::tls::{read_certs, read_key};
 
 /// Default `upstream.connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -401,30 +401,6 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
         sni,
         verify: verify.unwrap_or(true),
     })
-}
-
-/// Every certificate in a PEM file, as DER; none is an error.
-pub fn read_certs(file: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let bytes =
-        std::fs::read(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
-    let certs: Vec<Vec<u8>> = rustls_pemfile::certs(&mut bytes.as_slice())
-        .map(|c| c.map(|c| c.to_vec()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("\"{}\" is not PEM: {e}", file.display()))?;
-    if certs.is_empty() {
-        return Err(format!("\"{}\" holds no PEM certificate", file.display()));
-    }
-    Ok(certs)
-}
-
-/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), as DER.
-pub fn read_key(file: &Path) -> Result<Vec<u8>, String> {
-    let bytes =
-        std::fs::read(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
-    rustls_pemfile::private_key(&mut bytes.as_slice())
-        .map_err(|e| format!("\"{}\" is not PEM: {e}", file.display()))?
-        .map(|k| k.secret_der().to_vec())
-        .ok_or_else(|| format!("\"{}\" holds no PEM private key", file.display()))
 }
 
 /// Hop-by-hop and framing headers a route may not set or remove.
