@@ -85,7 +85,9 @@ pub fn normalize<'a>(path: &'a str, rules: &PathRules) -> Result<Cow<'a, str>, P
 fn is_normal(path: &[u8], rules: &PathRules) -> Result<bool, PathError> {
     let mut normal = true;
     let mut i = 0;
-    while i < path.len() {
+    // Only `%`, `\` and `/` can need anything: jump from one to the next.
+    while let Some(found) = memchr::memchr3(b'%', b'\\', b'/', &path[i..]) {
+        i += found;
         match path[i] {
             b'%' => {
                 let byte = escape_at(path, i)?;
@@ -106,7 +108,7 @@ fn is_normal(path: &[u8], rules: &PathRules) -> Result<bool, PathError> {
                 EscapedSlashes::KeepUnchanged => {}
                 EscapedSlashes::UnescapeAndForward => normal = false,
             },
-            b'/' => {
+            _ => {
                 let rest = &path[i + 1..];
                 if rules.merge_slashes && rest.first() == Some(&b'/') {
                     normal = false;
@@ -115,7 +117,6 @@ fn is_normal(path: &[u8], rules: &PathRules) -> Result<bool, PathError> {
                     normal = false;
                 }
             }
-            _ => {}
         }
         i += 1;
     }
@@ -153,8 +154,10 @@ fn is_slash(b: u8) -> bool {
 
 /// Whether the segment that starts `rest` (the bytes after a `/`) is `.` or `..`.
 fn is_dot_segment(rest: &[u8]) -> bool {
-    let segment = rest.split(|b| *b == b'/').next().unwrap_or_default();
-    segment == b"." || segment == b".."
+    matches!(
+        rest,
+        [b'.'] | [b'.', b'/', ..] | [b'.', b'.'] | [b'.', b'.', b'/', ..]
+    )
 }
 
 /// Decodes the escapes the rules ask for; every other byte, and every other escape, as sent.

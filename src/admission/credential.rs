@@ -114,8 +114,8 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
         Some(rest) => rest.as_deref(),
         None => request.uri.query(),
     };
-    let host = request.headers.get(header::HOST).map(|h| h.as_bytes());
-    let authority = request.uri.authority().map(|a| a.as_str().as_bytes());
+    // The routed host is the `Host` header or, without one, the authority (equal when both).
+    let host = target.host.as_ref().map(|h| h.as_bytes());
     [
         Some(request.uri.path()),
         query,
@@ -125,7 +125,6 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
     .flatten()
     .any(|part| caller.is_carried_by(part.as_bytes()) || caller.is_carried_by(&decoded(part)))
         || host.is_some_and(|h| caller.is_carried_by(h))
-        || authority.is_some_and(|a| caller.is_carried_by(a))
 }
 
 /// Whether `haystack` contains `needle`. Most of what is searched (a path, a header value) is

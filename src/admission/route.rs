@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::header;
+use http::{HeaderValue, header};
 
 use super::Request;
 use crate::config::Route;
@@ -22,6 +22,9 @@ pub struct Target {
     pub route: Arc<Route>,
     /// The normalised path, when it differs from the request's; the upstream receives it.
     pub normalized_path: Option<String>,
+    /// The host the request named (its `Host`, or the URI's authority), as routed on; the
+    /// upstream gets it as `X-Forwarded-Host`.
+    pub host: Option<HeaderValue>,
 }
 
 /// Picks the route for `request`: 400 for a path that cannot be normalised or an ambiguous
@@ -32,7 +35,7 @@ pub fn select(state: &GatewayState, request: Request<'_>) -> Result<Target, Gate
     let normalized = path::normalize(raw, &state.paths).map_err(GatewayError::InvalidPath)?;
     let (index, route) = state
         .router
-        .find(host, &normalized)
+        .find(host.as_ref().map(|(name, _)| *name), &normalized)
         .ok_or(GatewayError::NoRoute)?;
     Ok(Target {
         index,
@@ -41,26 +44,31 @@ pub fn select(state: &GatewayState, request: Request<'_>) -> Result<Target, Gate
             std::borrow::Cow::Borrowed(_) => None,
             std::borrow::Cow::Owned(path) => Some(path),
         },
+        host: host.map(|(_, value)| value),
     })
 }
 
 /// The host a request names: the URI's authority (absolute-form, HTTP/2 `:authority`) or the
 /// `Host` header. Both present and different, or several `Host` headers, is refused (RFC 9112
 /// §3.2, RFC 9113 §8.3.1): the route and the upstream must not read different hosts.
-fn host(request: Request<'_>) -> Result<Option<&str>, GatewayError> {
+fn host(request: Request<'_>) -> Result<Option<(&str, HeaderValue)>, GatewayError> {
     let mut values = request.headers.get_all(header::HOST).iter();
     let header = values.next();
     if values.next().is_some() {
         return Err(GatewayError::InvalidHost);
     }
     let header = header
-        .map(|v| v.to_str().map_err(|_| GatewayError::InvalidHost))
-        .transpose()?;
+        .map(|v| v.to_str().map(|name| (name, v)))
+        .transpose()
+        .map_err(|_| GatewayError::InvalidHost)?;
     match (request.uri.authority().map(|a| a.as_str()), header) {
-        (Some(authority), Some(header)) if !authority.eq_ignore_ascii_case(header) => {
+        (Some(authority), Some((name, _))) if !authority.eq_ignore_ascii_case(name) => {
             Err(GatewayError::InvalidHost)
         }
-        (Some(authority), _) => Ok(Some(authority)),
-        (None, header) => Ok(header),
+        (_, Some((name, value))) => Ok(Some((name, value.clone()))),
+        (Some(authority), None) => HeaderValue::from_str(authority)
+            .map(|value| Some((authority, value)))
+            .map_err(|_| GatewayError::InvalidHost),
+        (None, None) => Ok(None),
     }
 }

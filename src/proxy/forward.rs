@@ -37,12 +37,6 @@ pub struct Hop<'a> {
 
 /// Rewrites the upstream request of an admitted request.
 pub fn rewrite(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>) {
-    let forwarded_host = upstream.headers.get(header::HOST).cloned().or_else(|| {
-        upstream
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::try_from(a.as_str()).ok())
-    });
     // `remove_header` drops every value of the name at once.
     upstream.remove_header(&header::AUTHORIZATION);
     remove_hop_by_hop(upstream, hop.upgrade);
@@ -58,8 +52,8 @@ pub fn rewrite(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>)
     for (name, value) in &rules.set {
         let _ = upstream.insert_header(name.clone(), value.clone());
     }
-    if let Some(host) = forwarded_host {
-        let _ = upstream.insert_header(WIRE_X_FORWARDED_HOST, host);
+    if let Some(host) = &admitted.target.host {
+        let _ = upstream.insert_header(WIRE_X_FORWARDED_HOST, host.clone());
     }
     if let Some(ip) = hop.client.map(|a| a.ip()) {
         let value = match upstream
