@@ -5,7 +5,7 @@
 //! scopes, caches the result, and forwards the request with the new token. Backends never see
 //! the caller's original token.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod admission;
 pub mod cache;
 pub mod config;
@@ -14,10 +14,10 @@ pub mod error;
 pub mod exchange;
 pub mod inbound;
 pub mod jwt;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod path;
 pub mod proxy;
-pub mod redact;
+pub(crate) mod redact;
 pub mod router;
 pub mod secret;
 pub mod server;
