@@ -69,6 +69,14 @@ pub enum ExchangeError {
         cause: Unavailability,
         retry_after: Option<Duration>,
     },
+    /// The `private_key_jwt` / `client_secret_jwt` assertion could not be signed: the gateway
+    /// cannot authenticate, so the STS is not called.
+    #[error(transparent)]
+    SigningFailed(assertion::SigningError),
+    /// A delegation needs an actor token and the profile has no source for one. Config load
+    /// gives every delegation an actor, so this is a broken invariant, not a caller's fault.
+    #[error("the exchange needs an actor token and none is configured")]
+    NoActor,
     /// No complete answer within the token service's `timeout`.
     #[error("the token service did not answer within {0:?}")]
     Timeout(Duration),
@@ -90,7 +98,11 @@ impl ExchangeError {
         match self {
             ExchangeError::SubjectRejected { .. } => "subject_rejected",
             ExchangeError::Forbidden { .. } => "forbidden",
-            ExchangeError::ClientRejected { .. } => "client_rejected",
+            // Counted with our own credentials: like a rejected client, the gateway cannot
+            // authenticate or act, and an operator has to fix it.
+            ExchangeError::ClientRejected { .. }
+            | ExchangeError::SigningFailed(_)
+            | ExchangeError::NoActor => "client_rejected",
             // Refused by the gateway itself: no STS call was made.
             ExchangeError::Unavailable { cause, .. } => match cause {
                 Unavailability::CircuitOpen => "circuit_open",
@@ -303,7 +315,7 @@ fn form_body(
             let assertion = match render {
                 Render::Send => signer
                     .sign(&service.client_id, service.token_endpoint.as_str())
-                    .map_err(|e| ExchangeError::ClientRejected { status: 0, code: e })?,
+                    .map_err(ExchangeError::SigningFailed)?,
                 Render::Describe => "<signed JWT>".to_string(),
             };
             form.append_pair("client_id", &service.client_id);
@@ -325,6 +337,7 @@ async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, Ex
     if let ClientAuth::Basic { header } = &service.client_auth {
         request = request.header(header::AUTHORIZATION, header.clone());
     }
+    let transport_error = |e| transport_error(e, service.timeout);
     let mut response = request.send().await.map_err(transport_error)?;
     let status = response.status();
     let retry_after = response
@@ -343,10 +356,12 @@ async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, Ex
     interpret(status, retry_after, &body)
 }
 
-fn transport_error(e: reqwest::Error) -> ExchangeError {
+/// A failed request or body read. `timeout` is the token service's, which reqwest enforces
+/// per request as well as [`exchange`] for the whole call.
+fn transport_error(e: reqwest::Error, timeout: Duration) -> ExchangeError {
     if e.is_timeout() && !e.is_connect() {
         // reqwest's own total timeout equals ours; report it the same way.
-        return ExchangeError::Timeout(Duration::ZERO);
+        return ExchangeError::Timeout(timeout);
     }
     let cause = if e.is_connect() {
         Unavailability::CannotConnect

@@ -164,7 +164,13 @@ impl Resilience {
             Err(ExchangeError::SubjectRejected { .. } | ExchangeError::Forbidden { .. }) => {
                 Some(true)
             }
-            Err(ExchangeError::ClientRejected { .. }) => None,
+            // Our own setup failing says nothing about the STS (a signing failure or a
+            // missing actor never reached it).
+            Err(
+                ExchangeError::ClientRejected { .. }
+                | ExchangeError::SigningFailed(_)
+                | ExchangeError::NoActor,
+            ) => None,
             Err(ExchangeError::Unavailable {
                 retry_after: Some(after),
                 ..
@@ -320,6 +326,16 @@ mod tests {
                     code: "invalid_grant".into(),
                 }),
             );
+        }
+        assert_eq!(r.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn our_own_setup_failures_leave_the_breaker_alone() {
+        let r = Resilience::new(settings());
+        for _ in 0..5 {
+            let a = r.admit().await.unwrap();
+            r.record(a, &Err(ExchangeError::NoActor));
         }
         assert_eq!(r.state(), BreakerState::Closed);
     }
