@@ -309,6 +309,7 @@ impl ProxyFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::OAuthErrorCode;
 
     #[test]
     fn status_table_matches_the_design() {
@@ -322,20 +323,20 @@ mod tests {
             (GatewayError::ValidatorOverloaded, 503),
             (
                 ex(ExchangeError::SubjectRejected {
-                    code: "invalid_grant".into(),
+                    code: OAuthErrorCode::InvalidGrant,
                 }),
                 401,
             ),
             (
                 ex(ExchangeError::Forbidden {
-                    code: "invalid_target".into(),
+                    code: OAuthErrorCode::InvalidTarget,
                 }),
                 403,
             ),
             (
                 ex(ExchangeError::ClientRejected {
                     status: 401,
-                    code: "invalid_client".into(),
+                    code: Some(OAuthErrorCode::InvalidClient),
                 }),
                 502,
             ),
@@ -405,7 +406,7 @@ mod tests {
             "Bearer realm=\"txgate\""
         );
         let rejected = GatewayError::Exchange(ExchangeError::SubjectRejected {
-            code: "invalid_grant".into(),
+            code: OAuthErrorCode::InvalidGrant,
         });
         assert!(
             rejected

@@ -246,6 +246,7 @@ pub fn retryable(error: &ExchangeError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::OAuthErrorCode;
 
     fn settings() -> ResilienceSettings {
         ResilienceSettings {
@@ -323,7 +324,7 @@ mod tests {
             r.record(
                 a,
                 &Err(ExchangeError::SubjectRejected {
-                    code: "invalid_grant".into(),
+                    code: OAuthErrorCode::InvalidGrant,
                 }),
             );
         }
