@@ -358,6 +358,37 @@ mod tests {
     }
 
     #[test]
+    fn only_no_answer_or_a_bare_503_is_retried() {
+        let unavailable = |cause, retry_after| ExchangeError::Unavailable { cause, retry_after };
+        for retried in [
+            unavailable(Unavailability::CannotConnect, None),
+            unavailable(Unavailability::ConnectionFailed, None),
+            unavailable(Unavailability::Status(503), None),
+        ] {
+            assert!(retryable(&retried), "{retried:?}");
+        }
+        for kept in [
+            // The STS said when to come back: the breaker holds calls off instead.
+            unavailable(Unavailability::Status(503), Some(Duration::from_secs(1))),
+            unavailable(Unavailability::Status(429), None),
+            unavailable(Unavailability::Status(500), None),
+            unavailable(
+                Unavailability::OAuthError(OAuthErrorCode::TemporarilyUnavailable),
+                None,
+            ),
+            unavailable(Unavailability::CircuitOpen, None),
+            unavailable(Unavailability::Overloaded, None),
+            ExchangeError::Timeout(Duration::from_secs(1)),
+            ExchangeError::SubjectRejected {
+                code: OAuthErrorCode::InvalidGrant,
+            },
+            ExchangeError::NoActor,
+        ] {
+            assert!(!retryable(&kept), "{kept:?}");
+        }
+    }
+
+    #[test]
     fn backoff_is_jittered_and_bounded() {
         for attempt in 1..3 {
             let d = Resilience::backoff(attempt);
