@@ -111,18 +111,6 @@ impl Expiry<CacheKey, CacheValue> for PerEntryTtl {
     }
 }
 
-/// Whether a failure is a definitive answer about the caller's token (RFC 8693 §2.2.2) that
-/// will not change if asked again right away.
-fn definitive(error: &ExchangeError) -> bool {
-    match error {
-        ExchangeError::SubjectRejected { code } => {
-            code == "invalid_grant" || code == "invalid_request"
-        }
-        ExchangeError::Forbidden { code } => code == "invalid_target",
-        _ => false,
-    }
-}
-
 /// The bounded token cache shared by all requests.
 pub struct TokenCache {
     entries: Cache<CacheKey, CacheValue>,
@@ -206,7 +194,7 @@ impl TokenCache {
     ) -> Result<CacheValue, ExchangeError> {
         match outcome {
             Ok(issued) => Ok(CacheValue::Token(self.to_cached(issued, subject_exp)?)),
-            Err(e) if definitive(&e) && !self.negative_ttl.is_zero() => {
+            Err(e) if e.is_definitive() && !self.negative_ttl.is_zero() => {
                 Ok(CacheValue::Rejected(Arc::new((e, self.negative_ttl))))
             }
             Err(e) => Err(e),

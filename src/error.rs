@@ -94,6 +94,8 @@ impl GatewayError {
                 ExchangeError::SubjectRejected { .. } => 401,
                 ExchangeError::Forbidden { .. } => 403,
                 ExchangeError::ClientRejected { .. }
+                | ExchangeError::SigningFailed(_)
+                | ExchangeError::NoActor
                 | ExchangeError::BadResponse(_)
                 | ExchangeError::EchoedInputToken
                 | ExchangeError::UnexpectedTokenType { .. } => 502,
@@ -172,6 +174,8 @@ impl GatewayError {
                     "the bearer token does not grant access to this resource"
                 }
                 ExchangeError::ClientRejected { .. }
+                | ExchangeError::SigningFailed(_)
+                | ExchangeError::NoActor
                 | ExchangeError::BadResponse(_)
                 | ExchangeError::EchoedInputToken
                 | ExchangeError::UnexpectedTokenType { .. } => "the token exchange failed",
@@ -227,6 +231,12 @@ impl GatewayError {
         match self {
             GatewayError::Exchange(ExchangeError::ClientRejected { .. }) => {
                 tracing::error!(route, outcome, error = %self, "token service rejected the gateway's credentials; check client_id and secret");
+            }
+            GatewayError::Exchange(ExchangeError::SigningFailed(_)) => {
+                tracing::error!(route, outcome, error = %self, "cannot sign the client assertion; check the token service's signing key");
+            }
+            GatewayError::Exchange(ExchangeError::NoActor) => {
+                tracing::error!(route, outcome, error = %self, "the delegation has no actor token source");
             }
             GatewayError::ValidatorUnavailable(_) => {
                 tracing::warn!(route, outcome, error = %self, "token validation unavailable")
@@ -299,6 +309,7 @@ impl ProxyFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::OAuthErrorCode;
 
     #[test]
     fn status_table_matches_the_design() {
@@ -312,20 +323,20 @@ mod tests {
             (GatewayError::ValidatorOverloaded, 503),
             (
                 ex(ExchangeError::SubjectRejected {
-                    code: "invalid_grant".into(),
+                    code: OAuthErrorCode::InvalidGrant,
                 }),
                 401,
             ),
             (
                 ex(ExchangeError::Forbidden {
-                    code: "invalid_target".into(),
+                    code: OAuthErrorCode::InvalidTarget,
                 }),
                 403,
             ),
             (
                 ex(ExchangeError::ClientRejected {
                     status: 401,
-                    code: "invalid_client".into(),
+                    code: Some(OAuthErrorCode::InvalidClient),
                 }),
                 502,
             ),
@@ -336,6 +347,7 @@ mod tests {
                 }),
                 503,
             ),
+            (ex(ExchangeError::NoActor), 502),
             (ex(ExchangeError::Timeout(Duration::from_secs(1))), 504),
             (ex(ExchangeError::BadResponse("x".into())), 502),
             (ex(ExchangeError::EchoedInputToken), 502),
@@ -349,6 +361,24 @@ mod tests {
         ];
         for (error, status) in cases {
             assert_eq!(error.status(), status, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn our_own_setup_failures_are_bad_gateway_counted_with_rejected_credentials() {
+        let unsigned = crate::exchange::assertion::SigningError::from(
+            jsonwebtoken::errors::Error::from(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat),
+        );
+        for error in [
+            GatewayError::Exchange(ExchangeError::SigningFailed(unsigned)),
+            GatewayError::Exchange(ExchangeError::NoActor),
+        ] {
+            assert_eq!(error.status(), 502, "{error:?}");
+            assert_eq!(error.outcome(), "client_rejected", "{error:?}");
+            assert_eq!(
+                error.body(),
+                r#"{"error":"bad_gateway","error_description":"the token exchange failed"}"#
+            );
         }
     }
 
@@ -376,7 +406,7 @@ mod tests {
             "Bearer realm=\"txgate\""
         );
         let rejected = GatewayError::Exchange(ExchangeError::SubjectRejected {
-            code: "invalid_grant".into(),
+            code: OAuthErrorCode::InvalidGrant,
         });
         assert!(
             rejected

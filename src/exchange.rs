@@ -56,19 +56,34 @@ pub struct ExchangedToken {
 pub enum ExchangeError {
     /// `invalid_grant` / `invalid_request`: the STS rejected the caller's token.
     #[error("the token service rejected the subject token ({code})")]
-    SubjectRejected { code: String },
+    SubjectRejected { code: OAuthErrorCode },
     /// `invalid_target` / `invalid_scope` / `unauthorized_client` / `access_denied`.
     #[error("the token service refused the requested access ({code})")]
-    Forbidden { code: String },
-    /// `invalid_client` (or a bare 401): the gateway's own credentials are wrong.
-    #[error("the token service rejected the gateway's client credentials (HTTP {status}, {code})")]
-    ClientRejected { status: u16, code: String },
+    Forbidden { code: OAuthErrorCode },
+    /// `invalid_client` or `unsupported_grant_type`, or a 401 without an error code (`code` is
+    /// `None`): the gateway's own credentials or setup are wrong.
+    #[error(
+        "the token service rejected the gateway's client credentials (HTTP {status}, {})",
+        .code.map_or("no error code", OAuthErrorCode::as_str)
+    )]
+    ClientRejected {
+        status: u16,
+        code: Option<OAuthErrorCode>,
+    },
     /// 5xx, 429, no connection, or refused by the gateway's own guard (see [`Unavailability`]).
     #[error("the token service is unavailable ({cause})")]
     Unavailable {
         cause: Unavailability,
         retry_after: Option<Duration>,
     },
+    /// The `private_key_jwt` / `client_secret_jwt` assertion could not be signed: the gateway
+    /// cannot authenticate, so the STS is not called.
+    #[error(transparent)]
+    SigningFailed(assertion::SigningError),
+    /// A delegation needs an actor token and the profile has no source for one. Config load
+    /// gives every delegation an actor, so this is a broken invariant, not a caller's fault.
+    #[error("the exchange needs an actor token and none is configured")]
+    NoActor,
     /// No complete answer within the token service's `timeout`.
     #[error("the token service did not answer within {0:?}")]
     Timeout(Duration),
@@ -90,7 +105,11 @@ impl ExchangeError {
         match self {
             ExchangeError::SubjectRejected { .. } => "subject_rejected",
             ExchangeError::Forbidden { .. } => "forbidden",
-            ExchangeError::ClientRejected { .. } => "client_rejected",
+            // Counted with our own credentials: like a rejected client, the gateway cannot
+            // authenticate or act, and an operator has to fix it.
+            ExchangeError::ClientRejected { .. }
+            | ExchangeError::SigningFailed(_)
+            | ExchangeError::NoActor => "client_rejected",
             // Refused by the gateway itself: no STS call was made.
             ExchangeError::Unavailable { cause, .. } => match cause {
                 Unavailability::CircuitOpen => "circuit_open",
@@ -102,6 +121,22 @@ impl ExchangeError {
             ExchangeError::EchoedInputToken => "echoed_input_token",
             ExchangeError::UnexpectedTokenType { .. } => "unexpected_token_type",
         }
+    }
+
+    /// Whether the STS gave a definitive answer about this request, one that asking again
+    /// right away would not change; the token cache remembers these for `cache.negative_ttl`.
+    /// `invalid_grant` and `invalid_request` are about the subject token itself and
+    /// `invalid_target` about the route's configured audience or resource (RFC 8693 §2.2.2).
+    /// The other refusals, outages, timeouts and our own credential problems are asked again.
+    pub fn is_definitive(&self) -> bool {
+        matches!(
+            self,
+            ExchangeError::SubjectRejected {
+                code: OAuthErrorCode::InvalidGrant | OAuthErrorCode::InvalidRequest,
+            } | ExchangeError::Forbidden {
+                code: OAuthErrorCode::InvalidTarget,
+            }
+        )
     }
 }
 
@@ -118,15 +153,79 @@ pub enum Unavailability {
     /// The STS answered 429 or a 5xx status.
     #[error("HTTP {0}")]
     Status(u16),
-    /// The STS answered `temporarily_unavailable` or `server_error` (RFC 6749 §5.2).
+    /// The STS answered `temporarily_unavailable` or `server_error` (RFC 6749 §4.1.2.1).
     #[error("{0}")]
-    OAuthError(String),
+    OAuthError(OAuthErrorCode),
     /// The circuit breaker is open: no STS call was made.
     #[error("the token service circuit breaker is open")]
     CircuitOpen,
     /// The concurrency cap was reached: no STS call was made.
     #[error("too many concurrent calls to the token service")]
     Overloaded,
+}
+
+/// The OAuth error codes (RFC 6749 §5.2 and §4.1.2.1, RFC 8693 §2.2.2) the gateway tells
+/// apart. An STS's `error` string becomes one of these once, in [`interpret`]; the caller's
+/// status, negative caching and the circuit breaker match on the variant, never on the text.
+/// A code not listed here is an unusable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthErrorCode {
+    InvalidRequest,
+    InvalidClient,
+    InvalidGrant,
+    UnauthorizedClient,
+    UnsupportedGrantType,
+    InvalidScope,
+    /// RFC 8693 §2.2.2: the STS will not issue a token for the requested audience or resource.
+    InvalidTarget,
+    /// An authorization-endpoint code (RFC 6749 §4.1.2.1) that some STSs also send from the
+    /// token endpoint when policy forbids the exchange.
+    AccessDenied,
+    /// Also an authorization-endpoint code; STSs send it for an internal failure.
+    ServerError,
+    /// Also an authorization-endpoint code; STSs send it when overloaded or in maintenance.
+    TemporarilyUnavailable,
+}
+
+impl OAuthErrorCode {
+    /// The code as an STS spells it, or `None` for a code the gateway does not tell apart.
+    pub fn parse(code: &str) -> Option<OAuthErrorCode> {
+        Some(match code {
+            "invalid_request" => OAuthErrorCode::InvalidRequest,
+            "invalid_client" => OAuthErrorCode::InvalidClient,
+            "invalid_grant" => OAuthErrorCode::InvalidGrant,
+            "unauthorized_client" => OAuthErrorCode::UnauthorizedClient,
+            "unsupported_grant_type" => OAuthErrorCode::UnsupportedGrantType,
+            "invalid_scope" => OAuthErrorCode::InvalidScope,
+            "invalid_target" => OAuthErrorCode::InvalidTarget,
+            "access_denied" => OAuthErrorCode::AccessDenied,
+            "server_error" => OAuthErrorCode::ServerError,
+            "temporarily_unavailable" => OAuthErrorCode::TemporarilyUnavailable,
+            _ => return None,
+        })
+    }
+
+    /// The wire spelling, for logs and error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OAuthErrorCode::InvalidRequest => "invalid_request",
+            OAuthErrorCode::InvalidClient => "invalid_client",
+            OAuthErrorCode::InvalidGrant => "invalid_grant",
+            OAuthErrorCode::UnauthorizedClient => "unauthorized_client",
+            OAuthErrorCode::UnsupportedGrantType => "unsupported_grant_type",
+            OAuthErrorCode::InvalidScope => "invalid_scope",
+            OAuthErrorCode::InvalidTarget => "invalid_target",
+            OAuthErrorCode::AccessDenied => "access_denied",
+            OAuthErrorCode::ServerError => "server_error",
+            OAuthErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+        }
+    }
+}
+
+impl std::fmt::Display for OAuthErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The tokens an STS call carries.
@@ -303,7 +402,7 @@ fn form_body(
             let assertion = match render {
                 Render::Send => signer
                     .sign(&service.client_id, service.token_endpoint.as_str())
-                    .map_err(|e| ExchangeError::ClientRejected { status: 0, code: e })?,
+                    .map_err(ExchangeError::SigningFailed)?,
                 Render::Describe => "<signed JWT>".to_string(),
             };
             form.append_pair("client_id", &service.client_id);
@@ -325,6 +424,7 @@ async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, Ex
     if let ClientAuth::Basic { header } = &service.client_auth {
         request = request.header(header::AUTHORIZATION, header.clone());
     }
+    let transport_error = |e| transport_error(e, service.timeout);
     let mut response = request.send().await.map_err(transport_error)?;
     let status = response.status();
     let retry_after = response
@@ -343,10 +443,12 @@ async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, Ex
     interpret(status, retry_after, &body)
 }
 
-fn transport_error(e: reqwest::Error) -> ExchangeError {
+/// A failed request or body read. `timeout` is the token service's, which reqwest enforces
+/// per request as well as [`exchange`] for the whole call.
+fn transport_error(e: reqwest::Error, timeout: Duration) -> ExchangeError {
     if e.is_timeout() && !e.is_connect() {
         // reqwest's own total timeout equals ours; report it the same way.
-        return ExchangeError::Timeout(Duration::ZERO);
+        return ExchangeError::Timeout(timeout);
     }
     let cause = if e.is_connect() {
         Unavailability::CannotConnect
@@ -393,51 +495,67 @@ pub fn interpret(
             retry_after,
         });
     }
-    let code = serde_json::from_slice::<ErrorResponse>(body)
+    let raw = serde_json::from_slice::<ErrorResponse>(body)
         .ok()
         .and_then(|e| e.error)
         .and_then(|e| e.as_str().map(str::to_string));
-    match (status.as_u16(), code.as_deref()) {
-        (400 | 401 | 403, Some("invalid_grant" | "invalid_request")) => {
-            Err(ExchangeError::SubjectRejected {
-                code: code.unwrap_or_default(),
-            })
+    // The one place where the STS's `error` text becomes a type; everything after this
+    // matches on the variant.
+    let code = raw.as_deref().and_then(OAuthErrorCode::parse);
+    use OAuthErrorCode as C;
+    match (status.as_u16(), code) {
+        (400 | 401 | 403, Some(code @ (C::InvalidGrant | C::InvalidRequest))) => {
+            Err(ExchangeError::SubjectRejected { code })
         }
         (
             400 | 401 | 403,
-            Some("invalid_target" | "invalid_scope" | "unauthorized_client" | "access_denied"),
-        ) => Err(ExchangeError::Forbidden {
-            code: code.unwrap_or_default(),
-        }),
-        (400 | 401, Some("invalid_client" | "unsupported_grant_type")) | (401, None) => {
+            Some(
+                code @ (C::InvalidTarget
+                | C::InvalidScope
+                | C::UnauthorizedClient
+                | C::AccessDenied),
+            ),
+        ) => Err(ExchangeError::Forbidden { code }),
+        (status @ (400 | 401), Some(code @ (C::InvalidClient | C::UnsupportedGrantType))) => {
             Err(ExchangeError::ClientRejected {
-                status: status.as_u16(),
-                code: code.unwrap_or_else(|| "no error code".into()),
+                status,
+                code: Some(code),
             })
         }
-        (_, Some("temporarily_unavailable" | "server_error")) => Err(ExchangeError::Unavailable {
-            cause: Unavailability::OAuthError(code.unwrap_or_default()),
-            retry_after,
+        // A bare 401 is about our credentials; a 401 with a code we do not know is not.
+        (401, None) if raw.is_none() => Err(ExchangeError::ClientRejected {
+            status: 401,
+            code: None,
         }),
+        (_, Some(code @ (C::TemporarilyUnavailable | C::ServerError))) => {
+            Err(ExchangeError::Unavailable {
+                cause: Unavailability::OAuthError(code),
+                retry_after,
+            })
+        }
+        (status, _) => Err(unusable_error(status, raw.as_deref())),
+    }
+}
+
+/// An error answer that fits none of the classes: an unknown code, a known code with a status
+/// it does not go with, or no OAuth error body at all.
+fn unusable_error(status: u16, code: Option<&str>) -> ExchangeError {
+    ExchangeError::BadResponse(match code {
         // The code is logged: only a short word of the shape OAuth codes have, never
         // arbitrary text an STS chose (it could hold the subject token).
-        (s, Some(other))
-            if other.len() <= 40
-                && other
+        Some(code)
+            if code.len() <= 40
+                && code
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
         {
-            Err(ExchangeError::BadResponse(format!(
-                "HTTP {s} with unknown error code \"{other}\""
-            )))
+            format!("HTTP {status} with unknown error code \"{code}\"")
         }
-        (s, Some(_)) => Err(ExchangeError::BadResponse(format!(
-            "HTTP {s} with an unknown error code that is not a plain word"
-        ))),
-        (s, None) => Err(ExchangeError::BadResponse(format!(
-            "HTTP {s} without an OAuth error body"
-        ))),
-    }
+        Some(_) => {
+            format!("HTTP {status} with an unknown error code that is not a plain word")
+        }
+        None => format!("HTTP {status} without an OAuth error body"),
+    })
 }
 
 fn parse_success(body: &[u8]) -> Result<ExchangedToken, ExchangeError> {
@@ -718,5 +836,63 @@ mod tests {
             ExchangeError::BadResponse(_)
         ));
         assert!(matches!(err(302, ""), ExchangeError::BadResponse(_)));
+        // A known code with a status it does not go with is as unusable as an unknown one.
+        assert!(matches!(
+            err(403, r#"{"error":"invalid_client"}"#),
+            ExchangeError::BadResponse(_)
+        ));
+        assert!(matches!(
+            err(400, r#"{"error":"temporarily_unavailable"}"#),
+            ExchangeError::Unavailable {
+                cause: Unavailability::OAuthError(OAuthErrorCode::TemporarilyUnavailable),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn error_codes_keep_their_wire_spelling() {
+        for code in [
+            OAuthErrorCode::InvalidRequest,
+            OAuthErrorCode::InvalidClient,
+            OAuthErrorCode::InvalidGrant,
+            OAuthErrorCode::UnauthorizedClient,
+            OAuthErrorCode::UnsupportedGrantType,
+            OAuthErrorCode::InvalidScope,
+            OAuthErrorCode::InvalidTarget,
+            OAuthErrorCode::AccessDenied,
+            OAuthErrorCode::ServerError,
+            OAuthErrorCode::TemporarilyUnavailable,
+        ] {
+            assert_eq!(OAuthErrorCode::parse(code.as_str()), Some(code));
+        }
+        // Codes are case-sensitive (RFC 6749 §5.2 spells them in lower case).
+        assert_eq!(OAuthErrorCode::parse("INVALID_GRANT"), None);
+        assert_eq!(
+            err(401, "").to_string(),
+            "the token service rejected the gateway's client credentials (HTTP 401, no error code)"
+        );
+        assert_eq!(
+            err(400, r#"{"error":"invalid_grant"}"#).to_string(),
+            "the token service rejected the subject token (invalid_grant)"
+        );
+    }
+
+    #[test]
+    fn only_refusals_of_the_subject_or_the_target_are_definitive() {
+        for (body, definitive) in [
+            (r#"{"error":"invalid_grant"}"#, true),
+            (r#"{"error":"invalid_request"}"#, true),
+            (r#"{"error":"invalid_target"}"#, true),
+            (r#"{"error":"invalid_scope"}"#, false),
+            (r#"{"error":"unauthorized_client"}"#, false),
+            (r#"{"error":"access_denied"}"#, false),
+            (r#"{"error":"invalid_client"}"#, false),
+            (r#"{"error":"server_error"}"#, false),
+        ] {
+            assert_eq!(err(400, body).is_definitive(), definitive, "{body}");
+        }
+        assert!(!err(503, "").is_definitive());
+        assert!(!ExchangeError::Timeout(Duration::from_secs(1)).is_definitive());
     }
 }

@@ -155,12 +155,7 @@ async fn actor_token(
                 .await;
             Ok(result?.token().to_string())
         }
-        None => Err(GatewayError::Exchange(
-            exchange::ExchangeError::ClientRejected {
-                status: 0,
-                code: "no actor configured".into(),
-            },
-        )),
+        None => Err(GatewayError::Exchange(exchange::ExchangeError::NoActor)),
     }
 }
 

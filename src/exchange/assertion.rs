@@ -17,6 +17,12 @@ pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-t
 /// Lifetime of one assertion. Short: it is used once, immediately.
 const ASSERTION_LIFETIME_SECS: u64 = 60;
 
+/// A client assertion could not be signed. The key signed a probe at config load, so this is
+/// the signing library refusing it later; the STS is not called.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot sign the client assertion: {0}")]
+pub struct SigningError(#[from] jsonwebtoken::errors::Error);
+
 /// A key that signs client assertions.
 pub struct AssertionSigner {
     key: EncodingKey,
@@ -89,7 +95,9 @@ impl AssertionSigner {
         }
         let signer = AssertionSigner { key, alg, kid };
         // Sign once now so a key that cannot sign fails at load, not on the first request.
-        signer.sign("probe", "https://probe.invalid/token")?;
+        signer
+            .sign("probe", "https://probe.invalid/token")
+            .map_err(|e| e.to_string())?;
         Ok(signer)
     }
 
@@ -109,7 +117,7 @@ impl AssertionSigner {
     }
 
     /// A fresh assertion for `client_id` at `audience` (the token endpoint URL).
-    pub fn sign(&self, client_id: &str, audience: &str) -> Result<String, String> {
+    pub fn sign(&self, client_id: &str, audience: &str) -> Result<String, SigningError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -124,8 +132,7 @@ impl AssertionSigner {
         };
         let mut header = Header::new(self.alg);
         header.kid = self.kid.clone();
-        jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| format!("cannot sign the client assertion: {e}"))
+        Ok(jsonwebtoken::encode(&header, &claims, &self.key)?)
     }
 }
 

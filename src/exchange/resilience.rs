@@ -164,7 +164,13 @@ impl Resilience {
             Err(ExchangeError::SubjectRejected { .. } | ExchangeError::Forbidden { .. }) => {
                 Some(true)
             }
-            Err(ExchangeError::ClientRejected { .. }) => None,
+            // Our own setup failing says nothing about the STS (a signing failure or a
+            // missing actor never reached it).
+            Err(
+                ExchangeError::ClientRejected { .. }
+                | ExchangeError::SigningFailed(_)
+                | ExchangeError::NoActor,
+            ) => None,
             Err(ExchangeError::Unavailable {
                 retry_after: Some(after),
                 ..
@@ -240,6 +246,7 @@ pub fn retryable(error: &ExchangeError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::OAuthErrorCode;
 
     fn settings() -> ResilienceSettings {
         ResilienceSettings {
@@ -317,9 +324,19 @@ mod tests {
             r.record(
                 a,
                 &Err(ExchangeError::SubjectRejected {
-                    code: "invalid_grant".into(),
+                    code: OAuthErrorCode::InvalidGrant,
                 }),
             );
+        }
+        assert_eq!(r.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn our_own_setup_failures_leave_the_breaker_alone() {
+        let r = Resilience::new(settings());
+        for _ in 0..5 {
+            let a = r.admit().await.unwrap();
+            r.record(a, &Err(ExchangeError::NoActor));
         }
         assert_eq!(r.state(), BreakerState::Closed);
     }
@@ -338,6 +355,37 @@ mod tests {
         ));
         drop(held);
         assert!(r.admit().await.is_ok());
+    }
+
+    #[test]
+    fn only_no_answer_or_a_bare_503_is_retried() {
+        let unavailable = |cause, retry_after| ExchangeError::Unavailable { cause, retry_after };
+        for retried in [
+            unavailable(Unavailability::CannotConnect, None),
+            unavailable(Unavailability::ConnectionFailed, None),
+            unavailable(Unavailability::Status(503), None),
+        ] {
+            assert!(retryable(&retried), "{retried:?}");
+        }
+        for kept in [
+            // The STS said when to come back: the breaker holds calls off instead.
+            unavailable(Unavailability::Status(503), Some(Duration::from_secs(1))),
+            unavailable(Unavailability::Status(429), None),
+            unavailable(Unavailability::Status(500), None),
+            unavailable(
+                Unavailability::OAuthError(OAuthErrorCode::TemporarilyUnavailable),
+                None,
+            ),
+            unavailable(Unavailability::CircuitOpen, None),
+            unavailable(Unavailability::Overloaded, None),
+            ExchangeError::Timeout(Duration::from_secs(1)),
+            ExchangeError::SubjectRejected {
+                code: OAuthErrorCode::InvalidGrant,
+            },
+            ExchangeError::NoActor,
+        ] {
+            assert!(!retryable(&kept), "{kept:?}");
+        }
     }
 
     #[test]
