@@ -540,6 +540,11 @@ impl Inbound {
         self.key_of("introspection", key, value(v))
     }
 
+    /// `introspection.negative_cache_ttl`: how long a refusal is remembered.
+    pub fn negative_cache_ttl(self, d: Duration) -> Inbound {
+        self.key_of("introspection", "negative_cache_ttl", duration(d))
+    }
+
     /// Another key of the `jwt` block (`algorithms`, `leeway`, ...).
     pub fn jwt_key(self, key: &str, v: impl Serialize) -> Inbound {
         self.key_of("jwt", key, value(v))
