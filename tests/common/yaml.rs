@@ -483,6 +483,23 @@ impl Actor {
         Actor { keys: Map::new() }.set("scope", scope)
     }
 
+    /// The gateway's own token with no `scope`; `audience` values with [`Actor::audience`].
+    pub fn own() -> Actor {
+        Actor { keys: Map::new() }
+    }
+
+    /// One more `audience` value of the gateway's own token request.
+    pub fn audience(mut self, audience: &str) -> Actor {
+        let list = self
+            .keys
+            .entry("audience".to_string())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(items) = list {
+            items.push(value(audience));
+        }
+        self
+    }
+
     /// A token read from a file.
     pub fn token_file(path: &Path) -> Actor {
         Actor { keys: Map::new() }.set("token_file", path)
@@ -513,6 +530,12 @@ impl Inbound {
             "jwt",
             serde_json::json!({ "issuer": issuer, "jwks_uri": jwks_uri }),
         )
+    }
+
+    /// `jwt: {}`: the token service's own issuer and `jwks_uri` (explicit, profile or
+    /// discovery); audiences with [`Inbound::audiences`].
+    pub fn service_jwt() -> Inbound {
+        Inbound { keys: Map::new() }.set("jwt", serde_json::json!({}))
     }
 
     /// `jwt` for a [`super::TestIssuer`]'s tokens.
