@@ -172,7 +172,7 @@ impl TokenService {
         .set("client_secret", "${TEST_CLIENT_SECRET}")
     }
 
-    /// `corp` at the test STS (what [`super::token_service`] writes).
+    /// `corp` at the test STS.
     pub fn at(sts: &TestSts) -> TokenService {
         TokenService::new("corp", sts.token_endpoint())
     }
