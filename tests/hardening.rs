@@ -9,8 +9,10 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::tls::{TempDir, TestCa, TlsUpstream};
+use common::yaml::{Exchange, GatewayYaml, Inbound, Route, TokenService, Upstream};
 use common::{Behavior, RecordingUpstream, TestSts, caller_token, gateway, get};
 use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
 
@@ -24,32 +26,21 @@ async fn https_upstreams_are_verified_however_they_are_written() {
     let ca = TestCa::new("unknown-to-the-system");
     let upstream = TlsUpstream::start(&ca, &["127.0.0.1"], None).await;
     let url = upstream.url();
-    let ca_file = ca.ca_file.display();
-    let yaml = format!(
-        r#"server: {{ listen: ["127.0.0.1:0"] }}
-routes:
-  - name: bare-url
-    match: {{ path_prefix: "/bare-url" }}
-    upstream: "{url}"
-    exchange: {{ mode: none }}
-  - name: peer-list
-    match: {{ path_prefix: "/peer-list" }}
-    upstream: {{ peers: ["{url}"] }}
-    exchange: {{ mode: none }}
-  - name: empty-tls
-    match: {{ path_prefix: "/empty-tls" }}
-    upstream: {{ peers: ["{url}"], tls: {{}} }}
-    exchange: {{ mode: none }}
-  - name: with-ca
-    match: {{ path_prefix: "/with-ca" }}
-    upstream: {{ peers: ["{url}"], tls: {{ ca_file: "{ca_file}" }} }}
-    exchange: {{ mode: none }}
-  - name: unverified
-    match: {{ path_prefix: "/unverified" }}
-    upstream: {{ peers: ["{url}"], tls: {{ verify: false }} }}
-    exchange: {{ mode: none }}
-"#
-    );
+    let route = |name: &str, upstream: Upstream| Route::new(name, &format!("/{name}"), upstream);
+    let peers = || Upstream::peers(&[&url]);
+    let yaml = GatewayYaml::new()
+        .route(route("bare-url", Upstream::from(&url)))
+        .route(route("peer-list", peers()))
+        .route(route("empty-tls", peers().tls(serde_json::json!({}))))
+        .route(route(
+            "with-ca",
+            peers().tls(serde_json::json!({ "ca_file": ca.ca_file })),
+        ))
+        .route(route(
+            "unverified",
+            peers().tls(serde_json::json!({ "verify": false })),
+        ))
+        .to_yaml();
     let gw = gateway(&yaml).await;
 
     // No CA named: the system roots decide, and they do not know this certificate. The
@@ -93,7 +84,8 @@ fn check(file: &std::path::Path) -> (i32, String, String) {
     )
 }
 
-/// A config with one of each warning, and loopback endpoints that must not warn.
+/// A config with one of each warning, and loopback endpoints that must not warn: a file as an
+/// operator writes it, since `txgate check` and `txgate run` read it from disk and point at its keys.
 const WARNINGS_YAML: &str = r#"server: { listen: ["127.0.0.1:0"] }
 token_services:
   remote:
@@ -194,24 +186,17 @@ fn run_logs_the_same_warnings_at_start() {
 async fn the_status_page_marks_a_token_service_reached_in_clear() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let yaml = format!(
-        r#"server: {{ listen: ["127.0.0.1:0"], admin_listen: "127.0.0.1:0" }}
-token_services:
-  remote:
-    token_endpoint: "http://sts.example.net/token"
-    client_id: gateway
-    client_secret: "${{TEST_CLIENT_SECRET}}"
-  local:
-    token_endpoint: "{local}"
-    client_id: gateway
-    client_secret: "${{TEST_CLIENT_SECRET}}"
-routes:
-  - {{ name: a, match: {{ path_prefix: "/a" }}, upstream: "{up}", exchange: {{ mode: impersonation, token_service: remote }} }}
-  - {{ name: b, match: {{ path_prefix: "/b" }}, upstream: "{up}", exchange: {{ mode: impersonation, token_service: local }} }}
-"#,
-        local = sts.token_endpoint(),
-        up = upstream.url(),
-    );
+    let route = |name: &str, service: &str| {
+        Route::new(name, &format!("/{name}"), upstream.url())
+            .exchange(Exchange::impersonation(service))
+    };
+    let yaml = GatewayYaml::new()
+        .admin()
+        .token_service(TokenService::new("remote", "http://sts.example.net/token"))
+        .token_service(TokenService::new("local", sts.token_endpoint()))
+        .route(route("a", "remote"))
+        .route(route("b", "local"))
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let page = get(&format!("http://{}/", gw.admin_addr.unwrap()), None)
         .await
@@ -250,11 +235,17 @@ async fn an_sts_that_echoes_the_callers_token_is_refused_and_nothing_is_forwarde
     })))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"], admin_listen: \"127.0.0.1:0\" }}\n{}routes:\n  - {{ name: echo, match: {{ path_prefix: \"/echo\" }}, upstream: \"{up}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n  - {{ name: typed, match: {{ path_prefix: \"/typed\" }}, upstream: \"{up}\", exchange: {{ mode: impersonation, token_service: corp, requested_token_type: jwt }} }}\n",
-        common::token_service(&sts, ""),
-        up = upstream.url(),
-    );
+    let yaml = GatewayYaml::new()
+        .admin()
+        .token_service(TokenService::at(&sts))
+        .route(
+            Route::new("echo", "/echo", upstream.url()).exchange(Exchange::impersonation("corp")),
+        )
+        .route(
+            Route::new("typed", "/typed", upstream.url())
+                .exchange(Exchange::impersonation("corp").requested_token_type("jwt")),
+        )
+        .to_yaml();
     let gw = gateway(&yaml).await;
 
     for attempt in 1..=2 {
@@ -336,21 +327,25 @@ async fn introspection_checks_the_audience_and_remembers_refusals() {
         let _ = stopped.await;
     }));
     let upstream = RecordingUpstream::start().await;
-    let yaml = format!(
-        r#"server: {{ listen: ["127.0.0.1:0"] }}
-token_services:
-  dev:
-    token_endpoint: "http://{addr}/token"
-    introspection_endpoint: "http://{addr}/introspect"
-    client_id: gateway
-    client_secret: "${{TEST_CLIENT_SECRET}}"
-    inbound:
-      introspection: {{ audiences: ["gateway-api"], negative_cache_ttl: 1m, max_concurrent: 4 }}
-routes:
-  - {{ name: r, match: {{ path_prefix: "/" }}, upstream: "{}", exchange: {{ mode: impersonation, token_service: dev, audience: ["https://orders.example.com"] }} }}
-"#,
-        upstream.url()
-    );
+    let yaml = GatewayYaml::new()
+        .token_service(
+            TokenService::new("dev", format!("http://{addr}/token"))
+                .set(
+                    "introspection_endpoint",
+                    format!("http://{addr}/introspect"),
+                )
+                .inbound(
+                    Inbound::introspection()
+                        .audiences(&["gateway-api"])
+                        .negative_cache_ttl(Duration::from_secs(60))
+                        .introspection_key("max_concurrent", 4),
+                ),
+        )
+        .route(
+            Route::new("r", "/", upstream.url())
+                .exchange(Exchange::impersonation("dev").audience("https://orders.example.com")),
+        )
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let state = gw.state();
     let validator = state.routes[0]

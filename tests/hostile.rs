@@ -35,6 +35,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::process::TxgateProcess;
 use common::tls::{TestCa, TlsUpstream};
+use common::yaml::{Actor, Exchange, GatewayYaml, Inbound, Route, TokenService, Upstream};
 use common::{Behavior, RecordingUpstream, Seen, TestIssuer, TestSts, caller_token, gateway};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -353,78 +354,68 @@ impl Parts {
     /// services at the same STS: `corp`, and `strict`, which validates callers' JWTs first
     /// (one validator shared by `/jwt`, `/orders` and `/machine`).
     fn yaml(&self) -> String {
-        self.yaml_with("")
+        self.yaml_with(&[])
     }
 
-    /// [`Parts::yaml`] with more keys (lines indented by two spaces) in its `server:` map.
-    fn yaml_with(&self, server_extra: &str) -> String {
-        let strict = format!(
-            "  strict:\n    token_endpoint: \"{}\"\n    client_id: \"gateway\"\n    client_secret: \"${{TEST_CLIENT_SECRET}}\"\n    inbound: {{ jwt: {{ issuer: \"{}\", jwks_uri: \"{}\", audiences: [\"{AUDIENCE}\"] }} }}\n",
-            self.sts.token_endpoint(),
-            self.issuer.issuer,
-            self.issuer.jwks_uri
-        );
-        let impersonation = |service: &str, name: &str| {
-            format!(
-                "{{ mode: impersonation, token_service: {service}, audience: [\"https://{name}.example.com\"] }}"
-            )
-        };
+    /// [`Parts::yaml`] with more keys in its `server:` map.
+    fn yaml_with(&self, server: &[(&str, Value)]) -> String {
+        let up = self.upstream.url();
         let https = format!("https://localhost:{}", self.tls.addr.port());
-        format!(
-            r#"server:
-  listen: ["127.0.0.1:0"]
-  max_token_bytes: {MAX_TOKEN_BYTES}
-  grace_period: 0s
-  shutdown_timeout: 1s
-{server_extra}{services}routes:
-  - name: open
-    match: {{ path_prefix: "/open" }}
-    upstream: "{up}"
-    headers: {{ set: {{ X-Gateway: "{GATEWAY_HEADER}" }} }}
-    exchange: {open}
-  - name: jwt
-    match: {{ path_prefix: "/jwt" }}
-    upstream: "{up}"
-    exchange: {jwt}
-  - name: public
-    match: {{ path_prefix: "/public" }}
-    upstream: "{up}"
-    exchange: {{ mode: none }}
-  - name: orders
-    match: {{ path_prefix: "/orders" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: strict, audience: ["https://orders.example.com"], scope: "orders:read" }}
-  - name: delegation
-    match: {{ path_prefix: "/delegation" }}
-    upstream: "{up}"
-    exchange: {{ mode: delegation, token_service: corp, audience: ["https://delegation.example.com"], actor: {{ scope: "gateway:act" }} }}
-  - name: machine
-    match: {{ path_prefix: "/machine" }}
-    upstream: "{up}"
-    exchange: {{ mode: client_credentials, token_service: strict, audience: ["https://machine.example.com"], scope: "machine:read" }}
-  - name: anonymous
-    match: {{ path_prefix: "/anonymous" }}
-    upstream: "{up}"
-    exchange: {{ mode: client_credentials, token_service: corp, audience: ["https://anonymous.example.com"], caller: anonymous }}
-  - name: tls-bare
-    match: {{ path_prefix: "/tls/bare" }}
-    upstream: "{https}"
-    exchange: {tls}
-  - name: tls-peers
-    match: {{ path_prefix: "/tls/peers" }}
-    upstream: {{ peers: ["{https}"] }}
-    exchange: {tls}
-  - name: tls-unverified
-    match: {{ path_prefix: "/tls/unverified" }}
-    upstream: {{ peers: ["{https}"], tls: {{ verify: false }} }}
-    exchange: {tls}
-"#,
-            services = common::token_service(&self.sts, &strict),
-            up = self.upstream.url(),
-            open = impersonation("corp", "open"),
-            jwt = impersonation("strict", "jwt"),
-            tls = impersonation("corp", "tls"),
-        )
+        let for_api = |exchange: Exchange, name: &str| {
+            exchange.audience(&format!("https://{name}.example.com"))
+        };
+        let impersonation =
+            |service: &str, name: &str| for_api(Exchange::impersonation(service), name);
+        let strict = TokenService::new("strict", self.sts.token_endpoint())
+            .inbound(Inbound::jwt_of(&self.issuer).audiences(&[AUDIENCE]));
+        let config = GatewayYaml::new()
+            .max_token_bytes(MAX_TOKEN_BYTES)
+            .grace_period(Duration::ZERO)
+            .shutdown_timeout(Duration::from_secs(1))
+            .token_service(TokenService::at(&self.sts))
+            .token_service(strict)
+            .route(
+                Route::new("open", "/open", &up)
+                    .headers(&[], &[("X-Gateway", GATEWAY_HEADER)])
+                    .exchange(impersonation("corp", "open")),
+            )
+            .route(Route::new("jwt", "/jwt", &up).exchange(impersonation("strict", "jwt")))
+            .route(Route::new("public", "/public", &up))
+            .route(
+                Route::new("orders", "/orders", &up)
+                    .exchange(impersonation("strict", "orders").scope("orders:read")),
+            )
+            .route(
+                Route::new("delegation", "/delegation", &up).exchange(
+                    for_api(Exchange::delegation("corp"), "delegation")
+                        .actor(Actor::own_token("gateway:act")),
+                ),
+            )
+            .route(Route::new("machine", "/machine", &up).exchange(
+                for_api(Exchange::client_credentials("strict"), "machine").scope("machine:read"),
+            ))
+            .route(Route::new("anonymous", "/anonymous", &up).exchange(
+                for_api(Exchange::client_credentials("corp"), "anonymous").caller("anonymous"),
+            ))
+            .route(
+                Route::new("tls-bare", "/tls/bare", &https).exchange(impersonation("corp", "tls")),
+            )
+            .route(
+                Route::new("tls-peers", "/tls/peers", Upstream::peers(&[&https]))
+                    .exchange(impersonation("corp", "tls")),
+            )
+            .route(
+                Route::new(
+                    "tls-unverified",
+                    "/tls/unverified",
+                    Upstream::peers(&[&https]).tls(json!({ "verify": false })),
+                )
+                .exchange(impersonation("corp", "tls")),
+            );
+        server
+            .iter()
+            .fold(config, |config, (key, value)| config.server(key, value))
+            .to_yaml()
     }
 
     /// A JWT the validating routes accept, for a fresh subject.
@@ -455,14 +446,14 @@ struct Harness {
 impl Harness {
     /// The gateway in process.
     async fn start() -> Harness {
-        Harness::start_with("").await
+        Harness::start_with(&[]).await
     }
 
     /// The gateway in process, with more keys in its `server:` map (see [`Parts::yaml_with`]).
-    async fn start_with(server_extra: &str) -> Harness {
+    async fn start_with(server: &[(&str, Value)]) -> Harness {
         count_panics();
         let parts = Parts::start().await;
-        let gw = gateway(&parts.yaml_with(server_extra)).await;
+        let gw = gateway(&parts.yaml_with(server)).await;
         let harness = Harness {
             addr: gw.proxy_addrs[0],
             parts,
@@ -1725,9 +1716,13 @@ fn refused_path(parts: &Parts, path: &str) -> Row {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_settings_change_what_is_refused_and_forwarded() {
     type Rows = fn(&Parts) -> Vec<Row>;
-    let settings: [(&str, Rows); 5] = [
+    let settings: [(Vec<(&str, Value)>, Rows); 5] = [
         (
-            "  normalize_path: true\n  merge_slashes: true\n  path_with_escaped_slashes_action: reject_request\n",
+            vec![
+                ("normalize_path", json!(true)),
+                ("merge_slashes", json!(true)),
+                ("path_with_escaped_slashes_action", json!("reject_request")),
+            ],
             |parts| {
                 vec![
                     refused_path(parts, "/orders/a%2Fb"),
@@ -1736,7 +1731,7 @@ async fn path_settings_change_what_is_refused_and_forwarded() {
             },
         ),
         (
-            "  path_with_escaped_slashes_action: keep_unchanged\n",
+            vec![("path_with_escaped_slashes_action", json!("keep_unchanged"))],
             |parts| {
                 vec![
                     to_orders(parts, "/orders/a%2Fb", "/orders/a%2Fb"),
@@ -1746,7 +1741,10 @@ async fn path_settings_change_what_is_refused_and_forwarded() {
         ),
         (
             // Unescaped before routing: the route is chosen on the path the upstream reads.
-            "  path_with_escaped_slashes_action: unescape_and_forward\n",
+            vec![(
+                "path_with_escaped_slashes_action",
+                json!("unescape_and_forward"),
+            )],
             |parts| {
                 vec![
                     to_orders(parts, "/orders/a%2Fb", "/orders/a/b"),
@@ -1760,10 +1758,10 @@ async fn path_settings_change_what_is_refused_and_forwarded() {
                 ]
             },
         ),
-        ("  merge_slashes: false\n", |parts| {
+        (vec![("merge_slashes", json!(false))], |parts| {
             vec![to_orders(parts, "/orders//7", "/orders//7")]
         }),
-        ("  normalize_path: false\n", |parts| {
+        (vec![("normalize_path", json!(false))], |parts| {
             vec![
                 to_orders(parts, "/orders/./7", "/orders/./7"),
                 to_orders(parts, "/orders/%37", "/orders/%37"),
@@ -1771,14 +1769,19 @@ async fn path_settings_change_what_is_refused_and_forwarded() {
         }),
     ];
     let mut failures = Vec::new();
-    for (server_extra, rows) in settings {
-        let h = Harness::start_with(server_extra).await;
+    for (server, rows) in settings {
+        let h = Harness::start_with(&server).await;
         let rows = rows(&h.parts);
+        let label = server
+            .iter()
+            .map(|(key, value)| format!("{key}: {value}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         failures.extend(
             h.run(rows)
                 .await
                 .into_iter()
-                .map(|f| format!("{}: {f}", server_extra.trim().replace('\n', ", "))),
+                .map(|f| format!("{label}: {f}")),
         );
     }
     assert_table(failures);

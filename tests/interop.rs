@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
 use base64::Engine;
+use common::yaml::{Actor, Exchange, GatewayYaml, Inbound, Route, TokenService};
 use common::{RecordingUpstream, client, gateway, private_key_pem};
 use serde_json::{Value, json};
 
@@ -141,42 +142,40 @@ async fn txgate_interoperates_with_oidc_provider() {
     }));
     let upstream = RecordingUpstream::start().await;
     // Only the issuer is configured: endpoints and JWKS come from oidc-provider's discovery.
-    let inbound = format!("    inbound:\n      jwt: {{ audiences: [\"{ORDERS}\"] }}\n");
-    let yaml = format!(
-        r#"server: {{ listen: ["127.0.0.1:0"] }}
-token_services:
-  op:
-    issuer: "{issuer}"
-    client_id: gateway
-    client_secret: "${{TEST_CLIENT_SECRET}}"
-{inbound}  op-pk:
-    issuer: "{issuer}"
-    client_id: gateway-pkjwt
-    auth_method: private_key_jwt
-    private_key_file: "{pem}"
-    private_key_id: gw-1
-{inbound}routes:
-  - name: impersonation
-    match: {{ path_prefix: "/imp" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: op, audience: ["{BILLING}"] }}
-  - name: delegation
-    match: {{ path_prefix: "/deleg" }}
-    upstream: "{up}"
-    exchange: {{ mode: delegation, token_service: op, audience: ["{BILLING}"], actor: {{ audience: ["{ORDERS}"] }} }}
-  - name: machine
-    match: {{ path_prefix: "/m2m" }}
-    upstream: "{up}"
-    exchange: {{ mode: client_credentials, token_service: op, audience: ["{BILLING}"], scope: "billing:read" }}
-  - name: private-key-jwt
-    match: {{ path_prefix: "/pk" }}
-    upstream: "{up}"
-    exchange: {{ mode: impersonation, token_service: op-pk, audience: ["{BILLING}"] }}
-"#,
-        issuer = op.issuer,
-        pem = pem.display(),
-        up = upstream.url(),
-    );
+    let inbound = || Inbound::service_jwt().audiences(&[ORDERS]);
+    // Every route asks for a token for billing.
+    let route = |name: &str, path_prefix: &str, exchange: Exchange| {
+        Route::new(name, path_prefix, upstream.url()).exchange(exchange.audience(BILLING))
+    };
+    let yaml = GatewayYaml::new()
+        .token_service(TokenService::discovered("op", &op.issuer).inbound(inbound()))
+        .token_service(
+            TokenService::discovered("op-pk", &op.issuer)
+                .client_id("gateway-pkjwt")
+                .private_key_jwt(&pem, "gw-1")
+                .inbound(inbound()),
+        )
+        .route(route(
+            "impersonation",
+            "/imp",
+            Exchange::impersonation("op"),
+        ))
+        .route(route(
+            "delegation",
+            "/deleg",
+            Exchange::delegation("op").actor(Actor::own().audience(ORDERS)),
+        ))
+        .route(route(
+            "machine",
+            "/m2m",
+            Exchange::client_credentials("op").scope("billing:read"),
+        ))
+        .route(route(
+            "private-key-jwt",
+            "/pk",
+            Exchange::impersonation("op-pk"),
+        ))
+        .to_yaml();
     let gw = gateway(&yaml).await;
     let user = op.token_for("user-app", "user-secret", ORDERS).await;
     assert_eq!(claims(&user)["sub"], "user-app");

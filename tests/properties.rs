@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::yaml::{Cache, Exchange, GatewayYaml, Route, TokenService};
 use http::{HeaderMap, HeaderValue, header};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};
@@ -319,17 +320,12 @@ fn path_rules(normalize_path: bool, merge_slashes: bool, escaped: u8) -> PathRul
 
 /// Routes `/public`, `/orders` and `/orders/admin`, and nothing else.
 fn path_router() -> Router {
-    let route = |name: &str, prefix: &str| {
-        format!(
-            "  - {{ name: {name}, match: {{ path_prefix: \"{prefix}\" }}, upstream: \"http://127.0.0.1:1\", exchange: {{ mode: none }} }}\n"
-        )
-    };
-    let yaml = format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n{}{}{}",
-        route("public", "/public"),
-        route("orders", "/orders"),
-        route("admin", "/orders/admin")
-    );
+    let route = |name: &str, prefix: &str| Route::new(name, prefix, "http://127.0.0.1:1");
+    let yaml = GatewayYaml::new()
+        .route(route("public", "/public"))
+        .route(route("orders", "/orders"))
+        .route(route("admin", "/orders/admin"))
+        .to_yaml();
     let config = Config::from_yaml(&yaml, "test.yaml", &|_| None).expect("the routes load");
     Router::new(&config.routes)
 }
@@ -557,7 +553,8 @@ fn path_normalisation_never_panics() {
 // gateway.yaml
 
 /// A valid configuration that needs no network and no file: explicit token endpoint, loopback
-/// upstreams, one JWT-validated route.
+/// upstreams, one JWT-validated route. Kept as text, flow and block style mixed: the properties
+/// below feed it to the parser cut at every length and mutated.
 const BASE_CONFIG: &str = r#"
 server:
   listen: ["127.0.0.1:0"]
@@ -733,7 +730,9 @@ fn mutated_configs_load_or_fail_with_a_located_error() {
 fn an_unset_variable_is_an_error_at_its_key() {
     runner(64)
         .run(&"[A-Z][A-Z0-9_]{0,15}", |name| {
-            let text = BASE_CONFIG.replace("\"gateway\"", &format!("\"${{{name}}}\""));
+            let mut tree: serde_yaml::Value = serde_yaml::from_str(BASE_CONFIG).unwrap();
+            tree["token_services"]["corp"]["client_id"] = format!("${{{name}}}").into();
+            let text = serde_yaml::to_string(&tree).unwrap();
             let e = Config::from_yaml(&text, "vars.yaml", &env).unwrap_err();
             prop_assert_eq!(&e.file, "vars.yaml");
             prop_assert!(e.to_string().contains(&name), "{}", e);
@@ -877,16 +876,19 @@ impl StsBench {
         let (sts, upstream, gw) = rt.block_on(async {
             let sts = common::TestSts::start(common::Behavior::issue()).await;
             let upstream = common::RecordingUpstream::start().await;
-            let yaml = format!(
-                "server: {{ listen: [\"127.0.0.1:0\"] }}\n{}routes:\n  - {{ name: r, match: {{ path_prefix: \"/\" }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp }} }}\ncache: {{ expiry_skew: 0s }}\n",
-                // A breaker that never opens: every case must reach the STS, or the
-                // properties below would hold vacuously while it is open.
-                common::token_service(
-                    &sts,
-                    "    timeout: 5s\n    circuit_breaker: { failure_threshold: 1000000 }\n"
-                ),
-                upstream.url()
-            );
+            let yaml = GatewayYaml::new()
+                .token_service(
+                    TokenService::at(&sts)
+                        .timeout(Duration::from_secs(5))
+                        // A breaker that never opens: every case must reach the STS, or the
+                        // properties below would hold vacuously while it is open.
+                        .set("circuit_breaker", json!({ "failure_threshold": 1_000_000 })),
+                )
+                .route(
+                    Route::new("r", "/", upstream.url()).exchange(Exchange::impersonation("corp")),
+                )
+                .cache(Cache::new().expiry_skew(Duration::ZERO))
+                .to_yaml();
             let gw = common::gateway(&yaml).await;
             (sts, upstream, gw)
         });

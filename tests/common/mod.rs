@@ -320,14 +320,6 @@ pub async fn gateway(yaml: &str) -> RunningGateway {
     gw
 }
 
-/// A token service block named `corp` pointing at `sts`.
-pub fn token_service(sts: &TestSts, extra: &str) -> String {
-    format!(
-        "token_services:\n  corp:\n    token_endpoint: \"{}\"\n    client_id: \"gateway\"\n    client_secret: \"${{TEST_CLIENT_SECRET}}\"\n{extra}",
-        sts.token_endpoint()
-    )
-}
-
 /// A plain HTTP client for driving the gateway.
 pub fn client() -> reqwest::Client {
     txgate::tls::install_crypto_provider();

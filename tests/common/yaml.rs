@@ -172,7 +172,7 @@ impl TokenService {
         .set("client_secret", "${TEST_CLIENT_SECRET}")
     }
 
-    /// `corp` at the test STS (what [`super::token_service`] writes).
+    /// `corp` at the test STS.
     pub fn at(sts: &TestSts) -> TokenService {
         TokenService::new("corp", sts.token_endpoint())
     }
@@ -483,6 +483,23 @@ impl Actor {
         Actor { keys: Map::new() }.set("scope", scope)
     }
 
+    /// The gateway's own token with no `scope`; `audience` values with [`Actor::audience`].
+    pub fn own() -> Actor {
+        Actor { keys: Map::new() }
+    }
+
+    /// One more `audience` value of the gateway's own token request.
+    pub fn audience(mut self, audience: &str) -> Actor {
+        let list = self
+            .keys
+            .entry("audience".to_string())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(items) = list {
+            items.push(value(audience));
+        }
+        self
+    }
+
     /// A token read from a file.
     pub fn token_file(path: &Path) -> Actor {
         Actor { keys: Map::new() }.set("token_file", path)
@@ -515,6 +532,12 @@ impl Inbound {
         )
     }
 
+    /// `jwt: {}`: the token service's own issuer and `jwks_uri` (explicit, profile or
+    /// discovery); audiences with [`Inbound::audiences`].
+    pub fn service_jwt() -> Inbound {
+        Inbound { keys: Map::new() }.set("jwt", serde_json::json!({}))
+    }
+
     /// `jwt` for a [`super::TestIssuer`]'s tokens.
     pub fn jwt_of(issuer: &super::TestIssuer) -> Inbound {
         Inbound::jwt(&issuer.issuer, &issuer.jwks_uri)
@@ -538,6 +561,11 @@ impl Inbound {
     /// Another key of the `introspection` block (`endpoint`, `cache_ttl`, ...).
     pub fn introspection_key(self, key: &str, v: impl Serialize) -> Inbound {
         self.key_of("introspection", key, value(v))
+    }
+
+    /// `introspection.negative_cache_ttl`: how long a refusal is remembered.
+    pub fn negative_cache_ttl(self, d: Duration) -> Inbound {
+        self.key_of("introspection", "negative_cache_ttl", duration(d))
     }
 
     /// Another key of the `jwt` block (`algorithms`, `leeway`, ...).
