@@ -11,8 +11,8 @@
 //! past `refresh_ahead` of its lifetime is re-exchanged once in the background while it keeps
 //! being served, so busy callers never wait on the STS at expiry.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
@@ -21,6 +21,7 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::config::{CacheSettings, ExchangeProfile};
+use crate::exchange::actor::Actor;
 use crate::exchange::{ExchangeError, ExchangedToken};
 
 /// A cache key: a digest, never a token.
@@ -35,6 +36,8 @@ pub struct CachedToken {
     created: Instant,
     /// Set once a background refresh has been started for this entry.
     refreshing: AtomicBool,
+    /// The token as a delegation's actor, derived on first use (the gateway's own token).
+    actor: OnceLock<Arc<Actor>>,
 }
 
 impl CachedToken {
@@ -45,6 +48,14 @@ impl CachedToken {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default()
+    }
+
+    /// The token as an actor: claims and identity derived once per cached token, not per
+    /// delegated request.
+    pub fn actor(&self) -> Arc<Actor> {
+        self.actor
+            .get_or_init(|| Arc::new(Actor::new(Arc::from(self.token()))))
+            .clone()
     }
 }
 
@@ -139,6 +150,9 @@ impl TokenCache {
 
     /// The key for `subject_token` under `profile`, with an optional actor identity.
     pub fn key(profile: &ExchangeProfile, subject_token: &str, actor: Option<&[u8]>) -> CacheKey {
+        if subject_token.is_empty() && actor.is_none() {
+            return Self::machine_key(profile);
+        }
         let mut h = Sha256::new();
         h.update(profile.key_prefix);
         h.update((subject_token.len() as u64).to_be_bytes());
@@ -152,6 +166,13 @@ impl TokenCache {
             None => h.update([0]),
         }
         h.finalize().into()
+    }
+
+    /// The key of a profile's own token (client credentials: no subject, no actor): the
+    /// profile's digest itself, computed at load, so machine routes and delegation actors hash
+    /// nothing per request.
+    pub fn machine_key(profile: &ExchangeProfile) -> CacheKey {
+        profile.key_prefix
     }
 
     /// Returns the cached token (or remembered rejection) for `key`, or runs `exchange` (once
@@ -252,6 +273,7 @@ impl TokenCache {
             ttl,
             created: Instant::now(),
             refreshing: AtomicBool::new(false),
+            actor: OnceLock::new(),
         }))
     }
 

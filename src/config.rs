@@ -242,7 +242,7 @@ pub enum ActorSource {
     /// The gateway's own token: client credentials per this profile, cached like any token.
     Own(Arc<ExchangeProfile>),
     /// A file a platform keeps current (re-read when it changes).
-    File(crate::exchange::actor::TokenFile),
+    File(Arc<crate::exchange::actor::TokenFile>),
 }
 
 /// Everything that decides what an exchange returns, fixed at load. Two routes with equal
@@ -1030,7 +1030,7 @@ fn build_actor(
             }
             let file = crate::exchange::actor::TokenFile::open(&file)
                 .map_err(|m| (format!("{path}.token_file"), m))?;
-            ActorSource::File(file)
+            ActorSource::File(Arc::new(file))
         }
         None => {
             let params = exchange_params(path, audience, Vec::new(), scope, None)?;

@@ -72,6 +72,15 @@ impl GatewayState {
         if let Ok(mut refreshers) = self.refreshers.lock() {
             refreshers.extend(guards);
         }
+        // Actor token files are re-read off the request path; each watcher ends with its
+        // configuration.
+        for route in &self.routes {
+            if let crate::config::Exchange::Token(profile) = &route.exchange
+                && let Some(crate::config::ActorSource::File(file)) = &profile.actor
+            {
+                crate::exchange::actor::TokenFile::watch(file);
+            }
+        }
         // Upstream health checks; each loop ends when its configuration is replaced.
         for route in &self.routes {
             if let Some(interval) = route.upstream.health_check_interval {

@@ -8,10 +8,11 @@ use base64::Engine;
 use common::tls::dead_addr;
 use common::yaml::{Actor, Exchange, GatewayYaml, Inbound, Route, TokenService};
 use common::{
-    Behavior, RecordingUpstream, TestIssuer, TestSts, caller_token, gateway, get, private_key_pem,
-    unsigned_jwt,
+    Behavior, RecordingUpstream, TestIssuer, TestSts, caller_token, eventually, gateway, get,
+    private_key_pem, unsigned_jwt,
 };
 use serde_json::json;
+use std::time::Duration;
 
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -98,6 +99,45 @@ async fn delegation_reads_the_actor_token_from_a_file() {
         calls[0].param("actor_token_type"),
         Some("urn:ietf:params:oauth:token-type:jwt")
     );
+    let _ = std::fs::remove_file(&file);
+}
+
+/// A rotated actor token file is picked up by the background watcher: requests never touch
+/// the file system, and a fresh caller's exchange carries the new actor token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_actor_token_file_is_picked_up() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let upstream = RecordingUpstream::start().await;
+    let file = std::env::temp_dir().join(format!("txgate-actor-{}", rand::random::<u64>()));
+    std::fs::write(&file, "actor-before-rotation\n").unwrap();
+    let gw = gateway(&yaml(
+        TokenService::at(&sts),
+        &upstream,
+        Exchange::delegation("corp").actor(Actor::token_file(&file)),
+    ))
+    .await;
+    assert_eq!(get(&gw.url(), Some(&caller_token())).await.status, 200);
+    std::fs::write(&file, "actor-after-rotation\n").unwrap();
+    // A modification time the watcher cannot mistake for the first one, on any file system.
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + Duration::from_secs(10))
+        .unwrap();
+    eventually(
+        "a fresh caller's exchange carries the rotated actor token",
+        Duration::from_secs(20),
+        || async {
+            let status = get(&gw.url(), Some(&caller_token())).await.status;
+            let last = sts
+                .captured()
+                .last()
+                .and_then(|c| c.param("actor_token").map(str::to_string));
+            status == 200 && last.as_deref() == Some("actor-after-rotation")
+        },
+    )
+    .await;
     let _ = std::fs::remove_file(&file);
 }
 

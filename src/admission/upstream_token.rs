@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderValue;
-use sha2::{Digest, Sha256};
 
 use super::{Caller, Target};
 use crate::cache::{Lookup, TokenCache};
 use crate::config::{ActorSource, Exchange, ExchangeProfile, Mode};
 use crate::error::GatewayError;
+use crate::exchange::actor::Actor;
 use crate::exchange::{self, Tokens};
 use crate::inbound::ValidatedToken;
 use crate::metrics::Metrics;
@@ -64,28 +64,26 @@ pub async fn obtain(
     let (key, actor) = match profile.mode {
         Mode::Impersonation => (TokenCache::key(&profile, subject, None), None),
         Mode::Delegation => {
-            let actor = actor_token(state, &profile).await?;
-            let subject_claims = match &checked {
-                Some(v) => Some(v.claims.clone()),
-                None => crate::jwt::unverified_claims(subject),
-            };
-            let actor_claims = crate::jwt::unverified_claims(&actor);
-            if profile.require_may_act
-                && !may_act_allows(subject_claims.as_ref(), actor_claims.as_ref(), &profile)
-            {
-                return Err(GatewayError::MayActDenied.into());
+            let actor = actor_of(state, &profile).await?;
+            if profile.require_may_act {
+                let subject_claims = match &checked {
+                    Some(v) => Some(v.claims.clone()),
+                    None => crate::jwt::unverified_claims(subject),
+                };
+                if !may_act_allows(subject_claims.as_ref(), actor.claims.as_ref(), &profile) {
+                    return Err(GatewayError::MayActDenied.into());
+                }
             }
-            let identity = actor_identity(&actor, actor_claims.as_ref());
-            let key = TokenCache::key(&profile, subject, Some(identity.as_bytes()));
+            let key = TokenCache::key(&profile, subject, Some(actor.identity.as_bytes()));
             (key, Some(actor))
         }
         // One machine token per profile, shared by every caller.
-        Mode::ClientCredentials => (TokenCache::key(&profile, "", None), None),
+        Mode::ClientCredentials => (TokenCache::machine_key(&profile), None),
     };
     let subject_for_sts = (profile.mode != Mode::ClientCredentials).then_some(subject);
     let tokens = Tokens {
         subject: subject_for_sts,
-        actor: actor.as_deref(),
+        actor: actor.as_ref().map(|a| &*a.token),
     };
     let (result, lookup) = state
         .cache
@@ -105,7 +103,7 @@ pub async fn obtain(
         tokio::spawn(async move {
             let tokens = Tokens {
                 subject: subject.as_deref(),
-                actor: actor.as_deref(),
+                actor: actor.as_ref().map(|a| &*a.token),
             };
             let fresh = exchange_with_metrics(&metrics, &profile, tokens);
             cache
@@ -135,25 +133,29 @@ pub async fn obtain(
     }
 }
 
-/// The actor token of a delegation: a token file, or the gateway's own client-credentials
-/// token (cached and refreshed by its own expiry like any exchanged token).
-async fn actor_token(
+/// The actor of a delegation: a token file's current value, or the gateway's own
+/// client-credentials token (cached and refreshed by its own expiry like any exchanged token).
+/// Claims and identity come derived with it, computed once per token value.
+async fn actor_of(
     state: &GatewayState,
     profile: &ExchangeProfile,
-) -> Result<String, GatewayError> {
+) -> Result<Arc<Actor>, GatewayError> {
     match &profile.actor {
-        Some(ActorSource::File(file)) => Ok(file.token().to_string()),
+        Some(ActorSource::File(file)) => Ok(file.actor()),
         Some(ActorSource::Own(own)) => {
-            let key = TokenCache::key(own, "", None);
             let tokens = Tokens {
                 subject: None,
                 actor: None,
             };
             let (result, _) = state
                 .cache
-                .get_or_exchange(key, "", exchange_with_metrics(&state.metrics, own, tokens))
+                .get_or_exchange(
+                    TokenCache::machine_key(own),
+                    "",
+                    exchange_with_metrics(&state.metrics, own, tokens),
+                )
                 .await;
-            Ok(result?.token().to_string())
+            Ok(result?.actor())
         }
         None => Err(GatewayError::Exchange(exchange::ExchangeError::NoActor)),
     }
@@ -232,17 +234,4 @@ fn may_act_allows(
         Some(iss) => actor.and_then(|a| a.get("iss")).and_then(|v| v.as_str()) == Some(iss),
     };
     sub_matches && iss_matches
-}
-
-/// What identifies an actor in cache keys: its issuer and `sub` (or `client_id`), else a
-/// digest of the token. Never the raw token.
-fn actor_identity(token: &str, claims: Option<&Claims>) -> String {
-    let named = claims.and_then(|c| {
-        let iss = c.get("iss").and_then(|v| v.as_str()).unwrap_or_default();
-        c.get("sub")
-            .or_else(|| c.get("client_id"))
-            .and_then(|v| v.as_str())
-            .map(|sub| format!("{iss}\u{0}{sub}"))
-    });
-    named.unwrap_or_else(|| hex::encode(Sha256::digest(token.as_bytes())))
 }
