@@ -47,7 +47,42 @@ const TOKEN_TYPES: &[(&str, &str)] = &[
 /// The default `subject_token_type`: the caller presents an OAuth access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-/// A configuration error: which file, where in it, and what is wrong.
+/// What is wrong at one key of the file. Every builder returns this; the builders never know
+/// the file's name, which [`ConfigProblem::in_file`] adds once, at the top, to make the
+/// [`ConfigError`] users see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Key path such as `routes[1].exchange.token_service`; empty for whole-file problems.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigProblem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
+        ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with the file as a whole (unreadable, not YAML, empty).
+    pub fn whole_file(message: impl Into<String>) -> ConfigProblem {
+        ConfigProblem::new(String::new(), message)
+    }
+
+    /// The error reported for this problem in `file` (as named on the command line).
+    pub fn in_file(self, file: &str) -> ConfigError {
+        let ConfigProblem { path, message } = self;
+        ConfigError {
+            file: file.to_string(),
+            path,
+            message,
+        }
+    }
+}
+
+/// A configuration error: which file, where in it, and what is wrong. Printed by `txgate
+/// check` and `txgate run` as `file: key.path: message`, then the process exits 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
@@ -294,10 +329,8 @@ impl Config {
     /// Reads and validates `path`, expanding `${VAR}` from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let source = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: source.clone(),
-            path: String::new(),
-            message: format!("cannot read file: {e}"),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigProblem::whole_file(format!("cannot read file: {e}")).in_file(&source)
         })?;
         Config::from_yaml(&text, &source, &|name| std::env::var(name).ok())
     }
@@ -308,23 +341,19 @@ impl Config {
         source: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let err = |path: String, message: String| ConfigError {
-            file: source.to_string(),
-            path,
-            message,
-        };
         let mut tree: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| err(String::new(), format!("invalid YAML: {e}")))?;
+            .map_err(|e| ConfigProblem::whole_file(format!("invalid YAML: {e}")).in_file(source))?;
         if tree.is_null() {
-            return Err(err(String::new(), "the file is empty".into()));
+            return Err(ConfigProblem::whole_file("the file is empty").in_file(source));
         }
-        env::expand_tree(&mut tree, env).map_err(|(path, message)| err(path, message))?;
+        env::expand_tree(&mut tree, env).map_err(|p| p.in_file(source))?;
         let raw: GatewayFile = serde_path_to_error::deserialize(tree).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            err(path, describe_serde_error(&e.into_inner().to_string()))
+            ConfigProblem::new(path, describe_serde_error(&e.into_inner().to_string()))
+                .in_file(source)
         })?;
-        let mut config = build(raw).map_err(|(path, message)| err(path, message))?;
+        let mut config = build(raw).map_err(|p| p.in_file(source))?;
         config.source = source.to_string();
         Ok(config)
     }
@@ -456,7 +485,8 @@ fn describe_serde_error(message: &str) -> String {
         .replace("unknown variant", "unknown value")
 }
 
-type BuildResult<T> = Result<T, (String, String)>;
+/// What every builder returns: the built value, or the problem at the key it was built from.
+type BuildResult<T> = Result<T, ConfigProblem>;
 
 fn build(raw: GatewayFile) -> BuildResult<Config> {
     let GatewayFile {
@@ -477,7 +507,7 @@ fn build(raw: GatewayFile) -> BuildResult<Config> {
     for (i, route) in routes.into_iter().enumerate() {
         let path = format!("routes[{i}]");
         if let Some(first) = built_routes.iter().position(|r| r.name == route.name) {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.name"),
                 format!(
                     "duplicate route name \"{}\" (first used at routes[{first}])",
@@ -488,7 +518,10 @@ fn build(raw: GatewayFile) -> BuildResult<Config> {
         built_routes.push(Arc::new(build_route(&path, route, &services)?));
     }
     if built_routes.is_empty() {
-        return Err(("routes".into(), "at least one route is required".into()));
+        return Err(ConfigProblem::new(
+            "routes",
+            "at least one route is required",
+        ));
     }
     Ok(Config {
         source: String::new(),
@@ -535,9 +568,9 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         .map(|d| positive("server.watch_config", d))
         .transpose()?;
     if listen.is_empty() && tls.is_none() {
-        return Err((
-            "server.listen".into(),
-            "at least one listen address is required".into(),
+        return Err(ConfigProblem::new(
+            "server.listen",
+            "at least one listen address is required",
         ));
     }
     let listen = listen
@@ -550,7 +583,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         .transpose()?;
     let threads = threads.unwrap_or(1);
     if threads == 0 {
-        return Err(("server.threads".into(), "must be at least 1".into()));
+        return Err(ConfigProblem::new("server.threads", "must be at least 1"));
     }
     let tls = tls
         .map(|t| {
@@ -561,7 +594,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
                 reload_interval,
             } = t;
             if listen.is_empty() {
-                return Err((
+                return Err(ConfigProblem::new(
                     "server.tls.listen".to_string(),
                     "at least one listen address is required".to_string(),
                 ));
@@ -572,7 +605,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
                 .map(|(i, a)| socket_addr(&format!("server.tls.listen[{i}]"), a))
                 .collect::<BuildResult<Vec<_>>>()?;
             crate::tls::load_certified_key(&cert_file, &key_file)
-                .map_err(|m| ("server.tls".to_string(), m))?;
+                .map_err(|m| ConfigProblem::new("server.tls".to_string(), m))?;
             Ok(ServerTls {
                 listen,
                 cert_file,
@@ -587,14 +620,17 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     let max_request_header_bytes =
         max_request_header_bytes.unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
     if max_request_header_bytes < 1024 {
-        return Err((
-            "server.max_request_header_bytes".into(),
-            "must be at least 1024".into(),
+        return Err(ConfigProblem::new(
+            "server.max_request_header_bytes",
+            "must be at least 1024",
         ));
     }
     let max_token_bytes = max_token_bytes.unwrap_or(file::DEFAULT_MAX_TOKEN_BYTES);
     if max_token_bytes == 0 {
-        return Err(("server.max_token_bytes".into(), "must be at least 1".into()));
+        return Err(ConfigProblem::new(
+            "server.max_token_bytes",
+            "must be at least 1",
+        ));
     }
     Ok(ServerSettings {
         listen,
@@ -613,7 +649,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
 
 fn socket_addr(path: &str, text: &str) -> BuildResult<SocketAddr> {
     let invalid = |why: String| {
-        (
+        ConfigProblem::new(
             path.to_string(),
             format!("invalid listen address \"{text}\": {why} (expected host:port)"),
         )
@@ -628,7 +664,7 @@ fn socket_addr(path: &str, text: &str) -> BuildResult<SocketAddr> {
 
 fn positive(path: &str, d: Duration) -> BuildResult<Duration> {
     if d.is_zero() {
-        Err((path.into(), "must be greater than zero".into()))
+        Err(ConfigProblem::new(path, "must be greater than zero"))
     } else {
         Ok(d)
     }
@@ -642,16 +678,17 @@ fn is_label(s: &str) -> bool {
 }
 
 fn http_url(path: &str, text: &str) -> BuildResult<Url> {
-    let url =
-        Url::parse(text).map_err(|e| (path.to_string(), format!("invalid URL \"{text}\": {e}")))?;
+    let url = Url::parse(text).map_err(|e| {
+        ConfigProblem::new(path.to_string(), format!("invalid URL \"{text}\": {e}"))
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err((
+        return Err(ConfigProblem::new(
             path.to_string(),
             format!("invalid URL \"{text}\": the scheme must be http or https"),
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err((
+        return Err(ConfigProblem::new(
             path.to_string(),
             format!("invalid URL \"{text}\": a host is required"),
         ));
@@ -673,14 +710,14 @@ fn build_route(
         inbound,
     } = raw;
     if !is_label(&name) {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.name"),
             format!("invalid route name \"{name}\": use 1-64 letters, digits, '-', '_' or '.'"),
         ));
     }
     let MatchFile { path_prefix, host } = r#match;
     if !path_prefix.starts_with('/') {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.match.path_prefix"),
             format!("\"{path_prefix}\" must start with '/'"),
         ));
@@ -698,10 +735,9 @@ fn build_route(
     };
     let inbound = match (inbound, service) {
         (Some(_), None) => {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.inbound"),
-                "mode none forwards no token, so there is nothing to validate; remove this key"
-                    .into(),
+                "mode none forwards no token, so there is nothing to validate; remove this key",
             ));
         }
         (Some(raw), Some(service)) => Some(Arc::new(token_service::build_inbound(
@@ -725,11 +761,10 @@ fn build_route(
         && inbound.is_none()
         && !anonymous
     {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.exchange.caller"),
             "mode client_credentials forwards the gateway's own token, so callers must be validated: \
-             configure inbound (on the route or its token service), or set caller: anonymous"
-                .into(),
+             configure inbound (on the route or its token service), or set caller: anonymous",
         ));
     }
     // Every token of the issuer passes a JWT check without `aud`; on a route that forwards
@@ -748,9 +783,9 @@ fn build_route(
             (Some(service), Some(route)) if Arc::ptr_eq(service, route)
         );
         return Err(if !shared {
-            (format!("{path}.inbound.jwt.audiences"), WHY.into())
+            ConfigProblem::new(format!("{path}.inbound.jwt.audiences"), WHY)
         } else {
-            (
+            ConfigProblem::new(
                 format!(
                     "token_services.{}.inbound.jwt.audiences",
                     profile.service.name
@@ -791,8 +826,8 @@ fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
     } else if valid_name(&lower) {
         return Ok(HostPattern::Exact(lower));
     }
-    Err((
-        path.into(),
+    Err(ConfigProblem::new(
+        path,
         format!("invalid host \"{text}\": expected a host name or *.suffix, without a port"),
     ))
 }
@@ -828,9 +863,9 @@ fn build_exchange(
                 ("caller", caller.is_some()),
             ];
             if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.{key}"),
-                    "mode none sends no token upstream; remove this key".into(),
+                    "mode none sends no token upstream; remove this key",
                 ));
             }
             return Ok(Exchange::None);
@@ -841,7 +876,7 @@ fn build_exchange(
     };
     let only_for = |key: &str, set: bool, wanted: Mode| -> BuildResult<()> {
         if set && mode != wanted {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.{key}"),
                 format!("applies to mode {} only", wanted.as_str()),
             ));
@@ -857,22 +892,22 @@ fn build_exchange(
             ("requested_token_type", requested_token_type.is_some()),
         ] {
             if set {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.{key}"),
-                    "mode client_credentials sends no subject token; remove this key".into(),
+                    "mode client_credentials sends no subject token; remove this key",
                 ));
             }
         }
     }
     let service_name = token_service.ok_or_else(|| {
-        (
+        ConfigProblem::new(
             format!("{path}.token_service"),
             format!("required for mode {}", mode.as_str()),
         )
     })?;
     let service = services.get(&service_name).cloned().ok_or_else(|| {
         let known: Vec<&str> = services.keys().map(String::as_str).collect();
-        (
+        ConfigProblem::new(
             format!("{path}.token_service"),
             format!(
                 "unknown token service \"{service_name}\" (known: {})",
@@ -888,26 +923,25 @@ fn build_exchange(
         (Mode::ClientCredentials, _) => Grant::ClientCredentials,
         (Mode::Impersonation, Profile::EntraObo) => Grant::OnBehalfOf,
         (Mode::Delegation, Profile::EntraObo) => {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.mode"),
-                "Entra on-behalf-of has no actor token; use mode impersonation".into(),
+                "Entra on-behalf-of has no actor token; use mode impersonation",
             ));
         }
         _ => Grant::TokenExchange,
     };
     if grant == Grant::OnBehalfOf {
         if !audience.is_empty() || !resource.is_empty() {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.audience"),
                 "Entra on-behalf-of selects the API by scope (e.g. api://orders/.default); \
-                 remove audience and resource"
-                    .into(),
+                 remove audience and resource",
             ));
         }
         if scope.is_none() {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.scope"),
-                "required by Entra on-behalf-of (e.g. api://orders/.default)".into(),
+                "required by Entra on-behalf-of (e.g. api://orders/.default)",
             ));
         }
     }
@@ -962,20 +996,23 @@ fn exchange_params(
     let mut params: Vec<(&'static str, String)> = Vec::new();
     for (i, a) in audience.into_iter().enumerate() {
         if a.is_empty() {
-            return Err((format!("{path}.audience[{i}]"), "must not be empty".into()));
+            return Err(ConfigProblem::new(
+                format!("{path}.audience[{i}]"),
+                "must not be empty",
+            ));
         }
         params.push(("audience", a));
     }
     for (i, r) in resource.into_iter().enumerate() {
         // RFC 8693 §2.1: a resource is an absolute URI without a fragment.
         let url = Url::parse(&r).map_err(|e| {
-            (
+            ConfigProblem::new(
                 format!("{path}.resource[{i}]"),
                 format!("invalid URL \"{r}\": {e}"),
             )
         })?;
         if url.fragment().is_some() {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.resource[{i}]"),
                 format!("\"{r}\" must not have a fragment"),
             ));
@@ -984,9 +1021,9 @@ fn exchange_params(
     }
     if let Some(scope) = scope {
         if scope.split(' ').any(str::is_empty) {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.scope"),
-                "scopes are separated by single spaces (RFC 6749 §3.3)".into(),
+                "scopes are separated by single spaces (RFC 6749 §3.3)",
             ));
         }
         params.push(("scope", scope));
@@ -1022,14 +1059,13 @@ fn build_actor(
     let source = match token_file {
         Some(file) => {
             if !audience.is_empty() || scope.is_some() {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.token_file"),
-                    "a token file replaces the gateway's own token; audience and scope apply only without it"
-                        .into(),
+                    "a token file replaces the gateway's own token; audience and scope apply only without it",
                 ));
             }
             let file = crate::exchange::actor::TokenFile::open(&file)
-                .map_err(|m| (format!("{path}.token_file"), m))?;
+                .map_err(|m| ConfigProblem::new(format!("{path}.token_file"), m))?;
             ActorSource::File(file)
         }
         None => {
@@ -1061,8 +1097,8 @@ fn token_type(path: &str, text: &str) -> BuildResult<String> {
         return Ok(text.to_string());
     }
     let short: Vec<&str> = TOKEN_TYPES.iter().map(|(s, _)| *s).collect();
-    Err((
-        path.into(),
+    Err(ConfigProblem::new(
+        path,
         format!(
             "unknown token type \"{text}\" (expected one of {} or a urn: URI)",
             short.join(", ")
@@ -1109,14 +1145,17 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
     } = raw;
     let refresh_ahead = refresh_ahead.unwrap_or(DEFAULT_REFRESH_AHEAD);
     if !(refresh_ahead > 0.0 && refresh_ahead <= 1.0) {
-        return Err((
-            "cache.refresh_ahead".into(),
-            "must be greater than 0 and at most 1 (1 turns refresh-ahead off)".into(),
+        return Err(ConfigProblem::new(
+            "cache.refresh_ahead",
+            "must be greater than 0 and at most 1 (1 turns refresh-ahead off)",
         ));
     }
     let max_entries = max_entries.unwrap_or(file::DEFAULT_CACHE_MAX_ENTRIES);
     if max_entries == 0 {
-        return Err(("cache.max_entries".into(), "must be at least 1".into()));
+        return Err(ConfigProblem::new(
+            "cache.max_entries",
+            "must be at least 1",
+        ));
     }
     let default_ttl = positive(
         "cache.default_ttl",
@@ -1127,8 +1166,8 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         max_ttl.unwrap_or(file::DEFAULT_CACHE_MAX_TTL),
     )?;
     if max_ttl < default_ttl {
-        return Err((
-            "cache.max_ttl".into(),
+        return Err(ConfigProblem::new(
+            "cache.max_ttl",
             format!(
                 "{} is below cache.default_ttl ({}); the longest lifetime cannot be shorter than the default one",
                 humantime::format_duration(max_ttl),

@@ -17,8 +17,8 @@ use url::Url;
 
 use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
 use super::{
-    BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigWarning, clear_text_remote,
-    http_url, is_label, positive,
+    BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigProblem, ConfigWarning,
+    clear_text_remote, http_url, is_label, positive,
 };
 use crate::exchange::assertion::AssertionSigner;
 use crate::exchange::resilience::{Resilience, ResilienceSettings};
@@ -245,12 +245,12 @@ pub(super) fn build_token_service(
         inbound,
     } = raw;
     if !is_label(name) {
-        return Err((
-            path.into(),
-            "token service names may use only letters, digits, '-', '_' and '.'".into(),
+        return Err(ConfigProblem::new(
+            path,
+            "token service names may use only letters, digits, '-', '_' and '.'",
         ));
     }
-    let err = |key: &str, message: String| (format!("{path}.{key}"), message);
+    let err = |key: &str, message: String| ConfigProblem::new(format!("{path}.{key}"), message);
     let profile_keys = ProfileKeys {
         environment_id,
         region,
@@ -271,7 +271,7 @@ pub(super) fn build_token_service(
     )?
     .min(timeout);
     let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
-        (
+        ConfigProblem::new(
             path.to_string(),
             format!("cannot build the HTTP client for this token service: {e}"),
         )
@@ -331,7 +331,7 @@ pub(super) fn build_token_service(
         }
     }
     let token_endpoint = token_endpoint.ok_or_else(|| {
-        (
+        ConfigProblem::new(
             path.to_string(),
             "set token_endpoint, or issuer for OIDC discovery, or a profile".to_string(),
         )
@@ -369,9 +369,9 @@ pub(super) fn build_token_service(
     });
     let secret = match (client_secret, client_secret_file) {
         (Some(_), Some(_)) => {
-            return Err((
-                path.into(),
-                "set either client_secret or client_secret_file, not both".into(),
+            return Err(ConfigProblem::new(
+                path,
+                "set either client_secret or client_secret_file, not both",
             ));
         }
         (Some(s), None) => Some(s),
@@ -391,7 +391,7 @@ pub(super) fn build_token_service(
         .transpose()?;
     let needs_secret = |secret: &Option<Secret>| -> BuildResult<Secret> {
         secret.clone().ok_or_else(|| {
-            (
+            ConfigProblem::new(
                 path.to_string(),
                 "one of client_secret or client_secret_file is required".to_string(),
             )
@@ -534,7 +534,7 @@ fn derive_endpoints(
         ("tenant", tenant.is_some()),
     ] {
         if set && !allowed.contains(&key) {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.{key}"),
                 format!("is not a key of profile {}", profile_name(profile)),
             ));
@@ -542,7 +542,7 @@ fn derive_endpoints(
     }
     let required = |key: &str, v: Option<String>| {
         v.filter(|s| !s.is_empty()).ok_or_else(|| {
-            (
+            ConfigProblem::new(
                 format!("{path}.{key}"),
                 format!("required by profile {}", profile_name(profile)),
             )
@@ -550,7 +550,7 @@ fn derive_endpoints(
     };
     let url = |key: &str, text: String| {
         Url::parse(&text).map_err(|e| {
-            (
+            ConfigProblem::new(
                 format!("{path}.{key}"),
                 format!("invalid URL \"{text}\": {e}"),
             )
@@ -570,7 +570,7 @@ fn derive_endpoints(
         ProfileFile::Pingone => {
             let env = required("environment_id", environment_id)?;
             if !is_uuid(&env) {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.environment_id"),
                     format!("\"{env}\" is not a PingOne environment id (a UUID)"),
                 ));
@@ -582,7 +582,7 @@ fn derive_endpoints(
                 .map(|(_, h)| *h)
                 .ok_or_else(|| {
                     let known: Vec<&str> = PINGONE_REGIONS.iter().map(|(r, _)| *r).collect();
-                    (
+                    ConfigProblem::new(
                         format!("{path}.region"),
                         format!(
                             "unknown PingOne region \"{region}\" (known: {})",
@@ -603,7 +603,7 @@ fn derive_endpoints(
             )?;
             let realm = required("realm", realm)?;
             if realm.contains(['/', '?', '#']) {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.realm"),
                     format!("invalid realm \"{realm}\""),
                 ));
@@ -636,7 +636,7 @@ fn derive_endpoints(
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.tenant"),
                     format!("invalid tenant \"{tenant}\""),
                 ));
@@ -746,7 +746,7 @@ pub(super) fn build_inbound(
 ) -> BuildResult<Inbound> {
     let InboundFile { jwt, introspection } = raw;
     if jwt.is_none() && introspection.is_none() {
-        return Err((path.into(), "set jwt, introspection, or both".into()));
+        return Err(ConfigProblem::new(path, "set jwt, introspection, or both"));
     }
     let jwt = jwt
         .map(|j| {
@@ -761,7 +761,7 @@ pub(super) fn build_inbound(
             let issuer = issuer
                 .or_else(|| defaults.issuer.map(str::to_string))
                 .ok_or_else(|| {
-                    (
+                    ConfigProblem::new(
                         p("issuer"),
                         "required (the token service has no issuer)".to_string(),
                     )
@@ -769,7 +769,7 @@ pub(super) fn build_inbound(
             let jwks_uri = match jwks_uri {
                 Some(u) => http_url(&p("jwks_uri"), &u)?,
                 None => defaults.jwks_uri.cloned().ok_or_else(|| {
-                    (
+                    ConfigProblem::new(
                         p("jwks_uri"),
                         "required (the token service has no jwks_uri, profile or discovery)"
                             .to_string(),
@@ -785,7 +785,7 @@ pub(super) fn build_inbound(
                     .map(|(i, a)| allowed_algorithm(&format!("{}[{i}]", p("algorithms")), a))
                     .collect::<BuildResult<Vec<_>>>()?
             };
-            Ok::<_, (String, String)>(Arc::new(JwtValidator::new(
+            Ok::<_, ConfigProblem>(Arc::new(JwtValidator::new(
                 JwtSettings {
                     issuer,
                     jwks_uri,
@@ -815,21 +815,21 @@ pub(super) fn build_inbound(
             let endpoint = match endpoint {
                 Some(u) => http_url(&p("endpoint"), &u)?,
                 None => defaults.introspection_endpoint.cloned().ok_or_else(|| {
-                    (
+                    ConfigProblem::new(
                         p("endpoint"),
                         "required (the token service has no introspection_endpoint)".to_string(),
                     )
                 })?,
             };
             let secret = defaults.secret.ok_or_else(|| {
-                (
+                ConfigProblem::new(
                     format!("{path}.introspection"),
                     "introspection authenticates with the token service's client secret; set client_secret".to_string(),
                 )
             })?;
             let header = basic_auth(defaults.client_id, secret)
-                .map_err(|m| (format!("{path}.introspection"), m))?;
-            Ok::<_, (String, String)>(Arc::new(IntrospectionValidator::new(
+                .map_err(|m| ConfigProblem::new(format!("{path}.introspection"), m))?;
+            Ok::<_, ConfigProblem>(Arc::new(IntrospectionValidator::new(
                 IntrospectionSettings {
                     endpoint,
                     client_id: defaults.client_id.to_string(),
@@ -847,7 +847,7 @@ pub(super) fn build_inbound(
                     max_concurrent: match max_concurrent
                         .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_MAX_CONCURRENT)
                     {
-                        0 => return Err((p("max_concurrent"), "must be at least 1".into())),
+                        0 => return Err(ConfigProblem::new(p("max_concurrent"), "must be at least 1")),
                         n => n,
                     },
                     queue_timeout: queue_timeout
@@ -864,7 +864,10 @@ pub(super) fn build_inbound(
 /// is present but says nothing).
 fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
     if let Some(i) = values.iter().position(String::is_empty) {
-        return Err((format!("{path}[{i}]"), "must not be empty".into()));
+        return Err(ConfigProblem::new(
+            format!("{path}[{i}]"),
+            "must not be empty",
+        ));
     }
     Ok(values)
 }
@@ -872,11 +875,11 @@ fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
 /// An inbound `alg`: asymmetric only. `none` would accept unsigned tokens, and an HMAC
 /// algorithm against a JWKS is the key-confusion attack of RFC 8725 §2.1.
 fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
-    let alg = text
-        .parse::<Algorithm>()
-        .map_err(|_| (path.to_string(), format!("unknown algorithm \"{text}\"")))?;
+    let alg = text.parse::<Algorithm>().map_err(|_| {
+        ConfigProblem::new(path.to_string(), format!("unknown algorithm \"{text}\""))
+    })?;
     match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err((
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(ConfigProblem::new(
             path.to_string(),
             format!(
                 "{text} is a shared-secret algorithm; inbound tokens are verified with public keys"
