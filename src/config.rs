@@ -1,7 +1,7 @@
 //! The gateway's runtime configuration, built once from `gateway.yaml`.
 //!
 //! Loading goes text → YAML tree → `${VAR}` expansion → [`file::GatewayFile`] (strict serde
-//! mirror) → [`Config`]. Everything the request path needs is parsed here: URLs, socket
+//! mirror, read from the tree by [`tree`] with messages of our own) → [`Config`]. Everything the request path needs is parsed here: URLs, socket
 //! addresses, durations, prebuilt client-auth headers, the STS HTTP client, and each route's
 //! exchange profile with its cache-key prefix. Any problem is a [`ConfigError`] naming the file
 //! and the key path, never a panic.
@@ -9,6 +9,7 @@
 pub mod env;
 pub mod file;
 pub mod token_service;
+pub mod tree;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -347,11 +348,10 @@ impl Config {
             return Err(ConfigProblem::whole_file("the file is empty").in_file(source));
         }
         env::expand_tree(&mut tree, env).map_err(|p| p.in_file(source))?;
-        let raw: GatewayFile = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let raw: GatewayFile = tree::from_tree(tree).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            ConfigProblem::new(path, describe_serde_error(&e.into_inner().to_string()))
-                .in_file(source)
+            ConfigProblem::new(path, e.into_inner().to_string()).in_file(source)
         })?;
         let mut config = build(raw).map_err(|p| p.in_file(source))?;
         config.source = source.to_string();
@@ -462,27 +462,6 @@ impl Config {
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
-}
-
-/// serde messages name Rust-side things ("a duration", "struct GatewayFile"); keep the useful
-/// part and drop serde_yaml's position suffix, which refers to the expanded tree, not the file.
-fn describe_serde_error(message: &str) -> String {
-    let message = match message.find(" at line ") {
-        Some(i) => &message[..i],
-        None => message,
-    };
-    if let Some(rest) = message.strip_prefix("invalid value: string ")
-        && rest.ends_with("expected a duration")
-    {
-        let value = rest
-            .trim_end_matches("expected a duration")
-            .trim_end_matches([',', ' ']);
-        return format!("invalid duration {value} (expected e.g. 500ms, 2s, 1m 30s)");
-    }
-    message
-        .replace("unknown field", "unknown key")
-        .replace("missing field", "missing key")
-        .replace("unknown variant", "unknown value")
 }
 
 /// What every builder returns: the built value, or the problem at the key it was built from.
