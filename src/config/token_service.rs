@@ -38,6 +38,12 @@ pub const PINGONE_REGIONS: &[(&str, &str)] = &[
 ];
 /// Default `inbound.introspection.cache_ttl`.
 pub const DEFAULT_INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Most `retries` of one STS call. Every retry runs inside the call's `timeout`, so a larger
+/// number buys nothing but load on an STS that is already failing.
+pub const MAX_RETRIES: u32 = 5;
+/// Largest `inbound.jwt.leeway`. Clocks a day apart are a misconfiguration, not skew, and a
+/// longer leeway would accept tokens that expired that long ago.
+pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
 const INBOUND_CACHE_ENTRIES: u64 = 100_000;
 
@@ -363,7 +369,18 @@ pub(super) fn build_token_service(
             n => n,
         },
         queue_timeout: queue_timeout.unwrap_or(defaults.queue_timeout),
-        retries: retries.unwrap_or(defaults.retries).min(5),
+        retries: match retries.unwrap_or(defaults.retries) {
+            n if n > MAX_RETRIES => {
+                return Err(err(
+                    "retries",
+                    format!(
+                        "{n} is more than {MAX_RETRIES}, the most allowed: retries run inside \
+                         the call's timeout, and more of them only add load to a failing STS"
+                    ),
+                ));
+            }
+            n => n,
+        },
         failure_threshold,
         open_for: positive(&format!("{path}.circuit_breaker.open_for"), open_for)?,
     });
@@ -791,7 +808,20 @@ pub(super) fn build_inbound(
                     jwks_uri,
                     audiences,
                     algorithms,
-                    leeway: leeway.unwrap_or(crate::inbound::DEFAULT_LEEWAY),
+                    leeway: match leeway.unwrap_or(crate::inbound::DEFAULT_LEEWAY) {
+                        l if l > MAX_JWT_LEEWAY => {
+                            return Err(ConfigProblem::new(
+                                p("leeway"),
+                                format!(
+                                    "{} is more than a day, the most allowed: clocks that far \
+                                     apart are a misconfiguration, and a token that expired \
+                                     that long ago would still be accepted",
+                                    humantime::format_duration(l)
+                                ),
+                            ));
+                        }
+                        l => l,
+                    },
                     refresh_interval: crate::inbound::DEFAULT_REFRESH_INTERVAL,
                     min_refetch_interval: crate::inbound::DEFAULT_MIN_REFETCH_INTERVAL,
                     max_cached: INBOUND_CACHE_ENTRIES,
