@@ -6,6 +6,7 @@
 //! exchange profile with its cache-key prefix. Any problem is a [`ConfigError`] naming the file
 //! and the key path, never a panic.
 
+pub mod defaults;
 pub mod env;
 pub mod file;
 pub mod token_service;
@@ -185,11 +186,6 @@ pub struct ServerTls {
     pub reload_interval: Duration,
 }
 
-/// Default `server.max_request_header_bytes`.
-pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
-/// Default `server.tls.reload_interval`.
-pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
-
 /// One route.
 #[derive(Debug)]
 pub struct Route {
@@ -320,11 +316,6 @@ pub struct CacheSettings {
     /// Share of an entry's lifetime after which hits refresh it in the background (1: never).
     pub refresh_ahead: f64,
 }
-
-/// Default `cache.negative_ttl`.
-pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
-/// Default `cache.refresh_ahead`.
-pub const DEFAULT_REFRESH_AHEAD: f64 = 0.8;
 
 impl Config {
     /// Reads and validates `path`, expanding `${VAR}` from the process environment.
@@ -529,12 +520,13 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     } = raw;
     let paths = {
         use crate::path::{EscapedSlashes, PathRules};
-        let defaults = PathRules::default();
+        // The path rules' defaults belong to the path module, which applies them.
+        let unset = PathRules::default();
         PathRules {
-            normalize_path: normalize_path.unwrap_or(defaults.normalize_path),
-            merge_slashes: merge_slashes.unwrap_or(defaults.merge_slashes),
+            normalize_path: normalize_path.unwrap_or(unset.normalize_path),
+            merge_slashes: merge_slashes.unwrap_or(unset.merge_slashes),
             escaped_slashes: match path_with_escaped_slashes_action {
-                None => defaults.escaped_slashes,
+                None => unset.escaped_slashes,
                 Some(file::EscapedSlashesFile::RejectRequest) => EscapedSlashes::RejectRequest,
                 Some(file::EscapedSlashesFile::KeepUnchanged) => EscapedSlashes::KeepUnchanged,
                 Some(file::EscapedSlashesFile::UnescapeAndForward) => {
@@ -560,7 +552,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     let admin_listen = admin_listen
         .map(|a| socket_addr("server.admin_listen", &a))
         .transpose()?;
-    let threads = threads.unwrap_or(1);
+    let threads = threads.unwrap_or(defaults::THREADS);
     if threads == 0 {
         return Err(ConfigProblem::new("server.threads", "must be at least 1"));
     }
@@ -591,20 +583,20 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
                 key_file,
                 reload_interval: positive(
                     "server.tls.reload_interval",
-                    reload_interval.unwrap_or(DEFAULT_TLS_RELOAD_INTERVAL),
+                    reload_interval.unwrap_or(defaults::TLS_RELOAD_INTERVAL),
                 )?,
             })
         })
         .transpose()?;
     let max_request_header_bytes =
-        max_request_header_bytes.unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+        max_request_header_bytes.unwrap_or(defaults::MAX_REQUEST_HEADER_BYTES);
     if max_request_header_bytes < 1024 {
         return Err(ConfigProblem::new(
             "server.max_request_header_bytes",
             "must be at least 1024",
         ));
     }
-    let max_token_bytes = max_token_bytes.unwrap_or(file::DEFAULT_MAX_TOKEN_BYTES);
+    let max_token_bytes = max_token_bytes.unwrap_or(defaults::MAX_TOKEN_BYTES);
     if max_token_bytes == 0 {
         return Err(ConfigProblem::new(
             "server.max_token_bytes",
@@ -618,9 +610,9 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         max_request_header_bytes,
         admin_listen,
         threads,
-        work_stealing: work_stealing.unwrap_or(false),
-        grace_period: grace_period.unwrap_or(file::DEFAULT_GRACE_PERIOD),
-        shutdown_timeout: shutdown_timeout.unwrap_or(file::DEFAULT_SHUTDOWN_TIMEOUT),
+        work_stealing: work_stealing.unwrap_or(defaults::WORK_STEALING),
+        grace_period: grace_period.unwrap_or(defaults::GRACE_PERIOD),
+        shutdown_timeout: shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
         max_token_bytes,
         paths,
     })
@@ -1122,14 +1114,14 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         negative_ttl,
         refresh_ahead,
     } = raw;
-    let refresh_ahead = refresh_ahead.unwrap_or(DEFAULT_REFRESH_AHEAD);
+    let refresh_ahead = refresh_ahead.unwrap_or(defaults::CACHE_REFRESH_AHEAD);
     if !(refresh_ahead > 0.0 && refresh_ahead <= 1.0) {
         return Err(ConfigProblem::new(
             "cache.refresh_ahead",
             "must be greater than 0 and at most 1 (1 turns refresh-ahead off)",
         ));
     }
-    let max_entries = max_entries.unwrap_or(file::DEFAULT_CACHE_MAX_ENTRIES);
+    let max_entries = max_entries.unwrap_or(defaults::CACHE_MAX_ENTRIES);
     if max_entries == 0 {
         return Err(ConfigProblem::new(
             "cache.max_entries",
@@ -1138,12 +1130,9 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
     }
     let default_ttl = positive(
         "cache.default_ttl",
-        default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
+        default_ttl.unwrap_or(defaults::CACHE_TTL),
     )?;
-    let max_ttl = positive(
-        "cache.max_ttl",
-        max_ttl.unwrap_or(file::DEFAULT_CACHE_MAX_TTL),
-    )?;
+    let max_ttl = positive("cache.max_ttl", max_ttl.unwrap_or(defaults::CACHE_MAX_TTL))?;
     if max_ttl < default_ttl {
         return Err(ConfigProblem::new(
             "cache.max_ttl",
@@ -1156,10 +1145,10 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
     }
     Ok(CacheSettings {
         max_entries,
-        expiry_skew: expiry_skew.unwrap_or(file::DEFAULT_CACHE_EXPIRY_SKEW),
+        expiry_skew: expiry_skew.unwrap_or(defaults::CACHE_EXPIRY_SKEW),
         default_ttl,
         max_ttl,
-        negative_ttl: negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL),
+        negative_ttl: negative_ttl.unwrap_or(defaults::CACHE_NEGATIVE_TTL),
         refresh_ahead,
     })
 }

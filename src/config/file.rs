@@ -13,26 +13,6 @@ use serde::{Deserialize, Deserializer};
 
 use crate::secret::Secret;
 
-/// Default for `token_services.*.timeout`: the total time one STS call may take.
-pub const DEFAULT_STS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default for `token_services.*.connect_timeout`.
-pub const DEFAULT_STS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default for `cache.max_entries`.
-pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
-/// Default for `cache.expiry_skew`: a cached token is dropped this long before it expires.
-pub const DEFAULT_CACHE_EXPIRY_SKEW: Duration = Duration::from_secs(30);
-/// Default for `cache.default_ttl`: used when the STS omits `expires_in` and the issued token
-/// carries no `exp`.
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
-/// Default for `cache.max_ttl`: no cache entry lives longer, whatever the STS says.
-pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Default for `server.max_token_bytes` (RFC 6750 sets no limit; real JWTs stay well below).
-pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
-/// Default for `server.grace_period`: how long a SIGTERM keeps serving in-flight requests.
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
-/// Default for `server.shutdown_timeout`: the hard stop after the grace period.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// A duration key (`Option<Duration>`), in humantime's syntax: `500ms`, `2s`, `1m 30s`.
 ///
 /// Ours rather than `humantime_serde`'s, so that text humantime does not read is refused in
@@ -83,7 +63,7 @@ pub struct ServerFile {
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`); none when absent.
     #[serde(default)]
     pub admin_listen: Option<String>,
-    /// Worker threads for the proxy; pingora's default (1) when absent.
+    /// Worker threads for the proxy; [`super::defaults::THREADS`] when absent.
     #[serde(default)]
     pub threads: Option<usize>,
     /// Let idle worker threads take queued work from busy ones (tokio work stealing); off
@@ -133,7 +113,8 @@ pub struct ServerTlsFile {
     pub listen: Vec<String>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// How often the files are checked for changes; default 10 s.
+    /// How often the files are checked for changes; [`super::defaults::TLS_RELOAD_INTERVAL`]
+    /// when absent.
     #[serde(default, deserialize_with = "duration")]
     pub reload_interval: Option<Duration>,
 }
@@ -158,7 +139,8 @@ pub struct TokenServiceFile {
     /// `profile: pingone`
     #[serde(default)]
     pub environment_id: Option<String>,
-    /// `profile: pingone`: `com` (default), `eu`, `ca`, `asia`, `com.au`, `sg`.
+    /// `profile: pingone`: `com`, `eu`, `ca`, `asia`, `com.au`, `sg`;
+    /// [`super::defaults::PINGONE_REGION`] when absent.
     #[serde(default)]
     pub region: Option<String>,
     /// `profile: keycloak`
@@ -283,7 +265,8 @@ pub struct IntrospectionFile {
     /// The token service's `introspection_endpoint` when absent.
     #[serde(default)]
     pub endpoint: Option<String>,
-    /// Longest reuse of an `active` answer (never past the token's `exp`); default 60 s.
+    /// Longest reuse of an `active` answer (never past the token's `exp`);
+    /// [`super::defaults::INTROSPECTION_CACHE_TTL`] when absent.
     #[serde(default, deserialize_with = "duration")]
     pub cache_ttl: Option<Duration>,
     /// Accepted `aud` values of the answer; empty (the default) does not check `aud`.

@@ -15,6 +15,7 @@ use http::HeaderValue;
 use jsonwebtoken::Algorithm;
 use url::Url;
 
+use super::defaults;
 use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
 use super::{
     BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigProblem, ConfigWarning,
@@ -36,8 +37,6 @@ pub const PINGONE_REGIONS: &[(&str, &str)] = &[
     ("com.au", "auth.pingone.com.au"),
     ("sg", "auth.pingone.sg"),
 ];
-/// Default `inbound.introspection.cache_ttl`.
-pub const DEFAULT_INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Most `retries` of one STS call. Every retry runs inside the call's `timeout`, so a larger
 /// number buys nothing but load on an STS that is already failing.
 pub const MAX_RETRIES: u32 = 5;
@@ -269,11 +268,11 @@ pub(super) fn build_token_service(
 
     let timeout = positive(
         &format!("{path}.timeout"),
-        timeout.unwrap_or(file::DEFAULT_STS_TIMEOUT),
+        timeout.unwrap_or(defaults::STS_TIMEOUT),
     )?;
     let connect_timeout = positive(
         &format!("{path}.connect_timeout"),
-        connect_timeout.unwrap_or(file::DEFAULT_STS_CONNECT_TIMEOUT),
+        connect_timeout.unwrap_or(defaults::STS_CONNECT_TIMEOUT),
     )?
     .min(timeout);
     let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
@@ -346,16 +345,16 @@ pub(super) fn build_token_service(
     if client_id.is_empty() {
         return Err(err("client_id", "must not be empty".into()));
     }
-    let defaults = ResilienceSettings::default();
+    let unset = ResilienceSettings::default();
     let (failure_threshold, open_for) = match circuit_breaker {
         Some(file::CircuitBreakerFile {
             failure_threshold,
             open_for,
         }) => (
-            failure_threshold.unwrap_or(defaults.failure_threshold),
-            open_for.unwrap_or(defaults.open_for),
+            failure_threshold.unwrap_or(unset.failure_threshold),
+            open_for.unwrap_or(unset.open_for),
         ),
-        None => (defaults.failure_threshold, defaults.open_for),
+        None => (unset.failure_threshold, unset.open_for),
     };
     if failure_threshold == 0 {
         return Err(err(
@@ -364,12 +363,12 @@ pub(super) fn build_token_service(
         ));
     }
     let resilience = Resilience::new(ResilienceSettings {
-        max_concurrent: match max_concurrent.unwrap_or(defaults.max_concurrent) {
+        max_concurrent: match max_concurrent.unwrap_or(unset.max_concurrent) {
             0 => return Err(err("max_concurrent", "must be at least 1".into())),
             n => n,
         },
-        queue_timeout: queue_timeout.unwrap_or(defaults.queue_timeout),
-        retries: match retries.unwrap_or(defaults.retries) {
+        queue_timeout: queue_timeout.unwrap_or(unset.queue_timeout),
+        retries: match retries.unwrap_or(unset.retries) {
             n if n > MAX_RETRIES => {
                 return Err(err(
                     "retries",
@@ -592,7 +591,7 @@ fn derive_endpoints(
                     format!("\"{env}\" is not a PingOne environment id (a UUID)"),
                 ));
             }
-            let region = region.unwrap_or_else(|| "com".to_string());
+            let region = region.unwrap_or_else(|| defaults::PINGONE_REGION.to_string());
             let host = PINGONE_REGIONS
                 .iter()
                 .find(|(r, _)| *r == region)
@@ -759,7 +758,7 @@ pub(super) struct InboundDefaults<'a> {
 pub(super) fn build_inbound(
     path: &str,
     raw: InboundFile,
-    defaults: &InboundDefaults<'_>,
+    fallback: &InboundDefaults<'_>,
 ) -> BuildResult<Inbound> {
     let InboundFile { jwt, introspection } = raw;
     if jwt.is_none() && introspection.is_none() {
@@ -776,7 +775,7 @@ pub(super) fn build_inbound(
             } = j;
             let p = |k: &str| format!("{path}.jwt.{k}");
             let issuer = issuer
-                .or_else(|| defaults.issuer.map(str::to_string))
+                .or_else(|| fallback.issuer.map(str::to_string))
                 .ok_or_else(|| {
                     ConfigProblem::new(
                         p("issuer"),
@@ -785,7 +784,7 @@ pub(super) fn build_inbound(
                 })?;
             let jwks_uri = match jwks_uri {
                 Some(u) => http_url(&p("jwks_uri"), &u)?,
-                None => defaults.jwks_uri.cloned().ok_or_else(|| {
+                None => fallback.jwks_uri.cloned().ok_or_else(|| {
                     ConfigProblem::new(
                         p("jwks_uri"),
                         "required (the token service has no jwks_uri, profile or discovery)"
@@ -826,7 +825,7 @@ pub(super) fn build_inbound(
                     min_refetch_interval: crate::inbound::DEFAULT_MIN_REFETCH_INTERVAL,
                     max_cached: INBOUND_CACHE_ENTRIES,
                 },
-                defaults.http.clone(),
+                fallback.http.clone(),
             )))
         })
         .transpose()?;
@@ -844,30 +843,30 @@ pub(super) fn build_inbound(
             let p = |k: &str| format!("{path}.introspection.{k}");
             let endpoint = match endpoint {
                 Some(u) => http_url(&p("endpoint"), &u)?,
-                None => defaults.introspection_endpoint.cloned().ok_or_else(|| {
+                None => fallback.introspection_endpoint.cloned().ok_or_else(|| {
                     ConfigProblem::new(
                         p("endpoint"),
                         "required (the token service has no introspection_endpoint)".to_string(),
                     )
                 })?,
             };
-            let secret = defaults.secret.ok_or_else(|| {
+            let secret = fallback.secret.ok_or_else(|| {
                 ConfigProblem::new(
                     format!("{path}.introspection"),
                     "introspection authenticates with the token service's client secret; set client_secret".to_string(),
                 )
             })?;
-            let header = basic_auth(defaults.client_id, secret)
+            let header = basic_auth(fallback.client_id, secret)
                 .map_err(|m| ConfigProblem::new(format!("{path}.introspection"), m))?;
             Ok::<_, ConfigProblem>(Arc::new(IntrospectionValidator::new(
                 IntrospectionSettings {
                     endpoint,
-                    client_id: defaults.client_id.to_string(),
+                    client_id: fallback.client_id.to_string(),
                     auth: IntrospectionAuth::Basic { header },
-                    timeout: defaults.timeout,
+                    timeout: fallback.timeout,
                     cache_ttl: positive(
                         &p("cache_ttl"),
-                        cache_ttl.unwrap_or(DEFAULT_INTROSPECTION_CACHE_TTL),
+                        cache_ttl.unwrap_or(defaults::INTROSPECTION_CACHE_TTL),
                     )?,
                     max_cached: INBOUND_CACHE_ENTRIES,
                     audiences: non_empty(&p("audiences"), audiences)?,
@@ -883,7 +882,7 @@ pub(super) fn build_inbound(
                     queue_timeout: queue_timeout
                         .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_QUEUE_TIMEOUT),
                 },
-                defaults.http.clone(),
+                fallback.http.clone(),
             )))
         })
         .transpose()?;

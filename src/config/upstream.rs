@@ -16,16 +16,10 @@ use pingora::prelude::HttpPeer;
 use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
 use url::Url;
 
+use super::defaults;
 use super::file::{HeadersFile, HealthCheckFile, UpstreamFile, UpstreamPeersFile, UpstreamTlsFile};
 use super::{BuildResult, ConfigProblem, http_url, positive};
 use crate::tls::{read_certs, read_key};
-
-/// Default `upstream.connect_timeout`.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default `upstream.health_check.interval`.
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-/// Default `upstream.health_check.unhealthy_after` / `healthy_after`.
-pub const DEFAULT_HEALTH_THRESHOLD: usize = 2;
 
 /// Where a route's requests go.
 pub struct Upstream {
@@ -110,7 +104,7 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
     }
     let connect_timeout = positive(
         &format!("{path}.connect_timeout"),
-        connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        connect_timeout.unwrap_or(defaults::UPSTREAM_CONNECT_TIMEOUT),
     )?;
     let read_timeout = read_timeout
         .map(|d| positive(&format!("{path}.read_timeout"), d))
@@ -198,10 +192,10 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         }
         let interval = positive(
             &format!("{hc_key}.interval"),
-            interval.unwrap_or(DEFAULT_HEALTH_INTERVAL),
+            interval.unwrap_or(defaults::HEALTH_CHECK_INTERVAL),
         )?;
         let threshold = |key: &str, v: Option<usize>| -> BuildResult<usize> {
-            match v.unwrap_or(DEFAULT_HEALTH_THRESHOLD) {
+            match v.unwrap_or(defaults::HEALTH_CHECK_THRESHOLD) {
                 0 => Err(ConfigProblem::new(
                     format!("{hc_key}.{key}"),
                     "must be at least 1",
@@ -413,7 +407,7 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
         ca,
         client,
         sni,
-        verify: verify.unwrap_or(true),
+        verify: verify.unwrap_or(defaults::UPSTREAM_TLS_VERIFY),
     })
 }
 
