@@ -1,8 +1,9 @@
-//! Token services: provider profiles, endpoint discovery, client authentication and inbound
-//! validation, resolved once at load.
+//! Token services: endpoints, client authentication, resilience and inbound validation,
+//! resolved once at load.
 //!
-//! Endpoint precedence: explicit keys, then the profile's documented endpoints (PingOne,
-//! Keycloak, Okta, Entra), then OIDC discovery from `issuer` for whatever is still missing.
+//! Endpoint precedence: explicit keys, then the profile's documented endpoints
+//! ([`super::profile`]), then OIDC discovery from `issuer` for whatever is still missing
+//! ([`super::discovery`]).
 
 use std::fmt;
 use std::path::Path;
@@ -16,7 +17,9 @@ use jsonwebtoken::Algorithm;
 use url::Url;
 
 use super::defaults;
-use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
+use super::discovery::{self, Endpoints, Wanted};
+use super::file::{self, AuthMethodFile, InboundFile, TokenServiceFile};
+use super::profile::{self, Profile, ProfileKeys};
 use super::{
     BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigProblem, ConfigWarning,
     clear_text_remote, http_url, is_label, positive,
@@ -28,15 +31,6 @@ use crate::inbound::{
 };
 use crate::secret::Secret;
 
-/// PingOne regions and their top-level domains.
-pub const PINGONE_REGIONS: &[(&str, &str)] = &[
-    ("com", "auth.pingone.com"),
-    ("eu", "auth.pingone.eu"),
-    ("ca", "auth.pingone.ca"),
-    ("asia", "auth.pingone.asia"),
-    ("com.au", "auth.pingone.com.au"),
-    ("sg", "auth.pingone.sg"),
-];
 /// Most `retries` of one STS call. Every retry runs inside the call's `timeout`, so a larger
 /// number buys nothing but load on an STS that is already failing.
 pub const MAX_RETRIES: u32 = 5;
@@ -45,29 +39,6 @@ pub const MAX_RETRIES: u32 = 5;
 pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
 const INBOUND_CACHE_ENTRIES: u64 = 100_000;
-
-/// Which STS family a token service is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Profile {
-    Generic,
-    PingOne,
-    Keycloak,
-    Okta,
-    /// Microsoft Entra ID on-behalf-of: the jwt-bearer grant instead of token exchange.
-    EntraObo,
-}
-
-impl Profile {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Profile::Generic => "generic",
-            Profile::PingOne => "pingone",
-            Profile::Keycloak => "keycloak",
-            Profile::Okta => "okta",
-            Profile::EntraObo => "entra_obo",
-        }
-    }
-}
 
 /// A Security Token Service the gateway exchanges tokens at.
 pub struct TokenService {
@@ -208,15 +179,6 @@ impl fmt::Debug for Inbound {
     }
 }
 
-/// Endpoints found by OIDC discovery (OpenID Connect Discovery 1.0 §3, RFC 8414 §2).
-#[derive(Debug, Default, Clone, serde::Deserialize)]
-pub struct Discovered {
-    pub issuer: Option<String>,
-    pub token_endpoint: Option<String>,
-    pub jwks_uri: Option<String>,
-    pub introspection_endpoint: Option<String>,
-}
-
 pub(super) fn build_token_service(
     path: &str,
     name: &str,
@@ -264,7 +226,7 @@ pub(super) fn build_token_service(
         authorization_server,
         tenant,
     };
-    let (profile, derived) = derive_endpoints(path, profile, profile_keys)?;
+    let (profile, derived) = profile::derive_endpoints(path, profile, profile_keys)?;
 
     let timeout = positive(
         &format!("{path}.timeout"),
@@ -292,11 +254,6 @@ pub(super) fn build_token_service(
             .map(|v| http_url(&format!("{path}.{key}"), &v))
             .transpose()
     };
-    let mut token_endpoint = explicit("token_endpoint", token_endpoint)?.or(derived.token);
-    let mut jwks_uri = explicit("jwks_uri", jwks_uri)?.or(derived.jwks);
-    let mut introspection_endpoint =
-        explicit("introspection_endpoint", introspection_endpoint)?.or(derived.introspection);
-
     let wants_jwks = inbound
         .as_ref()
         .and_then(|i| i.jwt.as_ref())
@@ -305,36 +262,30 @@ pub(super) fn build_token_service(
         .as_ref()
         .and_then(|i| i.introspection.as_ref())
         .is_some_and(|i| i.endpoint.is_none());
-    let missing = token_endpoint.is_none()
-        || (wants_jwks && jwks_uri.is_none())
-        || (wants_introspection && introspection_endpoint.is_none());
-    if missing && let Some(issuer) = &issuer {
-        // A client of its own: its pooled connections belong to discovery's short-lived
-        // runtime, not to the proxy's.
-        let discovery_client = crate::exchange::http_client(connect_timeout)
-            .map_err(|e| err("issuer", format!("cannot build the discovery client: {e}")))?;
-        let found = discover(issuer, &discovery_client, timeout).map_err(|m| err("issuer", m))?;
-        let pick = |key: &str, v: Option<String>| -> BuildResult<Option<Url>> {
-            v.map(|u| {
-                Url::parse(&u).map_err(|e| {
-                    err(
-                        "issuer",
-                        format!("discovery returned an invalid {key} \"{u}\": {e}"),
-                    )
-                })
-            })
-            .transpose()
-        };
-        if token_endpoint.is_none() {
-            token_endpoint = pick("token_endpoint", found.token_endpoint)?;
-        }
-        if jwks_uri.is_none() {
-            jwks_uri = pick("jwks_uri", found.jwks_uri)?;
-        }
-        if introspection_endpoint.is_none() {
-            introspection_endpoint = pick("introspection_endpoint", found.introspection_endpoint)?;
-        }
+    let mut endpoints = Endpoints {
+        token: explicit("token_endpoint", token_endpoint)?.or(derived.token),
+        jwks: explicit("jwks_uri", jwks_uri)?.or(derived.jwks),
+        introspection: explicit("introspection_endpoint", introspection_endpoint)?
+            .or(derived.introspection),
+    };
+    if let Some(issuer) = &issuer {
+        discovery::fill_missing_endpoints(
+            &format!("{path}.issuer"),
+            issuer,
+            &mut endpoints,
+            Wanted {
+                jwks: wants_jwks,
+                introspection: wants_introspection,
+            },
+            connect_timeout,
+            timeout,
+        )?;
     }
+    let Endpoints {
+        token: token_endpoint,
+        jwks: jwks_uri,
+        introspection: introspection_endpoint,
+    } = endpoints;
     let token_endpoint = token_endpoint.ok_or_else(|| {
         ConfigProblem::new(
             path.to_string(),
@@ -500,248 +451,6 @@ fn basic_auth(client_id: &str, secret: &Secret) -> Result<HeaderValue, String> {
         .map_err(|_| "cannot be sent in an Authorization header".to_string())?;
     header.set_sensitive(true);
     Ok(header)
-}
-
-struct ProfileKeys {
-    environment_id: Option<String>,
-    region: Option<String>,
-    base_url: Option<String>,
-    realm: Option<String>,
-    authorization_server: Option<String>,
-    tenant: Option<String>,
-}
-
-#[derive(Default)]
-struct Derived {
-    issuer: Option<String>,
-    token: Option<Url>,
-    jwks: Option<Url>,
-    introspection: Option<Url>,
-}
-
-/// The endpoints a provider documents, from its profile keys. Keys of another profile are
-/// errors, so a PingOne `region` on a Keycloak service does not silently do nothing.
-fn derive_endpoints(
-    path: &str,
-    profile: ProfileFile,
-    keys: ProfileKeys,
-) -> BuildResult<(Profile, Derived)> {
-    let ProfileKeys {
-        environment_id,
-        region,
-        base_url,
-        realm,
-        authorization_server,
-        tenant,
-    } = keys;
-    let allowed: &[&str] = match profile {
-        ProfileFile::Generic => &[],
-        ProfileFile::Pingone => &["environment_id", "region"],
-        ProfileFile::Keycloak => &["base_url", "realm"],
-        ProfileFile::Okta => &["authorization_server"],
-        ProfileFile::EntraObo => &["tenant"],
-    };
-    for (key, set) in [
-        ("environment_id", environment_id.is_some()),
-        ("region", region.is_some()),
-        ("base_url", base_url.is_some()),
-        ("realm", realm.is_some()),
-        ("authorization_server", authorization_server.is_some()),
-        ("tenant", tenant.is_some()),
-    ] {
-        if set && !allowed.contains(&key) {
-            return Err(ConfigProblem::new(
-                format!("{path}.{key}"),
-                format!("is not a key of profile {}", profile_name(profile)),
-            ));
-        }
-    }
-    let required = |key: &str, v: Option<String>| {
-        v.filter(|s| !s.is_empty()).ok_or_else(|| {
-            ConfigProblem::new(
-                format!("{path}.{key}"),
-                format!("required by profile {}", profile_name(profile)),
-            )
-        })
-    };
-    let url = |key: &str, text: String| {
-        Url::parse(&text).map_err(|e| {
-            ConfigProblem::new(
-                format!("{path}.{key}"),
-                format!("invalid URL \"{text}\": {e}"),
-            )
-        })
-    };
-    let from_issuer =
-        |issuer: String, token: &str, jwks: &str, introspect: &str| -> BuildResult<Derived> {
-            Ok(Derived {
-                token: Some(url("issuer", format!("{issuer}{token}"))?),
-                jwks: Some(url("issuer", format!("{issuer}{jwks}"))?),
-                introspection: Some(url("issuer", format!("{issuer}{introspect}"))?),
-                issuer: Some(issuer),
-            })
-        };
-    match profile {
-        ProfileFile::Generic => Ok((Profile::Generic, Derived::default())),
-        ProfileFile::Pingone => {
-            let env = required("environment_id", environment_id)?;
-            if !is_uuid(&env) {
-                return Err(ConfigProblem::new(
-                    format!("{path}.environment_id"),
-                    format!("\"{env}\" is not a PingOne environment id (a UUID)"),
-                ));
-            }
-            let region = region.unwrap_or_else(|| defaults::PINGONE_REGION.to_string());
-            let host = PINGONE_REGIONS
-                .iter()
-                .find(|(r, _)| *r == region)
-                .map(|(_, h)| *h)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = PINGONE_REGIONS.iter().map(|(r, _)| *r).collect();
-                    ConfigProblem::new(
-                        format!("{path}.region"),
-                        format!(
-                            "unknown PingOne region \"{region}\" (known: {})",
-                            known.join(", ")
-                        ),
-                    )
-                })?;
-            let issuer = format!("https://{host}/{}/as", env.to_ascii_lowercase());
-            Ok((
-                Profile::PingOne,
-                from_issuer(issuer, "/token", "/jwks", "/introspect")?,
-            ))
-        }
-        ProfileFile::Keycloak => {
-            let base = http_url(
-                &format!("{path}.base_url"),
-                &required("base_url", base_url)?,
-            )?;
-            let realm = required("realm", realm)?;
-            if realm.contains(['/', '?', '#']) {
-                return Err(ConfigProblem::new(
-                    format!("{path}.realm"),
-                    format!("invalid realm \"{realm}\""),
-                ));
-            }
-            let issuer = format!("{}/realms/{realm}", base.as_str().trim_end_matches('/'));
-            Ok((
-                Profile::Keycloak,
-                from_issuer(
-                    issuer,
-                    "/protocol/openid-connect/token",
-                    "/protocol/openid-connect/certs",
-                    "/protocol/openid-connect/token/introspect",
-                )?,
-            ))
-        }
-        ProfileFile::Okta => {
-            let server = http_url(
-                &format!("{path}.authorization_server"),
-                &required("authorization_server", authorization_server)?,
-            )?;
-            let issuer = server.as_str().trim_end_matches('/').to_string();
-            Ok((
-                Profile::Okta,
-                from_issuer(issuer, "/v1/token", "/v1/keys", "/v1/introspect")?,
-            ))
-        }
-        ProfileFile::EntraObo => {
-            let tenant = required("tenant", tenant)?;
-            if !tenant
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            {
-                return Err(ConfigProblem::new(
-                    format!("{path}.tenant"),
-                    format!("invalid tenant \"{tenant}\""),
-                ));
-            }
-            let login = format!("https://login.microsoftonline.com/{tenant}");
-            Ok((
-                Profile::EntraObo,
-                Derived {
-                    issuer: Some(format!("{login}/v2.0")),
-                    token: Some(url("tenant", format!("{login}/oauth2/v2.0/token"))?),
-                    jwks: Some(url("tenant", format!("{login}/discovery/v2.0/keys"))?),
-                    introspection: None,
-                },
-            ))
-        }
-    }
-}
-
-fn profile_name(profile: ProfileFile) -> &'static str {
-    match profile {
-        ProfileFile::Generic => "generic",
-        ProfileFile::Pingone => "pingone",
-        ProfileFile::Keycloak => "keycloak",
-        ProfileFile::Okta => "okta",
-        ProfileFile::EntraObo => "entra_obo",
-    }
-}
-
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
-}
-
-/// Fetches `<issuer>/.well-known/openid-configuration` (RFC 8414 §3 path as fallback) and
-/// checks that the document is for this issuer (OpenID Connect Discovery §4.3). Runs on its
-/// own thread and runtime so config loading works from any context, async or not.
-fn discover(issuer: &str, http: &reqwest::Client, timeout: Duration) -> Result<Discovered, String> {
-    let issuer = issuer.to_string();
-    let http = http.clone();
-    let fetch = move || -> Result<Discovered, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot run discovery: {e}"))?;
-        runtime.block_on(async {
-            let mut last = String::new();
-            for suffix in [
-                "/.well-known/openid-configuration",
-                "/.well-known/oauth-authorization-server",
-            ] {
-                let url = format!("{issuer}{suffix}");
-                let answer = tokio::time::timeout(timeout, async {
-                    let response = http.get(&url).send().await.map_err(|e| e.to_string())?;
-                    if !response.status().is_success() {
-                        return Err(format!("HTTP {}", response.status().as_u16()));
-                    }
-                    response
-                        .json::<Discovered>()
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
-                match answer {
-                    Ok(doc) => {
-                        let found = doc.issuer.as_deref().map(|i| i.trim_end_matches('/'));
-                        if found != Some(issuer.as_str()) {
-                            return Err(format!(
-                                "discovery at {url} is for issuer {:?}, not \"{issuer}\"",
-                                doc.issuer.as_deref().unwrap_or("(none)")
-                            ));
-                        }
-                        return Ok(doc);
-                    }
-                    Err(e) => last = format!("OIDC discovery at {url} failed: {e}"),
-                }
-            }
-            Err(last)
-        })
-    };
-    std::thread::scope(|scope| {
-        scope
-            .spawn(fetch)
-            .join()
-            .unwrap_or_else(|_| Err("discovery failed".to_string()))
-    })
 }
 
 /// What an `inbound:` block falls back to from its token service.
