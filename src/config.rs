@@ -1,14 +1,19 @@
 //! The gateway's runtime configuration, built once from `gateway.yaml`.
 //!
 //! Loading goes text → YAML tree → `${VAR}` expansion → [`file::GatewayFile`] (strict serde
-//! mirror) → [`Config`]. Everything the request path needs is parsed here: URLs, socket
+//! mirror, read from the tree by [`tree`] with messages of our own) → [`Config`]. Everything the request path needs is parsed here: URLs, socket
 //! addresses, durations, prebuilt client-auth headers, the STS HTTP client, and each route's
 //! exchange profile with its cache-key prefix. Any problem is a [`ConfigError`] naming the file
 //! and the key path, never a panic.
 
+pub mod defaults;
+mod describe;
+mod discovery;
 pub mod env;
 pub mod file;
+pub mod profile;
 pub mod token_service;
+pub mod tree;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -25,7 +30,8 @@ use file::{
     ActorFile, CacheFile, CallerFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
     ServerFile,
 };
-pub use token_service::{ClientAuth, Inbound, Profile, TokenService};
+pub use profile::Profile;
+pub use token_service::{ClientAuth, Inbound, TokenService};
 pub use upstream::{HeaderRules, Upstream};
 
 /// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
@@ -47,7 +53,42 @@ const TOKEN_TYPES: &[(&str, &str)] = &[
 /// The default `subject_token_type`: the caller presents an OAuth access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
-/// A configuration error: which file, where in it, and what is wrong.
+/// What is wrong at one key of the file. Every builder returns this; the builders never know
+/// the file's name, which [`ConfigProblem::in_file`] adds once, at the top, to make the
+/// [`ConfigError`] users see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Key path such as `routes[1].exchange.token_service`; empty for whole-file problems.
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigProblem {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
+        ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with the file as a whole (unreadable, not YAML, empty).
+    pub fn whole_file(message: impl Into<String>) -> ConfigProblem {
+        ConfigProblem::new(String::new(), message)
+    }
+
+    /// The error reported for this problem in `file` (as named on the command line).
+    pub fn in_file(self, file: &str) -> ConfigError {
+        let ConfigProblem { path, message } = self;
+        ConfigError {
+            file: file.to_string(),
+            path,
+            message,
+        }
+    }
+}
+
+/// A configuration error: which file, where in it, and what is wrong. Printed by `txgate
+/// check` and `txgate run` as `file: key.path: message`, then the process exits 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
@@ -148,11 +189,6 @@ pub struct ServerTls {
     pub key_file: std::path::PathBuf,
     pub reload_interval: Duration,
 }
-
-/// Default `server.max_request_header_bytes`.
-pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 32 * 1024;
-/// Default `server.tls.reload_interval`.
-pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One route.
 #[derive(Debug)]
@@ -285,19 +321,12 @@ pub struct CacheSettings {
     pub refresh_ahead: f64,
 }
 
-/// Default `cache.negative_ttl`.
-pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
-/// Default `cache.refresh_ahead`.
-pub const DEFAULT_REFRESH_AHEAD: f64 = 0.8;
-
 impl Config {
     /// Reads and validates `path`, expanding `${VAR}` from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let source = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: source.clone(),
-            path: String::new(),
-            message: format!("cannot read file: {e}"),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigProblem::whole_file(format!("cannot read file: {e}")).in_file(&source)
         })?;
         Config::from_yaml(&text, &source, &|name| std::env::var(name).ok())
     }
@@ -308,23 +337,18 @@ impl Config {
         source: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let err = |path: String, message: String| ConfigError {
-            file: source.to_string(),
-            path,
-            message,
-        };
         let mut tree: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| err(String::new(), format!("invalid YAML: {e}")))?;
+            .map_err(|e| ConfigProblem::whole_file(format!("invalid YAML: {e}")).in_file(source))?;
         if tree.is_null() {
-            return Err(err(String::new(), "the file is empty".into()));
+            return Err(ConfigProblem::whole_file("the file is empty").in_file(source));
         }
-        env::expand_tree(&mut tree, env).map_err(|(path, message)| err(path, message))?;
-        let raw: GatewayFile = serde_path_to_error::deserialize(tree).map_err(|e| {
+        env::expand_tree(&mut tree, env).map_err(|p| p.in_file(source))?;
+        let raw: GatewayFile = tree::from_tree(tree).map_err(|e| {
             let path = e.path().to_string();
             let path = if path == "." { String::new() } else { path };
-            err(path, describe_serde_error(&e.into_inner().to_string()))
+            ConfigProblem::new(path, e.into_inner().to_string()).in_file(source)
         })?;
-        let mut config = build(raw).map_err(|(path, message)| err(path, message))?;
+        let mut config = build(raw).map_err(|p| p.in_file(source))?;
         config.source = source.to_string();
         Ok(config)
     }
@@ -364,99 +388,10 @@ impl Config {
         }
         out
     }
-
-    /// `txgate check --verbose`: the summary, then each token service's endpoints and each
-    /// route's exact STS request (tokens as placeholders, secrets redacted).
-    pub fn describe(&self) -> String {
-        let mut out = self.summary();
-        for (name, service) in &self.token_services {
-            out.push_str(&format!(
-                "\n  token_services.{name}: profile {}, token endpoint {}, client {} ({:?})",
-                service.profile.as_str(),
-                service.token_endpoint,
-                service.client_id,
-                service.client_auth
-            ));
-            if let Some(jwks) = &service.jwks_uri {
-                out.push_str(&format!(", jwks {jwks}"));
-            }
-            if let Some(inbound) = &service.inbound {
-                out.push_str(&format!(", inbound validation {inbound:?}"));
-            }
-        }
-        for (i, route) in self.routes.iter().enumerate() {
-            let what = match &route.exchange {
-                Exchange::None => "mode none: no token upstream".to_string(),
-                Exchange::Token(p) => {
-                    let mut line = format!(
-                        "mode {} at {}: {}",
-                        p.mode.as_str(),
-                        p.service.name,
-                        crate::exchange::describe_request(p)
-                    );
-                    if let Some(ActorSource::Own(own)) = &p.actor {
-                        line.push_str(&format!(
-                            "; actor token: {}",
-                            crate::exchange::describe_request(own)
-                        ));
-                    }
-                    line
-                }
-            };
-            out.push_str(&format!(
-                "\n  routes[{i}] {} {} -> {}: {what}",
-                route.name, route.path_prefix, route.upstream.display
-            ));
-        }
-        out
-    }
-
-    /// A one-line summary for `txgate check`.
-    pub fn summary(&self) -> String {
-        let listen: Vec<String> = self.server.listen.iter().map(|a| a.to_string()).collect();
-        let admin = match self.server.admin_listen {
-            Some(a) => format!(", admin on {a}"),
-            None => String::new(),
-        };
-        format!(
-            "{}: ok: {} route{}, {} token service{}, listening on {}{}",
-            self.source,
-            self.routes.len(),
-            plural(self.routes.len()),
-            self.token_services.len(),
-            plural(self.token_services.len()),
-            listen.join(", "),
-            admin,
-        )
-    }
 }
 
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
-}
-
-/// serde messages name Rust-side things ("a duration", "struct GatewayFile"); keep the useful
-/// part and drop serde_yaml's position suffix, which refers to the expanded tree, not the file.
-fn describe_serde_error(message: &str) -> String {
-    let message = match message.find(" at line ") {
-        Some(i) => &message[..i],
-        None => message,
-    };
-    if let Some(rest) = message.strip_prefix("invalid value: string ")
-        && rest.ends_with("expected a duration")
-    {
-        let value = rest
-            .trim_end_matches("expected a duration")
-            .trim_end_matches([',', ' ']);
-        return format!("invalid duration {value} (expected e.g. 500ms, 2s, 1m 30s)");
-    }
-    message
-        .replace("unknown field", "unknown key")
-        .replace("missing field", "missing key")
-        .replace("unknown variant", "unknown value")
-}
-
-type BuildResult<T> = Result<T, (String, String)>;
+/// What every builder returns: the built value, or the problem at the key it was built from.
+type BuildResult<T> = Result<T, ConfigProblem>;
 
 fn build(raw: GatewayFile) -> BuildResult<Config> {
     let GatewayFile {
@@ -477,7 +412,7 @@ fn build(raw: GatewayFile) -> BuildResult<Config> {
     for (i, route) in routes.into_iter().enumerate() {
         let path = format!("routes[{i}]");
         if let Some(first) = built_routes.iter().position(|r| r.name == route.name) {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.name"),
                 format!(
                     "duplicate route name \"{}\" (first used at routes[{first}])",
@@ -488,7 +423,10 @@ fn build(raw: GatewayFile) -> BuildResult<Config> {
         built_routes.push(Arc::new(build_route(&path, route, &services)?));
     }
     if built_routes.is_empty() {
-        return Err(("routes".into(), "at least one route is required".into()));
+        return Err(ConfigProblem::new(
+            "routes",
+            "at least one route is required",
+        ));
     }
     Ok(Config {
         source: String::new(),
@@ -517,12 +455,13 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     } = raw;
     let paths = {
         use crate::path::{EscapedSlashes, PathRules};
-        let defaults = PathRules::default();
+        // The path rules' defaults belong to the path module, which applies them.
+        let unset = PathRules::default();
         PathRules {
-            normalize_path: normalize_path.unwrap_or(defaults.normalize_path),
-            merge_slashes: merge_slashes.unwrap_or(defaults.merge_slashes),
+            normalize_path: normalize_path.unwrap_or(unset.normalize_path),
+            merge_slashes: merge_slashes.unwrap_or(unset.merge_slashes),
             escaped_slashes: match path_with_escaped_slashes_action {
-                None => defaults.escaped_slashes,
+                None => unset.escaped_slashes,
                 Some(file::EscapedSlashesFile::RejectRequest) => EscapedSlashes::RejectRequest,
                 Some(file::EscapedSlashesFile::KeepUnchanged) => EscapedSlashes::KeepUnchanged,
                 Some(file::EscapedSlashesFile::UnescapeAndForward) => {
@@ -535,9 +474,9 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         .map(|d| positive("server.watch_config", d))
         .transpose()?;
     if listen.is_empty() && tls.is_none() {
-        return Err((
-            "server.listen".into(),
-            "at least one listen address is required".into(),
+        return Err(ConfigProblem::new(
+            "server.listen",
+            "at least one listen address is required",
         ));
     }
     let listen = listen
@@ -548,9 +487,9 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     let admin_listen = admin_listen
         .map(|a| socket_addr("server.admin_listen", &a))
         .transpose()?;
-    let threads = threads.unwrap_or(1);
+    let threads = threads.unwrap_or(defaults::THREADS);
     if threads == 0 {
-        return Err(("server.threads".into(), "must be at least 1".into()));
+        return Err(ConfigProblem::new("server.threads", "must be at least 1"));
     }
     let tls = tls
         .map(|t| {
@@ -561,7 +500,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
                 reload_interval,
             } = t;
             if listen.is_empty() {
-                return Err((
+                return Err(ConfigProblem::new(
                     "server.tls.listen".to_string(),
                     "at least one listen address is required".to_string(),
                 ));
@@ -572,29 +511,32 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
                 .map(|(i, a)| socket_addr(&format!("server.tls.listen[{i}]"), a))
                 .collect::<BuildResult<Vec<_>>>()?;
             crate::tls::load_certified_key(&cert_file, &key_file)
-                .map_err(|m| ("server.tls".to_string(), m))?;
+                .map_err(|m| ConfigProblem::new("server.tls".to_string(), m))?;
             Ok(ServerTls {
                 listen,
                 cert_file,
                 key_file,
                 reload_interval: positive(
                     "server.tls.reload_interval",
-                    reload_interval.unwrap_or(DEFAULT_TLS_RELOAD_INTERVAL),
+                    reload_interval.unwrap_or(defaults::TLS_RELOAD_INTERVAL),
                 )?,
             })
         })
         .transpose()?;
     let max_request_header_bytes =
-        max_request_header_bytes.unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+        max_request_header_bytes.unwrap_or(defaults::MAX_REQUEST_HEADER_BYTES);
     if max_request_header_bytes < 1024 {
-        return Err((
-            "server.max_request_header_bytes".into(),
-            "must be at least 1024".into(),
+        return Err(ConfigProblem::new(
+            "server.max_request_header_bytes",
+            "must be at least 1024",
         ));
     }
-    let max_token_bytes = max_token_bytes.unwrap_or(file::DEFAULT_MAX_TOKEN_BYTES);
+    let max_token_bytes = max_token_bytes.unwrap_or(defaults::MAX_TOKEN_BYTES);
     if max_token_bytes == 0 {
-        return Err(("server.max_token_bytes".into(), "must be at least 1".into()));
+        return Err(ConfigProblem::new(
+            "server.max_token_bytes",
+            "must be at least 1",
+        ));
     }
     Ok(ServerSettings {
         listen,
@@ -603,9 +545,9 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         max_request_header_bytes,
         admin_listen,
         threads,
-        work_stealing: work_stealing.unwrap_or(false),
-        grace_period: grace_period.unwrap_or(file::DEFAULT_GRACE_PERIOD),
-        shutdown_timeout: shutdown_timeout.unwrap_or(file::DEFAULT_SHUTDOWN_TIMEOUT),
+        work_stealing: work_stealing.unwrap_or(defaults::WORK_STEALING),
+        grace_period: grace_period.unwrap_or(defaults::GRACE_PERIOD),
+        shutdown_timeout: shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
         max_token_bytes,
         paths,
     })
@@ -613,7 +555,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
 
 fn socket_addr(path: &str, text: &str) -> BuildResult<SocketAddr> {
     let invalid = |why: String| {
-        (
+        ConfigProblem::new(
             path.to_string(),
             format!("invalid listen address \"{text}\": {why} (expected host:port)"),
         )
@@ -628,7 +570,7 @@ fn socket_addr(path: &str, text: &str) -> BuildResult<SocketAddr> {
 
 fn positive(path: &str, d: Duration) -> BuildResult<Duration> {
     if d.is_zero() {
-        Err((path.into(), "must be greater than zero".into()))
+        Err(ConfigProblem::new(path, "must be greater than zero"))
     } else {
         Ok(d)
     }
@@ -642,16 +584,17 @@ fn is_label(s: &str) -> bool {
 }
 
 fn http_url(path: &str, text: &str) -> BuildResult<Url> {
-    let url =
-        Url::parse(text).map_err(|e| (path.to_string(), format!("invalid URL \"{text}\": {e}")))?;
+    let url = Url::parse(text).map_err(|e| {
+        ConfigProblem::new(path.to_string(), format!("invalid URL \"{text}\": {e}"))
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err((
+        return Err(ConfigProblem::new(
             path.to_string(),
             format!("invalid URL \"{text}\": the scheme must be http or https"),
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err((
+        return Err(ConfigProblem::new(
             path.to_string(),
             format!("invalid URL \"{text}\": a host is required"),
         ));
@@ -673,14 +616,14 @@ fn build_route(
         inbound,
     } = raw;
     if !is_label(&name) {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.name"),
             format!("invalid route name \"{name}\": use 1-64 letters, digits, '-', '_' or '.'"),
         ));
     }
     let MatchFile { path_prefix, host } = r#match;
     if !path_prefix.starts_with('/') {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.match.path_prefix"),
             format!("\"{path_prefix}\" must start with '/'"),
         ));
@@ -698,10 +641,9 @@ fn build_route(
     };
     let inbound = match (inbound, service) {
         (Some(_), None) => {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.inbound"),
-                "mode none forwards no token, so there is nothing to validate; remove this key"
-                    .into(),
+                "mode none forwards no token, so there is nothing to validate; remove this key",
             ));
         }
         (Some(raw), Some(service)) => Some(Arc::new(token_service::build_inbound(
@@ -725,11 +667,10 @@ fn build_route(
         && inbound.is_none()
         && !anonymous
     {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.exchange.caller"),
             "mode client_credentials forwards the gateway's own token, so callers must be validated: \
-             configure inbound (on the route or its token service), or set caller: anonymous"
-                .into(),
+             configure inbound (on the route or its token service), or set caller: anonymous",
         ));
     }
     // Every token of the issuer passes a JWT check without `aud`; on a route that forwards
@@ -748,9 +689,9 @@ fn build_route(
             (Some(service), Some(route)) if Arc::ptr_eq(service, route)
         );
         return Err(if !shared {
-            (format!("{path}.inbound.jwt.audiences"), WHY.into())
+            ConfigProblem::new(format!("{path}.inbound.jwt.audiences"), WHY)
         } else {
-            (
+            ConfigProblem::new(
                 format!(
                     "token_services.{}.inbound.jwt.audiences",
                     profile.service.name
@@ -791,8 +732,8 @@ fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
     } else if valid_name(&lower) {
         return Ok(HostPattern::Exact(lower));
     }
-    Err((
-        path.into(),
+    Err(ConfigProblem::new(
+        path,
         format!("invalid host \"{text}\": expected a host name or *.suffix, without a port"),
     ))
 }
@@ -828,9 +769,9 @@ fn build_exchange(
                 ("caller", caller.is_some()),
             ];
             if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.{key}"),
-                    "mode none sends no token upstream; remove this key".into(),
+                    "mode none sends no token upstream; remove this key",
                 ));
             }
             return Ok(Exchange::None);
@@ -841,7 +782,7 @@ fn build_exchange(
     };
     let only_for = |key: &str, set: bool, wanted: Mode| -> BuildResult<()> {
         if set && mode != wanted {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.{key}"),
                 format!("applies to mode {} only", wanted.as_str()),
             ));
@@ -857,22 +798,22 @@ fn build_exchange(
             ("requested_token_type", requested_token_type.is_some()),
         ] {
             if set {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.{key}"),
-                    "mode client_credentials sends no subject token; remove this key".into(),
+                    "mode client_credentials sends no subject token; remove this key",
                 ));
             }
         }
     }
     let service_name = token_service.ok_or_else(|| {
-        (
+        ConfigProblem::new(
             format!("{path}.token_service"),
             format!("required for mode {}", mode.as_str()),
         )
     })?;
     let service = services.get(&service_name).cloned().ok_or_else(|| {
         let known: Vec<&str> = services.keys().map(String::as_str).collect();
-        (
+        ConfigProblem::new(
             format!("{path}.token_service"),
             format!(
                 "unknown token service \"{service_name}\" (known: {})",
@@ -888,26 +829,25 @@ fn build_exchange(
         (Mode::ClientCredentials, _) => Grant::ClientCredentials,
         (Mode::Impersonation, Profile::EntraObo) => Grant::OnBehalfOf,
         (Mode::Delegation, Profile::EntraObo) => {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.mode"),
-                "Entra on-behalf-of has no actor token; use mode impersonation".into(),
+                "Entra on-behalf-of has no actor token; use mode impersonation",
             ));
         }
         _ => Grant::TokenExchange,
     };
     if grant == Grant::OnBehalfOf {
         if !audience.is_empty() || !resource.is_empty() {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.audience"),
                 "Entra on-behalf-of selects the API by scope (e.g. api://orders/.default); \
-                 remove audience and resource"
-                    .into(),
+                 remove audience and resource",
             ));
         }
         if scope.is_none() {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.scope"),
-                "required by Entra on-behalf-of (e.g. api://orders/.default)".into(),
+                "required by Entra on-behalf-of (e.g. api://orders/.default)",
             ));
         }
     }
@@ -962,20 +902,23 @@ fn exchange_params(
     let mut params: Vec<(&'static str, String)> = Vec::new();
     for (i, a) in audience.into_iter().enumerate() {
         if a.is_empty() {
-            return Err((format!("{path}.audience[{i}]"), "must not be empty".into()));
+            return Err(ConfigProblem::new(
+                format!("{path}.audience[{i}]"),
+                "must not be empty",
+            ));
         }
         params.push(("audience", a));
     }
     for (i, r) in resource.into_iter().enumerate() {
         // RFC 8693 §2.1: a resource is an absolute URI without a fragment.
         let url = Url::parse(&r).map_err(|e| {
-            (
+            ConfigProblem::new(
                 format!("{path}.resource[{i}]"),
                 format!("invalid URL \"{r}\": {e}"),
             )
         })?;
         if url.fragment().is_some() {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.resource[{i}]"),
                 format!("\"{r}\" must not have a fragment"),
             ));
@@ -984,9 +927,9 @@ fn exchange_params(
     }
     if let Some(scope) = scope {
         if scope.split(' ').any(str::is_empty) {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.scope"),
-                "scopes are separated by single spaces (RFC 6749 §3.3)".into(),
+                "scopes are separated by single spaces (RFC 6749 §3.3)",
             ));
         }
         params.push(("scope", scope));
@@ -1022,14 +965,13 @@ fn build_actor(
     let source = match token_file {
         Some(file) => {
             if !audience.is_empty() || scope.is_some() {
-                return Err((
+                return Err(ConfigProblem::new(
                     format!("{path}.token_file"),
-                    "a token file replaces the gateway's own token; audience and scope apply only without it"
-                        .into(),
+                    "a token file replaces the gateway's own token; audience and scope apply only without it",
                 ));
             }
             let file = crate::exchange::actor::TokenFile::open(&file)
-                .map_err(|m| (format!("{path}.token_file"), m))?;
+                .map_err(|m| ConfigProblem::new(format!("{path}.token_file"), m))?;
             ActorSource::File(Arc::new(file))
         }
         None => {
@@ -1061,8 +1003,8 @@ fn token_type(path: &str, text: &str) -> BuildResult<String> {
         return Ok(text.to_string());
     }
     let short: Vec<&str> = TOKEN_TYPES.iter().map(|(s, _)| *s).collect();
-    Err((
-        path.into(),
+    Err(ConfigProblem::new(
+        path,
         format!(
             "unknown token type \"{text}\" (expected one of {} or a urn: URI)",
             short.join(", ")
@@ -1107,28 +1049,28 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         negative_ttl,
         refresh_ahead,
     } = raw;
-    let refresh_ahead = refresh_ahead.unwrap_or(DEFAULT_REFRESH_AHEAD);
+    let refresh_ahead = refresh_ahead.unwrap_or(defaults::CACHE_REFRESH_AHEAD);
     if !(refresh_ahead > 0.0 && refresh_ahead <= 1.0) {
-        return Err((
-            "cache.refresh_ahead".into(),
-            "must be greater than 0 and at most 1 (1 turns refresh-ahead off)".into(),
+        return Err(ConfigProblem::new(
+            "cache.refresh_ahead",
+            "must be greater than 0 and at most 1 (1 turns refresh-ahead off)",
         ));
     }
-    let max_entries = max_entries.unwrap_or(file::DEFAULT_CACHE_MAX_ENTRIES);
+    let max_entries = max_entries.unwrap_or(defaults::CACHE_MAX_ENTRIES);
     if max_entries == 0 {
-        return Err(("cache.max_entries".into(), "must be at least 1".into()));
+        return Err(ConfigProblem::new(
+            "cache.max_entries",
+            "must be at least 1",
+        ));
     }
     let default_ttl = positive(
         "cache.default_ttl",
-        default_ttl.unwrap_or(file::DEFAULT_CACHE_TTL),
+        default_ttl.unwrap_or(defaults::CACHE_TTL),
     )?;
-    let max_ttl = positive(
-        "cache.max_ttl",
-        max_ttl.unwrap_or(file::DEFAULT_CACHE_MAX_TTL),
-    )?;
+    let max_ttl = positive("cache.max_ttl", max_ttl.unwrap_or(defaults::CACHE_MAX_TTL))?;
     if max_ttl < default_ttl {
-        return Err((
-            "cache.max_ttl".into(),
+        return Err(ConfigProblem::new(
+            "cache.max_ttl",
             format!(
                 "{} is below cache.default_ttl ({}); the longest lifetime cannot be shorter than the default one",
                 humantime::format_duration(max_ttl),
@@ -1138,10 +1080,10 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
     }
     Ok(CacheSettings {
         max_entries,
-        expiry_skew: expiry_skew.unwrap_or(file::DEFAULT_CACHE_EXPIRY_SKEW),
+        expiry_skew: expiry_skew.unwrap_or(defaults::CACHE_EXPIRY_SKEW),
         default_ttl,
         max_ttl,
-        negative_ttl: negative_ttl.unwrap_or(DEFAULT_NEGATIVE_TTL),
+        negative_ttl: negative_ttl.unwrap_or(defaults::CACHE_NEGATIVE_TTL),
         refresh_ahead,
     })
 }

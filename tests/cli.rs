@@ -81,6 +81,11 @@ const INVALID: &[(&str, &str)] = &[
         r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
     ),
     (
+        "leeway_above_a_day.yaml",
+        "routes[0].inbound.jwt.leeway: 1day 1h is more than a day, the most allowed: clocks that far apart \
+         are a misconfiguration, and a token that expired that long ago would still be accepted",
+    ),
+    (
         "max_ttl_below_default.yaml",
         "cache.max_ttl: 1m is below cache.default_ttl (5m); the longest lifetime cannot be shorter than the default one",
     ),
@@ -92,6 +97,11 @@ const INVALID: &[(&str, &str)] = &[
     (
         "none_with_token_service.yaml",
         "routes[0].exchange.token_service: mode none sends no token upstream; remove this key",
+    ),
+    (
+        "retries_above_limit.yaml",
+        "token_services.corp.retries: 6 is more than 5, the most allowed: retries run inside the call's \
+         timeout, and more of them only add load to a failing STS",
     ),
     (
         "shared_inbound_without_audience.yaml",

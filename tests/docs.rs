@@ -12,8 +12,9 @@
 //! of Rust source would have to follow field renames, `r#match`, nested and boxed types, maps
 //! and lists, and the hand-written deserializer of `upstream`, and it would drift from serde's
 //! reading of the same file. Instead the test asks the loader itself. Every struct of the file
-//! layer rejects unknown keys, and serde's refusal lists the keys it expected ("unknown key
-//! `zzz_probe`, expected one of `listen`, `admin_listen`, …"). So the test feeds
+//! layer rejects unknown keys, and the loader's refusal (written in `src/config/tree.rs` from the
+//! fields serde reports) lists the keys it expected ("unknown key `zzz_probe`, expected one of
+//! `listen`, `admin_listen`, …"). So the test feeds
 //! [`Config::from_yaml`] (the same function `txgate check` and `txgate run` use) small probe
 //! documents that put the key `zzz_probe` at one place in the tree, reads the expected keys
 //! from the answer, and for each key tries three shapes below it — a map (`{zzz_probe: 1}`), a

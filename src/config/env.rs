@@ -7,11 +7,13 @@
 
 use serde_yaml::Value;
 
-/// Expands every string scalar in `tree`. On error returns `(key path, message)`.
+use super::ConfigProblem;
+
+/// Expands every string scalar in `tree`; a problem names the key path of the string.
 pub fn expand_tree(
     tree: &mut Value,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), (String, String)> {
+) -> Result<(), ConfigProblem> {
     walk(tree, String::new(), env)
 }
 
@@ -19,11 +21,11 @@ fn walk(
     node: &mut Value,
     path: String,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), (String, String)> {
+) -> Result<(), ConfigProblem> {
     match node {
         Value::String(s) => {
             if s.contains('$') {
-                *s = expand(s, env).map_err(|m| (path, m))?;
+                *s = expand(s, env).map_err(|m| ConfigProblem::new(path, m))?;
             }
             Ok(())
         }
@@ -135,7 +137,7 @@ mod tests {
     fn tree_errors_name_the_key_path() {
         let mut tree: Value =
             serde_yaml::from_str("a:\n  list:\n    - x\n    - \"${NOPE}\"\n").unwrap();
-        let (path, _) = expand_tree(&mut tree, &env).unwrap_err();
-        assert_eq!(path, "a.list[1]");
+        let problem = expand_tree(&mut tree, &env).unwrap_err();
+        assert_eq!(problem.path, "a.list[1]");
     }
 }

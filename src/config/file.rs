@@ -8,29 +8,38 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::de::Visitor;
+use serde::{Deserialize, Deserializer};
 
 use crate::secret::Secret;
 
-/// Default for `token_services.*.timeout`: the total time one STS call may take.
-pub const DEFAULT_STS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default for `token_services.*.connect_timeout`.
-pub const DEFAULT_STS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default for `cache.max_entries`.
-pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
-/// Default for `cache.expiry_skew`: a cached token is dropped this long before it expires.
-pub const DEFAULT_CACHE_EXPIRY_SKEW: Duration = Duration::from_secs(30);
-/// Default for `cache.default_ttl`: used when the STS omits `expires_in` and the issued token
-/// carries no `exp`.
-pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
-/// Default for `cache.max_ttl`: no cache entry lives longer, whatever the STS says.
-pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Default for `server.max_token_bytes` (RFC 6750 sets no limit; real JWTs stay well below).
-pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
-/// Default for `server.grace_period`: how long a SIGTERM keeps serving in-flight requests.
-pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
-/// Default for `server.shutdown_timeout`: the hard stop after the grace period.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A duration key (`Option<Duration>`), in humantime's syntax: `500ms`, `2s`, `1m 30s`.
+///
+/// Ours rather than `humantime_serde`'s, so that text humantime does not read is refused in
+/// our own words; the key path is added by the loader.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    struct Text;
+    impl Visitor<'_> for Text {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text).map_err(|_| {
+                E::custom(format!(
+                    "invalid duration {text:?} (expected e.g. 500ms, 2s, 1m 30s)"
+                ))
+            })
+        }
+    }
+    struct DurationText(Duration);
+    impl<'de> Deserialize<'de> for DurationText {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_str(Text).map(DurationText)
+        }
+    }
+    Ok(Option::<DurationText>::deserialize(d)?.map(|t| t.0))
+}
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -54,16 +63,16 @@ pub struct ServerFile {
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`); none when absent.
     #[serde(default)]
     pub admin_listen: Option<String>,
-    /// Worker threads for the proxy; pingora's default (1) when absent.
+    /// Worker threads for the proxy; [`super::defaults::THREADS`] when absent.
     #[serde(default)]
     pub threads: Option<usize>,
     /// Let idle worker threads take queued work from busy ones (tokio work stealing); off
     /// when absent: each thread runs its own connections, which costs less per request.
     #[serde(default)]
     pub work_stealing: Option<bool>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub grace_period: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub shutdown_timeout: Option<Duration>,
     #[serde(default)]
     pub max_token_bytes: Option<usize>,
@@ -75,7 +84,7 @@ pub struct ServerFile {
     pub tls: Option<ServerTlsFile>,
     /// Reload when the config file changes, checking this often; off when absent (SIGHUP
     /// always reloads).
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub watch_config: Option<Duration>,
     /// Decode unreserved escapes and remove dot segments before routing; default true.
     #[serde(default)]
@@ -104,8 +113,9 @@ pub struct ServerTlsFile {
     pub listen: Vec<String>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// How often the files are checked for changes; default 10 s.
-    #[serde(default, with = "humantime_serde")]
+    /// How often the files are checked for changes; [`super::defaults::TLS_RELOAD_INTERVAL`]
+    /// when absent.
+    #[serde(default, deserialize_with = "duration")]
     pub reload_interval: Option<Duration>,
 }
 
@@ -129,7 +139,8 @@ pub struct TokenServiceFile {
     /// `profile: pingone`
     #[serde(default)]
     pub environment_id: Option<String>,
-    /// `profile: pingone`: `com` (default), `eu`, `ca`, `asia`, `com.au`, `sg`.
+    /// `profile: pingone`: `com`, `eu`, `ca`, `asia`, `com.au`, `sg`;
+    /// [`super::defaults::PINGONE_REGION`] when absent.
     #[serde(default)]
     pub region: Option<String>,
     /// `profile: keycloak`
@@ -161,14 +172,14 @@ pub struct TokenServiceFile {
     pub assertion_alg: Option<String>,
     #[serde(default)]
     pub auth_method: AuthMethodFile,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
     /// Most STS calls in flight at once; more wait `queue_timeout`, then get 503.
     #[serde(default)]
     pub max_concurrent: Option<usize>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub queue_timeout: Option<Duration>,
     /// Retries of a call that got no connection or a 503 (within `timeout`).
     #[serde(default)]
@@ -201,7 +212,7 @@ pub enum AuthMethodFile {
 pub struct CircuitBreakerFile {
     #[serde(default)]
     pub failure_threshold: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub open_for: Option<Duration>,
 }
 
@@ -243,7 +254,7 @@ pub struct JwtFile {
     /// Allowed `alg` values; RS256 and ES256 when absent. `none` and HMAC are refused.
     #[serde(default)]
     pub algorithms: Vec<String>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub leeway: Option<Duration>,
 }
 
@@ -254,8 +265,9 @@ pub struct IntrospectionFile {
     /// The token service's `introspection_endpoint` when absent.
     #[serde(default)]
     pub endpoint: Option<String>,
-    /// Longest reuse of an `active` answer (never past the token's `exp`); default 60 s.
-    #[serde(default, with = "humantime_serde")]
+    /// Longest reuse of an `active` answer (never past the token's `exp`);
+    /// [`super::defaults::INTROSPECTION_CACHE_TTL`] when absent.
+    #[serde(default, deserialize_with = "duration")]
     pub cache_ttl: Option<Duration>,
     /// Accepted `aud` values of the answer; empty (the default) does not check `aud`.
     #[serde(default)]
@@ -265,13 +277,13 @@ pub struct IntrospectionFile {
     pub client_ids: Vec<String>,
     /// How long a refusal (inactive, a refresh token, wrong audience or client) is remembered;
     /// default 30 s, 0 turns it off.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub negative_cache_ttl: Option<Duration>,
     /// Most introspection calls in flight; more wait `queue_timeout`, then get 503. Default 64.
     #[serde(default)]
     pub max_concurrent: Option<usize>,
     /// Default 250 ms.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub queue_timeout: Option<Duration>,
 }
 
@@ -328,9 +340,9 @@ pub struct UpstreamPeersFile {
     pub peers: Vec<String>,
     #[serde(default)]
     pub tls: Option<UpstreamTlsFile>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub read_timeout: Option<Duration>,
     #[serde(default)]
     pub health_check: Option<HealthCheckFile>,
@@ -357,7 +369,7 @@ pub struct UpstreamTlsFile {
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckFile {
     pub path: String,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub interval: Option<Duration>,
     #[serde(default)]
     pub unhealthy_after: Option<usize>,
@@ -455,16 +467,16 @@ pub enum ModeFile {
 pub struct CacheFile {
     #[serde(default)]
     pub max_entries: Option<u64>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub expiry_skew: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub default_ttl: Option<Duration>,
     /// Longest lifetime of any entry; at least `default_ttl`.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub max_ttl: Option<Duration>,
     /// How long a definitive rejection (`invalid_grant`, `invalid_request`, `invalid_target`)
     /// is remembered; 0 turns negative caching off.
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, deserialize_with = "duration")]
     pub negative_ttl: Option<Duration>,
     /// Share of an entry's lifetime after which a hit also re-exchanges in the background.
     #[serde(default)]

@@ -1,8 +1,9 @@
-//! Token services: provider profiles, endpoint discovery, client authentication and inbound
-//! validation, resolved once at load.
+//! Token services: endpoints, client authentication, resilience and inbound validation,
+//! resolved once at load.
 //!
-//! Endpoint precedence: explicit keys, then the profile's documented endpoints (PingOne,
-//! Keycloak, Okta, Entra), then OIDC discovery from `issuer` for whatever is still missing.
+//! Endpoint precedence: explicit keys, then the profile's documented endpoints
+//! ([`super::profile`]), then OIDC discovery from `issuer` for whatever is still missing
+//! ([`super::discovery`]).
 
 use std::fmt;
 use std::path::Path;
@@ -15,10 +16,13 @@ use http::HeaderValue;
 use jsonwebtoken::Algorithm;
 use url::Url;
 
-use super::file::{self, AuthMethodFile, InboundFile, ProfileFile, TokenServiceFile};
+use super::defaults;
+use super::discovery::{self, Endpoints, Wanted};
+use super::file::{self, AuthMethodFile, InboundFile, TokenServiceFile};
+use super::profile::{self, Profile, ProfileKeys};
 use super::{
-    BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigWarning, clear_text_remote,
-    http_url, is_label, positive,
+    BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigProblem, ConfigWarning,
+    clear_text_remote, http_url, is_label, positive,
 };
 use crate::exchange::assertion::AssertionSigner;
 use crate::exchange::resilience::{Resilience, ResilienceSettings};
@@ -27,42 +31,14 @@ use crate::inbound::{
 };
 use crate::secret::Secret;
 
-/// PingOne regions and their top-level domains.
-pub const PINGONE_REGIONS: &[(&str, &str)] = &[
-    ("com", "auth.pingone.com"),
-    ("eu", "auth.pingone.eu"),
-    ("ca", "auth.pingone.ca"),
-    ("asia", "auth.pingone.asia"),
-    ("com.au", "auth.pingone.com.au"),
-    ("sg", "auth.pingone.sg"),
-];
-/// Default `inbound.introspection.cache_ttl`.
-pub const DEFAULT_INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Most `retries` of one STS call. Every retry runs inside the call's `timeout`, so a larger
+/// number buys nothing but load on an STS that is already failing.
+pub const MAX_RETRIES: u32 = 5;
+/// Largest `inbound.jwt.leeway`. Clocks a day apart are a misconfiguration, not skew, and a
+/// longer leeway would accept tokens that expired that long ago.
+pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
 const INBOUND_CACHE_ENTRIES: u64 = 100_000;
-
-/// Which STS family a token service is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Profile {
-    Generic,
-    PingOne,
-    Keycloak,
-    Okta,
-    /// Microsoft Entra ID on-behalf-of: the jwt-bearer grant instead of token exchange.
-    EntraObo,
-}
-
-impl Profile {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Profile::Generic => "generic",
-            Profile::PingOne => "pingone",
-            Profile::Keycloak => "keycloak",
-            Profile::Okta => "okta",
-            Profile::EntraObo => "entra_obo",
-        }
-    }
-}
 
 /// A Security Token Service the gateway exchanges tokens at.
 pub struct TokenService {
@@ -203,15 +179,6 @@ impl fmt::Debug for Inbound {
     }
 }
 
-/// Endpoints found by OIDC discovery (OpenID Connect Discovery 1.0 §3, RFC 8414 §2).
-#[derive(Debug, Default, Clone, serde::Deserialize)]
-pub struct Discovered {
-    pub issuer: Option<String>,
-    pub token_endpoint: Option<String>,
-    pub jwks_uri: Option<String>,
-    pub introspection_endpoint: Option<String>,
-}
-
 pub(super) fn build_token_service(
     path: &str,
     name: &str,
@@ -245,12 +212,12 @@ pub(super) fn build_token_service(
         inbound,
     } = raw;
     if !is_label(name) {
-        return Err((
-            path.into(),
-            "token service names may use only letters, digits, '-', '_' and '.'".into(),
+        return Err(ConfigProblem::new(
+            path,
+            "token service names may use only letters, digits, '-', '_' and '.'",
         ));
     }
-    let err = |key: &str, message: String| (format!("{path}.{key}"), message);
+    let err = |key: &str, message: String| ConfigProblem::new(format!("{path}.{key}"), message);
     let profile_keys = ProfileKeys {
         environment_id,
         region,
@@ -259,19 +226,19 @@ pub(super) fn build_token_service(
         authorization_server,
         tenant,
     };
-    let (profile, derived) = derive_endpoints(path, profile, profile_keys)?;
+    let (profile, derived) = profile::derive_endpoints(path, profile, profile_keys)?;
 
     let timeout = positive(
         &format!("{path}.timeout"),
-        timeout.unwrap_or(file::DEFAULT_STS_TIMEOUT),
+        timeout.unwrap_or(defaults::STS_TIMEOUT),
     )?;
     let connect_timeout = positive(
         &format!("{path}.connect_timeout"),
-        connect_timeout.unwrap_or(file::DEFAULT_STS_CONNECT_TIMEOUT),
+        connect_timeout.unwrap_or(defaults::STS_CONNECT_TIMEOUT),
     )?
     .min(timeout);
     let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
-        (
+        ConfigProblem::new(
             path.to_string(),
             format!("cannot build the HTTP client for this token service: {e}"),
         )
@@ -287,11 +254,6 @@ pub(super) fn build_token_service(
             .map(|v| http_url(&format!("{path}.{key}"), &v))
             .transpose()
     };
-    let mut token_endpoint = explicit("token_endpoint", token_endpoint)?.or(derived.token);
-    let mut jwks_uri = explicit("jwks_uri", jwks_uri)?.or(derived.jwks);
-    let mut introspection_endpoint =
-        explicit("introspection_endpoint", introspection_endpoint)?.or(derived.introspection);
-
     let wants_jwks = inbound
         .as_ref()
         .and_then(|i| i.jwt.as_ref())
@@ -300,38 +262,32 @@ pub(super) fn build_token_service(
         .as_ref()
         .and_then(|i| i.introspection.as_ref())
         .is_some_and(|i| i.endpoint.is_none());
-    let missing = token_endpoint.is_none()
-        || (wants_jwks && jwks_uri.is_none())
-        || (wants_introspection && introspection_endpoint.is_none());
-    if missing && let Some(issuer) = &issuer {
-        // A client of its own: its pooled connections belong to discovery's short-lived
-        // runtime, not to the proxy's.
-        let discovery_client = crate::exchange::http_client(connect_timeout)
-            .map_err(|e| err("issuer", format!("cannot build the discovery client: {e}")))?;
-        let found = discover(issuer, &discovery_client, timeout).map_err(|m| err("issuer", m))?;
-        let pick = |key: &str, v: Option<String>| -> BuildResult<Option<Url>> {
-            v.map(|u| {
-                Url::parse(&u).map_err(|e| {
-                    err(
-                        "issuer",
-                        format!("discovery returned an invalid {key} \"{u}\": {e}"),
-                    )
-                })
-            })
-            .transpose()
-        };
-        if token_endpoint.is_none() {
-            token_endpoint = pick("token_endpoint", found.token_endpoint)?;
-        }
-        if jwks_uri.is_none() {
-            jwks_uri = pick("jwks_uri", found.jwks_uri)?;
-        }
-        if introspection_endpoint.is_none() {
-            introspection_endpoint = pick("introspection_endpoint", found.introspection_endpoint)?;
-        }
+    let mut endpoints = Endpoints {
+        token: explicit("token_endpoint", token_endpoint)?.or(derived.token),
+        jwks: explicit("jwks_uri", jwks_uri)?.or(derived.jwks),
+        introspection: explicit("introspection_endpoint", introspection_endpoint)?
+            .or(derived.introspection),
+    };
+    if let Some(issuer) = &issuer {
+        discovery::fill_missing_endpoints(
+            &format!("{path}.issuer"),
+            issuer,
+            &mut endpoints,
+            Wanted {
+                jwks: wants_jwks,
+                introspection: wants_introspection,
+            },
+            connect_timeout,
+            timeout,
+        )?;
     }
+    let Endpoints {
+        token: token_endpoint,
+        jwks: jwks_uri,
+        introspection: introspection_endpoint,
+    } = endpoints;
     let token_endpoint = token_endpoint.ok_or_else(|| {
-        (
+        ConfigProblem::new(
             path.to_string(),
             "set token_endpoint, or issuer for OIDC discovery, or a profile".to_string(),
         )
@@ -340,16 +296,16 @@ pub(super) fn build_token_service(
     if client_id.is_empty() {
         return Err(err("client_id", "must not be empty".into()));
     }
-    let defaults = ResilienceSettings::default();
+    let unset = ResilienceSettings::default();
     let (failure_threshold, open_for) = match circuit_breaker {
         Some(file::CircuitBreakerFile {
             failure_threshold,
             open_for,
         }) => (
-            failure_threshold.unwrap_or(defaults.failure_threshold),
-            open_for.unwrap_or(defaults.open_for),
+            failure_threshold.unwrap_or(unset.failure_threshold),
+            open_for.unwrap_or(unset.open_for),
         ),
-        None => (defaults.failure_threshold, defaults.open_for),
+        None => (unset.failure_threshold, unset.open_for),
     };
     if failure_threshold == 0 {
         return Err(err(
@@ -358,20 +314,31 @@ pub(super) fn build_token_service(
         ));
     }
     let resilience = Resilience::new(ResilienceSettings {
-        max_concurrent: match max_concurrent.unwrap_or(defaults.max_concurrent) {
+        max_concurrent: match max_concurrent.unwrap_or(unset.max_concurrent) {
             0 => return Err(err("max_concurrent", "must be at least 1".into())),
             n => n,
         },
-        queue_timeout: queue_timeout.unwrap_or(defaults.queue_timeout),
-        retries: retries.unwrap_or(defaults.retries).min(5),
+        queue_timeout: queue_timeout.unwrap_or(unset.queue_timeout),
+        retries: match retries.unwrap_or(unset.retries) {
+            n if n > MAX_RETRIES => {
+                return Err(err(
+                    "retries",
+                    format!(
+                        "{n} is more than {MAX_RETRIES}, the most allowed: retries run inside \
+                         the call's timeout, and more of them only add load to a failing STS"
+                    ),
+                ));
+            }
+            n => n,
+        },
         failure_threshold,
         open_for: positive(&format!("{path}.circuit_breaker.open_for"), open_for)?,
     });
     let secret = match (client_secret, client_secret_file) {
         (Some(_), Some(_)) => {
-            return Err((
-                path.into(),
-                "set either client_secret or client_secret_file, not both".into(),
+            return Err(ConfigProblem::new(
+                path,
+                "set either client_secret or client_secret_file, not both",
             ));
         }
         (Some(s), None) => Some(s),
@@ -391,7 +358,7 @@ pub(super) fn build_token_service(
         .transpose()?;
     let needs_secret = |secret: &Option<Secret>| -> BuildResult<Secret> {
         secret.clone().ok_or_else(|| {
-            (
+            ConfigProblem::new(
                 path.to_string(),
                 "one of client_secret or client_secret_file is required".to_string(),
             )
@@ -486,248 +453,6 @@ fn basic_auth(client_id: &str, secret: &Secret) -> Result<HeaderValue, String> {
     Ok(header)
 }
 
-struct ProfileKeys {
-    environment_id: Option<String>,
-    region: Option<String>,
-    base_url: Option<String>,
-    realm: Option<String>,
-    authorization_server: Option<String>,
-    tenant: Option<String>,
-}
-
-#[derive(Default)]
-struct Derived {
-    issuer: Option<String>,
-    token: Option<Url>,
-    jwks: Option<Url>,
-    introspection: Option<Url>,
-}
-
-/// The endpoints a provider documents, from its profile keys. Keys of another profile are
-/// errors, so a PingOne `region` on a Keycloak service does not silently do nothing.
-fn derive_endpoints(
-    path: &str,
-    profile: ProfileFile,
-    keys: ProfileKeys,
-) -> BuildResult<(Profile, Derived)> {
-    let ProfileKeys {
-        environment_id,
-        region,
-        base_url,
-        realm,
-        authorization_server,
-        tenant,
-    } = keys;
-    let allowed: &[&str] = match profile {
-        ProfileFile::Generic => &[],
-        ProfileFile::Pingone => &["environment_id", "region"],
-        ProfileFile::Keycloak => &["base_url", "realm"],
-        ProfileFile::Okta => &["authorization_server"],
-        ProfileFile::EntraObo => &["tenant"],
-    };
-    for (key, set) in [
-        ("environment_id", environment_id.is_some()),
-        ("region", region.is_some()),
-        ("base_url", base_url.is_some()),
-        ("realm", realm.is_some()),
-        ("authorization_server", authorization_server.is_some()),
-        ("tenant", tenant.is_some()),
-    ] {
-        if set && !allowed.contains(&key) {
-            return Err((
-                format!("{path}.{key}"),
-                format!("is not a key of profile {}", profile_name(profile)),
-            ));
-        }
-    }
-    let required = |key: &str, v: Option<String>| {
-        v.filter(|s| !s.is_empty()).ok_or_else(|| {
-            (
-                format!("{path}.{key}"),
-                format!("required by profile {}", profile_name(profile)),
-            )
-        })
-    };
-    let url = |key: &str, text: String| {
-        Url::parse(&text).map_err(|e| {
-            (
-                format!("{path}.{key}"),
-                format!("invalid URL \"{text}\": {e}"),
-            )
-        })
-    };
-    let from_issuer =
-        |issuer: String, token: &str, jwks: &str, introspect: &str| -> BuildResult<Derived> {
-            Ok(Derived {
-                token: Some(url("issuer", format!("{issuer}{token}"))?),
-                jwks: Some(url("issuer", format!("{issuer}{jwks}"))?),
-                introspection: Some(url("issuer", format!("{issuer}{introspect}"))?),
-                issuer: Some(issuer),
-            })
-        };
-    match profile {
-        ProfileFile::Generic => Ok((Profile::Generic, Derived::default())),
-        ProfileFile::Pingone => {
-            let env = required("environment_id", environment_id)?;
-            if !is_uuid(&env) {
-                return Err((
-                    format!("{path}.environment_id"),
-                    format!("\"{env}\" is not a PingOne environment id (a UUID)"),
-                ));
-            }
-            let region = region.unwrap_or_else(|| "com".to_string());
-            let host = PINGONE_REGIONS
-                .iter()
-                .find(|(r, _)| *r == region)
-                .map(|(_, h)| *h)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = PINGONE_REGIONS.iter().map(|(r, _)| *r).collect();
-                    (
-                        format!("{path}.region"),
-                        format!(
-                            "unknown PingOne region \"{region}\" (known: {})",
-                            known.join(", ")
-                        ),
-                    )
-                })?;
-            let issuer = format!("https://{host}/{}/as", env.to_ascii_lowercase());
-            Ok((
-                Profile::PingOne,
-                from_issuer(issuer, "/token", "/jwks", "/introspect")?,
-            ))
-        }
-        ProfileFile::Keycloak => {
-            let base = http_url(
-                &format!("{path}.base_url"),
-                &required("base_url", base_url)?,
-            )?;
-            let realm = required("realm", realm)?;
-            if realm.contains(['/', '?', '#']) {
-                return Err((
-                    format!("{path}.realm"),
-                    format!("invalid realm \"{realm}\""),
-                ));
-            }
-            let issuer = format!("{}/realms/{realm}", base.as_str().trim_end_matches('/'));
-            Ok((
-                Profile::Keycloak,
-                from_issuer(
-                    issuer,
-                    "/protocol/openid-connect/token",
-                    "/protocol/openid-connect/certs",
-                    "/protocol/openid-connect/token/introspect",
-                )?,
-            ))
-        }
-        ProfileFile::Okta => {
-            let server = http_url(
-                &format!("{path}.authorization_server"),
-                &required("authorization_server", authorization_server)?,
-            )?;
-            let issuer = server.as_str().trim_end_matches('/').to_string();
-            Ok((
-                Profile::Okta,
-                from_issuer(issuer, "/v1/token", "/v1/keys", "/v1/introspect")?,
-            ))
-        }
-        ProfileFile::EntraObo => {
-            let tenant = required("tenant", tenant)?;
-            if !tenant
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-            {
-                return Err((
-                    format!("{path}.tenant"),
-                    format!("invalid tenant \"{tenant}\""),
-                ));
-            }
-            let login = format!("https://login.microsoftonline.com/{tenant}");
-            Ok((
-                Profile::EntraObo,
-                Derived {
-                    issuer: Some(format!("{login}/v2.0")),
-                    token: Some(url("tenant", format!("{login}/oauth2/v2.0/token"))?),
-                    jwks: Some(url("tenant", format!("{login}/discovery/v2.0/keys"))?),
-                    introspection: None,
-                },
-            ))
-        }
-    }
-}
-
-fn profile_name(profile: ProfileFile) -> &'static str {
-    match profile {
-        ProfileFile::Generic => "generic",
-        ProfileFile::Pingone => "pingone",
-        ProfileFile::Keycloak => "keycloak",
-        ProfileFile::Okta => "okta",
-        ProfileFile::EntraObo => "entra_obo",
-    }
-}
-
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
-}
-
-/// Fetches `<issuer>/.well-known/openid-configuration` (RFC 8414 §3 path as fallback) and
-/// checks that the document is for this issuer (OpenID Connect Discovery §4.3). Runs on its
-/// own thread and runtime so config loading works from any context, async or not.
-fn discover(issuer: &str, http: &reqwest::Client, timeout: Duration) -> Result<Discovered, String> {
-    let issuer = issuer.to_string();
-    let http = http.clone();
-    let fetch = move || -> Result<Discovered, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot run discovery: {e}"))?;
-        runtime.block_on(async {
-            let mut last = String::new();
-            for suffix in [
-                "/.well-known/openid-configuration",
-                "/.well-known/oauth-authorization-server",
-            ] {
-                let url = format!("{issuer}{suffix}");
-                let answer = tokio::time::timeout(timeout, async {
-                    let response = http.get(&url).send().await.map_err(|e| e.to_string())?;
-                    if !response.status().is_success() {
-                        return Err(format!("HTTP {}", response.status().as_u16()));
-                    }
-                    response
-                        .json::<Discovered>()
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
-                match answer {
-                    Ok(doc) => {
-                        let found = doc.issuer.as_deref().map(|i| i.trim_end_matches('/'));
-                        if found != Some(issuer.as_str()) {
-                            return Err(format!(
-                                "discovery at {url} is for issuer {:?}, not \"{issuer}\"",
-                                doc.issuer.as_deref().unwrap_or("(none)")
-                            ));
-                        }
-                        return Ok(doc);
-                    }
-                    Err(e) => last = format!("OIDC discovery at {url} failed: {e}"),
-                }
-            }
-            Err(last)
-        })
-    };
-    std::thread::scope(|scope| {
-        scope
-            .spawn(fetch)
-            .join()
-            .unwrap_or_else(|_| Err("discovery failed".to_string()))
-    })
-}
-
 /// What an `inbound:` block falls back to from its token service.
 pub(super) struct InboundDefaults<'a> {
     pub issuer: Option<&'a str>,
@@ -742,11 +467,11 @@ pub(super) struct InboundDefaults<'a> {
 pub(super) fn build_inbound(
     path: &str,
     raw: InboundFile,
-    defaults: &InboundDefaults<'_>,
+    fallback: &InboundDefaults<'_>,
 ) -> BuildResult<Inbound> {
     let InboundFile { jwt, introspection } = raw;
     if jwt.is_none() && introspection.is_none() {
-        return Err((path.into(), "set jwt, introspection, or both".into()));
+        return Err(ConfigProblem::new(path, "set jwt, introspection, or both"));
     }
     let jwt = jwt
         .map(|j| {
@@ -759,17 +484,17 @@ pub(super) fn build_inbound(
             } = j;
             let p = |k: &str| format!("{path}.jwt.{k}");
             let issuer = issuer
-                .or_else(|| defaults.issuer.map(str::to_string))
+                .or_else(|| fallback.issuer.map(str::to_string))
                 .ok_or_else(|| {
-                    (
+                    ConfigProblem::new(
                         p("issuer"),
                         "required (the token service has no issuer)".to_string(),
                     )
                 })?;
             let jwks_uri = match jwks_uri {
                 Some(u) => http_url(&p("jwks_uri"), &u)?,
-                None => defaults.jwks_uri.cloned().ok_or_else(|| {
-                    (
+                None => fallback.jwks_uri.cloned().ok_or_else(|| {
+                    ConfigProblem::new(
                         p("jwks_uri"),
                         "required (the token service has no jwks_uri, profile or discovery)"
                             .to_string(),
@@ -785,18 +510,31 @@ pub(super) fn build_inbound(
                     .map(|(i, a)| allowed_algorithm(&format!("{}[{i}]", p("algorithms")), a))
                     .collect::<BuildResult<Vec<_>>>()?
             };
-            Ok::<_, (String, String)>(Arc::new(JwtValidator::new(
+            Ok::<_, ConfigProblem>(Arc::new(JwtValidator::new(
                 JwtSettings {
                     issuer,
                     jwks_uri,
                     audiences,
                     algorithms,
-                    leeway: leeway.unwrap_or(crate::inbound::DEFAULT_LEEWAY),
+                    leeway: match leeway.unwrap_or(crate::inbound::DEFAULT_LEEWAY) {
+                        l if l > MAX_JWT_LEEWAY => {
+                            return Err(ConfigProblem::new(
+                                p("leeway"),
+                                format!(
+                                    "{} is more than a day, the most allowed: clocks that far \
+                                     apart are a misconfiguration, and a token that expired \
+                                     that long ago would still be accepted",
+                                    humantime::format_duration(l)
+                                ),
+                            ));
+                        }
+                        l => l,
+                    },
                     refresh_interval: crate::inbound::DEFAULT_REFRESH_INTERVAL,
                     min_refetch_interval: crate::inbound::DEFAULT_MIN_REFETCH_INTERVAL,
                     max_cached: INBOUND_CACHE_ENTRIES,
                 },
-                defaults.http.clone(),
+                fallback.http.clone(),
             )))
         })
         .transpose()?;
@@ -814,30 +552,30 @@ pub(super) fn build_inbound(
             let p = |k: &str| format!("{path}.introspection.{k}");
             let endpoint = match endpoint {
                 Some(u) => http_url(&p("endpoint"), &u)?,
-                None => defaults.introspection_endpoint.cloned().ok_or_else(|| {
-                    (
+                None => fallback.introspection_endpoint.cloned().ok_or_else(|| {
+                    ConfigProblem::new(
                         p("endpoint"),
                         "required (the token service has no introspection_endpoint)".to_string(),
                     )
                 })?,
             };
-            let secret = defaults.secret.ok_or_else(|| {
-                (
+            let secret = fallback.secret.ok_or_else(|| {
+                ConfigProblem::new(
                     format!("{path}.introspection"),
                     "introspection authenticates with the token service's client secret; set client_secret".to_string(),
                 )
             })?;
-            let header = basic_auth(defaults.client_id, secret)
-                .map_err(|m| (format!("{path}.introspection"), m))?;
-            Ok::<_, (String, String)>(Arc::new(IntrospectionValidator::new(
+            let header = basic_auth(fallback.client_id, secret)
+                .map_err(|m| ConfigProblem::new(format!("{path}.introspection"), m))?;
+            Ok::<_, ConfigProblem>(Arc::new(IntrospectionValidator::new(
                 IntrospectionSettings {
                     endpoint,
-                    client_id: defaults.client_id.to_string(),
+                    client_id: fallback.client_id.to_string(),
                     auth: IntrospectionAuth::Basic { header },
-                    timeout: defaults.timeout,
+                    timeout: fallback.timeout,
                     cache_ttl: positive(
                         &p("cache_ttl"),
-                        cache_ttl.unwrap_or(DEFAULT_INTROSPECTION_CACHE_TTL),
+                        cache_ttl.unwrap_or(defaults::INTROSPECTION_CACHE_TTL),
                     )?,
                     max_cached: INBOUND_CACHE_ENTRIES,
                     audiences: non_empty(&p("audiences"), audiences)?,
@@ -847,13 +585,13 @@ pub(super) fn build_inbound(
                     max_concurrent: match max_concurrent
                         .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_MAX_CONCURRENT)
                     {
-                        0 => return Err((p("max_concurrent"), "must be at least 1".into())),
+                        0 => return Err(ConfigProblem::new(p("max_concurrent"), "must be at least 1")),
                         n => n,
                     },
                     queue_timeout: queue_timeout
                         .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_QUEUE_TIMEOUT),
                 },
-                defaults.http.clone(),
+                fallback.http.clone(),
             )))
         })
         .transpose()?;
@@ -864,7 +602,10 @@ pub(super) fn build_inbound(
 /// is present but says nothing).
 fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
     if let Some(i) = values.iter().position(String::is_empty) {
-        return Err((format!("{path}[{i}]"), "must not be empty".into()));
+        return Err(ConfigProblem::new(
+            format!("{path}[{i}]"),
+            "must not be empty",
+        ));
     }
     Ok(values)
 }
@@ -872,11 +613,11 @@ fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
 /// An inbound `alg`: asymmetric only. `none` would accept unsigned tokens, and an HMAC
 /// algorithm against a JWKS is the key-confusion attack of RFC 8725 §2.1.
 fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
-    let alg = text
-        .parse::<Algorithm>()
-        .map_err(|_| (path.to_string(), format!("unknown algorithm \"{text}\"")))?;
+    let alg = text.parse::<Algorithm>().map_err(|_| {
+        ConfigProblem::new(path.to_string(), format!("unknown algorithm \"{text}\""))
+    })?;
     match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err((
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(ConfigProblem::new(
             path.to_string(),
             format!(
                 "{text} is a shared-secret algorithm; inbound tokens are verified with public keys"

@@ -16,16 +16,10 @@ use pingora::prelude::HttpPeer;
 use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
 use url::Url;
 
+use super::defaults;
 use super::file::{HeadersFile, HealthCheckFile, UpstreamFile, UpstreamPeersFile, UpstreamTlsFile};
-use super::{BuildResult, http_url, positive};
+use super::{BuildResult, ConfigProblem, http_url, positive};
 use crate::tls::{read_certs, read_key};
-
-/// Default `upstream.connect_timeout`.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default `upstream.health_check.interval`.
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
-/// Default `upstream.health_check.unhealthy_after` / `healthy_after`.
-pub const DEFAULT_HEALTH_THRESHOLD: usize = 2;
 
 /// Where a route's requests go.
 pub struct Upstream {
@@ -103,14 +97,14 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         health_check,
     } = raw;
     if peers.is_empty() {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.peers"),
-            "at least one peer is required".into(),
+            "at least one peer is required",
         ));
     }
     let connect_timeout = positive(
         &format!("{path}.connect_timeout"),
-        connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        connect_timeout.unwrap_or(defaults::UPSTREAM_CONNECT_TIMEOUT),
     )?;
     let read_timeout = read_timeout
         .map(|d| positive(&format!("{path}.read_timeout"), d))
@@ -133,10 +127,16 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         let (url, addr) = peer_address(&key, text)?;
         let tls = url.scheme() == "https";
         if *scheme_tls.get_or_insert(tls) != tls {
-            return Err((key, "all peers of an upstream use the same scheme".into()));
+            return Err(ConfigProblem::new(
+                key,
+                "all peers of an upstream use the same scheme",
+            ));
         }
         if built.iter().any(|(a, _)| *a == addr) {
-            return Err((key, format!("peer {addr} is listed twice")));
+            return Err(ConfigProblem::new(
+                key,
+                format!("peer {addr} is listed twice"),
+            ));
         }
         let host = url
             .host_str()
@@ -164,15 +164,17 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
     }
     let tls = scheme_tls.unwrap_or(false);
     if !tls && material.configured {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.tls"),
-            "the peers are http://; tls applies to https:// peers".into(),
+            "the peers are http://; tls applies to https:// peers",
         ));
     }
 
     let addrs: Vec<SocketAddr> = built.iter().map(|(a, _)| *a).collect();
-    let mut balancer = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied())
-        .map_err(|e| (path.to_string(), format!("cannot build the peer set: {e}")))?;
+    let mut balancer =
+        LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().copied()).map_err(|e| {
+            ConfigProblem::new(path.to_string(), format!("cannot build the peer set: {e}"))
+        })?;
     let mut health_check_interval = None;
     if let Some(hc) = health_check {
         let HealthCheckFile {
@@ -183,18 +185,21 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         } = hc;
         let hc_key = format!("{path}.health_check");
         if !check_path.starts_with('/') {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{hc_key}.path"),
                 format!("\"{check_path}\" must start with '/'"),
             ));
         }
         let interval = positive(
             &format!("{hc_key}.interval"),
-            interval.unwrap_or(DEFAULT_HEALTH_INTERVAL),
+            interval.unwrap_or(defaults::HEALTH_CHECK_INTERVAL),
         )?;
         let threshold = |key: &str, v: Option<usize>| -> BuildResult<usize> {
-            match v.unwrap_or(DEFAULT_HEALTH_THRESHOLD) {
-                0 => Err((format!("{hc_key}.{key}"), "must be at least 1".into())),
+            match v.unwrap_or(defaults::HEALTH_CHECK_THRESHOLD) {
+                0 => Err(ConfigProblem::new(
+                    format!("{hc_key}.{key}"),
+                    "must be at least 1",
+                )),
                 n => Ok(n),
             }
         };
@@ -204,15 +209,15 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         check.consecutive_failure = threshold("unhealthy_after", unhealthy_after)?;
         check.consecutive_success = threshold("healthy_after", healthy_after)?;
         check.req = pingora::http::RequestHeader::build("GET", check_path.as_bytes(), None)
-            .map_err(|e| (format!("{hc_key}.path"), e.to_string()))?;
+            .map_err(|e| ConfigProblem::new(format!("{hc_key}.path"), e.to_string()))?;
         check
             .req
             .insert_header(http::header::HOST, host.as_str())
-            .map_err(|e| (format!("{hc_key}.path"), e.to_string()))?;
+            .map_err(|e| ConfigProblem::new(format!("{hc_key}.path"), e.to_string()))?;
         check
             .req
             .insert_header(http::header::USER_AGENT, "txgate-health-check")
-            .map_err(|e| (format!("{hc_key}.path"), e.to_string()))?;
+            .map_err(|e| ConfigProblem::new(format!("{hc_key}.path"), e.to_string()))?;
         // Any 2xx is healthy (pingora's default accepts 200 only).
         check.validator = Some(Box::new(|response| {
             if response.status.is_success() {
@@ -245,8 +250,8 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
 fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
     let url = http_url(path, text)?;
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
-        return Err((
-            path.into(),
+        return Err(ConfigProblem::new(
+            path,
             format!("invalid upstream \"{text}\": only scheme, host and port are allowed"),
         ));
     }
@@ -259,14 +264,14 @@ fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
     let addr = (lookup, port)
         .to_socket_addrs()
         .map_err(|e| {
-            (
+            ConfigProblem::new(
                 path.to_string(),
                 format!("cannot resolve upstream \"{host}\": {e}"),
             )
         })?
         .next()
         .ok_or_else(|| {
-            (
+            ConfigProblem::new(
                 path.to_string(),
                 format!("upstream \"{host}\" resolves to no address"),
             )
@@ -329,13 +334,14 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
     } = raw;
     let ca: Option<Arc<[WrappedX509]>> = ca_file
         .map(|file| {
-            let certs = read_certs(&file).map_err(|m| (format!("{path}.ca_file"), m))?;
+            let certs =
+                read_certs(&file).map_err(|m| ConfigProblem::new(format!("{path}.ca_file"), m))?;
             // Check each certificate as a trust anchor now; pingora parses them again per
             // connection and would panic on one it cannot read.
             let mut store = rustls::RootCertStore::empty();
             for cert in &certs {
                 store.add(cert.clone().into()).map_err(|e| {
-                    (
+                    ConfigProblem::new(
                         format!("{path}.ca_file"),
                         format!(
                             "\"{}\" holds an unusable CA certificate: {e}",
@@ -348,23 +354,25 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
                 .into_iter()
                 .map(|der| WrappedX509::new(der, parse_x509))
                 .collect();
-            Ok::<_, (String, String)>(Arc::from(wrapped.into_boxed_slice()))
+            Ok::<_, ConfigProblem>(Arc::from(wrapped.into_boxed_slice()))
         })
         .transpose()?;
     let client = match (client_cert_file, client_key_file) {
         (Some(cert_file), Some(key_file)) => {
-            let certs =
-                read_certs(&cert_file).map_err(|m| (format!("{path}.client_cert_file"), m))?;
-            let key = read_key(&key_file).map_err(|m| (format!("{path}.client_key_file"), m))?;
+            let certs = read_certs(&cert_file)
+                .map_err(|m| ConfigProblem::new(format!("{path}.client_cert_file"), m))?;
+            let key = read_key(&key_file)
+                .map_err(|m| ConfigProblem::new(format!("{path}.client_key_file"), m))?;
             // A config that rustls accepts proves the key matches the certificate.
             crate::tls::install_crypto_provider();
-            let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.clone())
-                .map_err(|e| (format!("{path}.client_key_file"), e.to_string()))?;
+            let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.clone()).map_err(|e| {
+                ConfigProblem::new(format!("{path}.client_key_file"), e.to_string())
+            })?;
             rustls::ClientConfig::builder()
                 .with_root_certificates(rustls::RootCertStore::empty())
                 .with_client_auth_cert(certs.iter().cloned().map(Into::into).collect(), key_der)
                 .map_err(|e| {
-                    (
+                    ConfigProblem::new(
                         format!("{path}.client_key_file"),
                         format!("does not fit client_cert_file: {e}"),
                     )
@@ -373,22 +381,22 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
         }
         (None, None) => None,
         (Some(_), None) => {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.client_key_file"),
-                "required with client_cert_file".into(),
+                "required with client_cert_file",
             ));
         }
         (None, Some(_)) => {
-            return Err((
+            return Err(ConfigProblem::new(
                 format!("{path}.client_cert_file"),
-                "required with client_key_file".into(),
+                "required with client_key_file",
             ));
         }
     };
     if let Some(sni) = &sni
         && (sni.is_empty() || sni.contains(['/', ' ', ':']))
     {
-        return Err((
+        return Err(ConfigProblem::new(
             format!("{path}.sni"),
             format!("invalid server name \"{sni}\""),
         ));
@@ -399,7 +407,7 @@ fn build_tls(path: &str, raw: UpstreamTlsFile) -> BuildResult<TlsMaterial> {
         ca,
         client,
         sni,
-        verify: verify.unwrap_or(true),
+        verify: verify.unwrap_or(defaults::UPSTREAM_TLS_VERIFY),
     })
 }
 
@@ -420,10 +428,11 @@ const RESERVED: &[&str] = &[
 pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult<HeaderRules> {
     let HeadersFile { remove, set } = raw.unwrap_or_default();
     let name = |key: String, text: &str| -> BuildResult<HeaderName> {
-        let name = HeaderName::try_from(text)
-            .map_err(|_| (key.clone(), format!("invalid header name \"{text}\"")))?;
+        let name = HeaderName::try_from(text).map_err(|_| {
+            ConfigProblem::new(key.clone(), format!("invalid header name \"{text}\""))
+        })?;
         if RESERVED.contains(&name.as_str()) {
-            return Err((
+            return Err(ConfigProblem::new(
                 key,
                 format!("\"{text}\" is managed by the gateway and cannot be changed by a rule"),
             ));
@@ -440,8 +449,9 @@ pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult
         .map(|(k, v): (&String, &String)| {
             let key = format!("{path}.set.{k}");
             let header = name(key.clone(), k)?;
-            let value = HeaderValue::try_from(v.as_str())
-                .map_err(|_| (key, "the value cannot be sent in a header".to_string()))?;
+            let value = HeaderValue::try_from(v.as_str()).map_err(|_| {
+                ConfigProblem::new(key, "the value cannot be sent in a header".to_string())
+            })?;
             Ok((header, value))
         })
         .collect::<BuildResult<Vec<_>>>()?;
