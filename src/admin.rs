@@ -269,7 +269,7 @@ impl Snapshot {
                 continue;
             };
             let mut used = vec![&profile.service];
-            if let Some(ActorSource::Own(own)) = &profile.actor {
+            if let Some(ActorSource::Own(own)) = profile.mode.actor() {
                 used.push(&own.service);
             }
             for service in used {

@@ -218,7 +218,12 @@ impl Route {
     pub fn needs_caller_token(&self) -> bool {
         match &self.exchange {
             Exchange::None => false,
-            Exchange::Token(profile) => !profile.anonymous_caller,
+            Exchange::Token(profile) => !matches!(
+                profile.mode,
+                Mode::ClientCredentials {
+                    caller: CallerPolicy::Anonymous
+                }
+            ),
         }
     }
 }
@@ -240,23 +245,68 @@ pub enum Exchange {
     Token(Arc<ExchangeProfile>),
 }
 
-/// The exchange modes of DESIGN.md step 4 that call an STS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The exchange modes of DESIGN.md step 4 that call an STS, each with the data only it has:
+/// a delegation without an actor, or an impersonation that admits anonymous callers, cannot be
+/// written.
+#[derive(Debug)]
 pub enum Mode {
     /// The caller's token is the subject; no actor.
     Impersonation,
     /// The caller's token is the subject; the gateway's (or a configured) token is the actor.
-    Delegation,
+    Delegation {
+        actor: ActorSource,
+        /// Refuse unless the subject's `may_act` names the actor (RFC 8693 §4.4).
+        require_may_act: bool,
+    },
     /// The gateway's own token for the route; the caller's token is checked, never sent.
+    ClientCredentials { caller: CallerPolicy },
+}
+
+/// Whether a `client_credentials` route needs a caller token (`exchange.caller`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerPolicy {
+    /// A validated caller token is required (the default).
+    Required,
+    /// No caller token is needed; one that is sent is still kept from the upstream.
+    Anonymous,
+}
+
+/// A mode without its data: for messages, labels and the profile digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeKind {
+    Impersonation,
+    Delegation,
     ClientCredentials,
 }
 
-impl Mode {
+impl ModeKind {
     pub fn as_str(self) -> &'static str {
         match self {
-            Mode::Impersonation => "impersonation",
-            Mode::Delegation => "delegation",
-            Mode::ClientCredentials => "client_credentials",
+            ModeKind::Impersonation => "impersonation",
+            ModeKind::Delegation => "delegation",
+            ModeKind::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
+impl Mode {
+    pub fn kind(&self) -> ModeKind {
+        match self {
+            Mode::Impersonation => ModeKind::Impersonation,
+            Mode::Delegation { .. } => ModeKind::Delegation,
+            Mode::ClientCredentials { .. } => ModeKind::ClientCredentials,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.kind().as_str()
+    }
+
+    /// The actor of a delegation; `None` for the other modes.
+    pub fn actor(&self) -> Option<&ActorSource> {
+        match self {
+            Mode::Delegation { actor, .. } => Some(actor),
+            _ => None,
         }
     }
 }
@@ -285,18 +335,13 @@ pub enum ActorSource {
 /// profiles may share cache entries; different profiles never do (the key prefix differs).
 #[derive(Debug)]
 pub struct ExchangeProfile {
+    /// The mode, with the data only it has (a delegation's actor, a machine route's callers).
     pub mode: Mode,
     pub grant: Grant,
     pub service: Arc<TokenService>,
     pub subject_token_type: String,
-    /// `delegation` only.
-    pub actor: Option<ActorSource>,
     /// `actor_token_type`, sent only with an actor token.
     pub actor_token_type: String,
-    /// `delegation`: refuse unless the subject's `may_act` names the actor (RFC 8693 §4.4).
-    pub require_may_act: bool,
-    /// `client_credentials`: the caller need not present a token.
-    pub anonymous_caller: bool,
     /// `requested_token_type` as a URN, when configured (also in `params`): an answer with
     /// another `issued_token_type` is refused.
     pub requested_token_type: Option<String>,
@@ -663,7 +708,7 @@ fn build_route(
         (None, None) => None,
     };
     if let Exchange::Token(profile) = &exchange
-        && profile.mode == Mode::ClientCredentials
+        && profile.mode.kind() == ModeKind::ClientCredentials
         && inbound.is_none()
         && !anonymous
     {
@@ -676,7 +721,7 @@ fn build_route(
     // Every token of the issuer passes a JWT check without `aud`; on a route that forwards
     // the gateway's own token, that would let a token minted for any other service in.
     if let Exchange::Token(profile) = &exchange
-        && profile.mode == Mode::ClientCredentials
+        && profile.mode.kind() == ModeKind::ClientCredentials
         && !anonymous
         && let Some(jwt) = inbound.as_ref().and_then(|i| i.jwt.as_ref())
         && jwt.audiences().is_empty()
@@ -776,11 +821,11 @@ fn build_exchange(
             }
             return Ok(Exchange::None);
         }
-        ModeFile::Impersonation => Mode::Impersonation,
-        ModeFile::Delegation => Mode::Delegation,
-        ModeFile::ClientCredentials => Mode::ClientCredentials,
+        ModeFile::Impersonation => ModeKind::Impersonation,
+        ModeFile::Delegation => ModeKind::Delegation,
+        ModeFile::ClientCredentials => ModeKind::ClientCredentials,
     };
-    let only_for = |key: &str, set: bool, wanted: Mode| -> BuildResult<()> {
+    let only_for = |key: &str, set: bool, wanted: ModeKind| -> BuildResult<()> {
         if set && mode != wanted {
             return Err(ConfigProblem::new(
                 format!("{path}.{key}"),
@@ -789,10 +834,10 @@ fn build_exchange(
         }
         Ok(())
     };
-    only_for("actor", actor.is_some(), Mode::Delegation)?;
-    only_for("require_may_act", require_may_act, Mode::Delegation)?;
-    only_for("caller", caller.is_some(), Mode::ClientCredentials)?;
-    if mode == Mode::ClientCredentials {
+    only_for("actor", actor.is_some(), ModeKind::Delegation)?;
+    only_for("require_may_act", require_may_act, ModeKind::Delegation)?;
+    only_for("caller", caller.is_some(), ModeKind::ClientCredentials)?;
+    if mode == ModeKind::ClientCredentials {
         for (key, set) in [
             ("subject_token_type", subject_token_type.is_some()),
             ("requested_token_type", requested_token_type.is_some()),
@@ -826,9 +871,9 @@ fn build_exchange(
         )
     })?;
     let grant = match (mode, service.profile) {
-        (Mode::ClientCredentials, _) => Grant::ClientCredentials,
-        (Mode::Impersonation, Profile::EntraObo) => Grant::OnBehalfOf,
-        (Mode::Delegation, Profile::EntraObo) => {
+        (ModeKind::ClientCredentials, _) => Grant::ClientCredentials,
+        (ModeKind::Impersonation, Profile::EntraObo) => Grant::OnBehalfOf,
+        (ModeKind::Delegation, Profile::EntraObo) => {
             return Err(ConfigProblem::new(
                 format!("{path}.mode"),
                 "Entra on-behalf-of has no actor token; use mode impersonation",
@@ -865,9 +910,27 @@ fn build_exchange(
         scope,
         requested_token_type.clone(),
     )?;
-    let (actor, actor_token_type) = match (mode, actor) {
-        (Mode::Delegation, actor) => build_actor(&format!("{path}.actor"), actor, &service)?,
-        _ => (None, ACCESS_TOKEN_TYPE.to_string()),
+    let (mode_data, actor_token_type) = match mode {
+        ModeKind::Impersonation => (Mode::Impersonation, ACCESS_TOKEN_TYPE.to_string()),
+        ModeKind::Delegation => {
+            let (actor, actor_token_type) = build_actor(&format!("{path}.actor"), actor, &service)?;
+            (
+                Mode::Delegation {
+                    actor,
+                    require_may_act,
+                },
+                actor_token_type,
+            )
+        }
+        ModeKind::ClientCredentials => (
+            Mode::ClientCredentials {
+                caller: match caller {
+                    Some(CallerFile::Anonymous) => CallerPolicy::Anonymous,
+                    Some(CallerFile::Required) | None => CallerPolicy::Required,
+                },
+            },
+            ACCESS_TOKEN_TYPE.to_string(),
+        ),
     };
     let key_prefix = profile_digest(
         mode,
@@ -877,17 +940,14 @@ fn build_exchange(
         &actor_token_type,
     );
     Ok(Exchange::Token(Arc::new(ExchangeProfile {
-        mode,
+        mode: mode_data,
         grant,
         service,
         subject_token_type,
         requested_token_type,
         params,
         key_prefix,
-        actor,
         actor_token_type,
-        require_may_act,
-        anonymous_caller: caller == Some(CallerFile::Anonymous),
     })))
 }
 
@@ -946,7 +1006,7 @@ fn build_actor(
     path: &str,
     raw: Option<ActorFile>,
     service: &Arc<TokenService>,
-) -> BuildResult<(Option<ActorSource>, String)> {
+) -> BuildResult<(ActorSource, String)> {
     let ActorFile {
         token_file,
         token_type: actor_type,
@@ -976,23 +1036,23 @@ fn build_actor(
         }
         None => {
             let params = exchange_params(path, audience, Vec::new(), scope, None)?;
-            let key_prefix = profile_digest(Mode::ClientCredentials, service, "actor", &params, "");
+            let key_prefix =
+                profile_digest(ModeKind::ClientCredentials, service, "actor", &params, "");
             ActorSource::Own(Arc::new(ExchangeProfile {
-                mode: Mode::ClientCredentials,
+                mode: Mode::ClientCredentials {
+                    caller: CallerPolicy::Anonymous,
+                },
                 grant: Grant::ClientCredentials,
                 service: service.clone(),
                 subject_token_type: String::new(),
                 requested_token_type: None,
                 params,
                 key_prefix,
-                actor: None,
                 actor_token_type: String::new(),
-                require_may_act: false,
-                anonymous_caller: true,
             }))
         }
     };
-    Ok((Some(source), actor_token_type))
+    Ok((source, actor_token_type))
 }
 
 fn token_type(path: &str, text: &str) -> BuildResult<String> {
@@ -1015,7 +1075,7 @@ fn token_type(path: &str, text: &str) -> BuildResult<String> {
 /// Length-prefixed SHA-256 over the profile, so no two distinct profiles collide by
 /// concatenation.
 fn profile_digest(
-    mode: Mode,
+    mode: ModeKind,
     service: &TokenService,
     subject_token_type: &str,
     params: &[(&'static str, String)],

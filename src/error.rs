@@ -95,7 +95,6 @@ impl GatewayError {
                 ExchangeError::Forbidden { .. } => 403,
                 ExchangeError::ClientRejected { .. }
                 | ExchangeError::SigningFailed(_)
-                | ExchangeError::NoActor
                 | ExchangeError::BadResponse(_)
                 | ExchangeError::EchoedInputToken
                 | ExchangeError::UnexpectedTokenType { .. } => 502,
@@ -175,7 +174,6 @@ impl GatewayError {
                 }
                 ExchangeError::ClientRejected { .. }
                 | ExchangeError::SigningFailed(_)
-                | ExchangeError::NoActor
                 | ExchangeError::BadResponse(_)
                 | ExchangeError::EchoedInputToken
                 | ExchangeError::UnexpectedTokenType { .. } => "the token exchange failed",
@@ -234,9 +232,6 @@ impl GatewayError {
             }
             GatewayError::Exchange(ExchangeError::SigningFailed(_)) => {
                 tracing::error!(route, outcome, error = %self, "cannot sign the client assertion; check the token service's signing key");
-            }
-            GatewayError::Exchange(ExchangeError::NoActor) => {
-                tracing::error!(route, outcome, error = %self, "the delegation has no actor token source");
             }
             GatewayError::ValidatorUnavailable(_) => {
                 tracing::warn!(route, outcome, error = %self, "token validation unavailable")
@@ -347,7 +342,6 @@ mod tests {
                 }),
                 503,
             ),
-            (ex(ExchangeError::NoActor), 502),
             (ex(ExchangeError::Timeout(Duration::from_secs(1))), 504),
             (ex(ExchangeError::BadResponse("x".into())), 502),
             (ex(ExchangeError::EchoedInputToken), 502),
@@ -369,17 +363,13 @@ mod tests {
         let unsigned = crate::exchange::assertion::SigningError::from(
             jsonwebtoken::errors::Error::from(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat),
         );
-        for error in [
-            GatewayError::Exchange(ExchangeError::SigningFailed(unsigned)),
-            GatewayError::Exchange(ExchangeError::NoActor),
-        ] {
-            assert_eq!(error.status(), 502, "{error:?}");
-            assert_eq!(error.outcome(), "client_rejected", "{error:?}");
-            assert_eq!(
-                error.body(),
-                r#"{"error":"bad_gateway","error_description":"the token exchange failed"}"#
-            );
-        }
+        let error = GatewayError::Exchange(ExchangeError::SigningFailed(unsigned));
+        assert_eq!(error.status(), 502, "{error:?}");
+        assert_eq!(error.outcome(), "client_rejected", "{error:?}");
+        assert_eq!(
+            error.body(),
+            r#"{"error":"bad_gateway","error_description":"the token exchange failed"}"#
+        );
     }
 
     #[test]

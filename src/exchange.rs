@@ -80,10 +80,6 @@ pub enum ExchangeError {
     /// cannot authenticate, so the STS is not called.
     #[error(transparent)]
     SigningFailed(assertion::SigningError),
-    /// A delegation needs an actor token and the profile has no source for one. Config load
-    /// gives every delegation an actor, so this is a broken invariant, not a caller's fault.
-    #[error("the exchange needs an actor token and none is configured")]
-    NoActor,
     /// No complete answer within the token service's `timeout`.
     #[error("the token service did not answer within {0:?}")]
     Timeout(Duration),
@@ -107,9 +103,9 @@ impl ExchangeError {
             ExchangeError::Forbidden { .. } => "forbidden",
             // Counted with our own credentials: like a rejected client, the gateway cannot
             // authenticate or act, and an operator has to fix it.
-            ExchangeError::ClientRejected { .. }
-            | ExchangeError::SigningFailed(_)
-            | ExchangeError::NoActor => "client_rejected",
+            ExchangeError::ClientRejected { .. } | ExchangeError::SigningFailed(_) => {
+                "client_rejected"
+            }
             // Refused by the gateway itself: no STS call was made.
             ExchangeError::Unavailable { cause, .. } => match cause {
                 Unavailability::CircuitOpen => "circuit_open",
@@ -344,7 +340,7 @@ enum Render {
 pub fn describe_request(profile: &ExchangeProfile) -> String {
     let tokens = Tokens {
         subject: Some("CALLER_TOKEN"),
-        actor: Some("ACTOR_TOKEN").filter(|_| profile.actor.is_some()),
+        actor: Some("ACTOR_TOKEN").filter(|_| profile.mode.actor().is_some()),
     };
     let body = form_body(profile, tokens, Render::Describe).unwrap_or_default();
     format!(

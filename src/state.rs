@@ -76,7 +76,7 @@ impl GatewayState {
         // configuration.
         for route in &self.routes {
             if let crate::config::Exchange::Token(profile) = &route.exchange
-                && let Some(crate::config::ActorSource::File(file)) = &profile.actor
+                && let Some(crate::config::ActorSource::File(file)) = profile.mode.actor()
             {
                 crate::exchange::actor::TokenFile::watch(file);
             }

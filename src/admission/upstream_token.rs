@@ -61,11 +61,14 @@ pub async fn obtain(
     };
     let subject = caller.token.as_deref().unwrap_or_default();
     let waited = Instant::now();
-    let (key, actor) = match profile.mode {
+    let (key, actor) = match &profile.mode {
         Mode::Impersonation => (TokenCache::key(&profile, subject, None), None),
-        Mode::Delegation => {
-            let actor = actor_of(state, &profile).await?;
-            if profile.require_may_act {
+        Mode::Delegation {
+            actor,
+            require_may_act,
+        } => {
+            let actor = actor_of(state, actor).await?;
+            if *require_may_act {
                 let subject_claims = match &checked {
                     Some(v) => Some(v.claims.clone()),
                     None => crate::jwt::unverified_claims(subject),
@@ -78,9 +81,10 @@ pub async fn obtain(
             (key, Some(actor))
         }
         // One machine token per profile, shared by every caller.
-        Mode::ClientCredentials => (TokenCache::machine_key(&profile), None),
+        Mode::ClientCredentials { .. } => (TokenCache::machine_key(&profile), None),
     };
-    let subject_for_sts = (profile.mode != Mode::ClientCredentials).then_some(subject);
+    let subject_for_sts =
+        (!matches!(profile.mode, Mode::ClientCredentials { .. })).then_some(subject);
     let tokens = Tokens {
         subject: subject_for_sts,
         actor: actor.as_ref().map(|a| &*a.token),
@@ -136,13 +140,10 @@ pub async fn obtain(
 /// The actor of a delegation: a token file's current value, or the gateway's own
 /// client-credentials token (cached and refreshed by its own expiry like any exchanged token).
 /// Claims and identity come derived with it, computed once per token value.
-async fn actor_of(
-    state: &GatewayState,
-    profile: &ExchangeProfile,
-) -> Result<Arc<Actor>, GatewayError> {
-    match &profile.actor {
-        Some(ActorSource::File(file)) => Ok(file.actor()),
-        Some(ActorSource::Own(own)) => {
+async fn actor_of(state: &GatewayState, source: &ActorSource) -> Result<Arc<Actor>, GatewayError> {
+    match source {
+        ActorSource::File(file) => Ok(file.actor()),
+        ActorSource::Own(own) => {
             let tokens = Tokens {
                 subject: None,
                 actor: None,
@@ -157,7 +158,6 @@ async fn actor_of(
                 .await;
             Ok(result?.actor())
         }
-        None => Err(GatewayError::Exchange(exchange::ExchangeError::NoActor)),
     }
 }
 
@@ -220,7 +220,7 @@ fn may_act_allows(
         .and_then(|a| a.get("sub").or_else(|| a.get("client_id")))
         .and_then(|v| v.as_str())
         .map(str::to_string)
-        .or_else(|| match &profile.actor {
+        .or_else(|| match profile.mode.actor() {
             // The gateway's own opaque token: the actor is our client.
             Some(ActorSource::Own(_)) => Some(profile.service.client_id.clone()),
             _ => None,

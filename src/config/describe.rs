@@ -36,7 +36,7 @@ impl Config {
                         p.service.name,
                         crate::exchange::describe_request(p)
                     );
-                    if let Some(ActorSource::Own(own)) = &p.actor {
+                    if let Some(ActorSource::Own(own)) = p.mode.actor() {
                         line.push_str(&format!(
                             "; actor token: {}",
                             crate::exchange::describe_request(own)

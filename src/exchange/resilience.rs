@@ -166,11 +166,7 @@ impl Resilience {
             }
             // Our own setup failing says nothing about the STS (a signing failure or a
             // missing actor never reached it).
-            Err(
-                ExchangeError::ClientRejected { .. }
-                | ExchangeError::SigningFailed(_)
-                | ExchangeError::NoActor,
-            ) => None,
+            Err(ExchangeError::ClientRejected { .. } | ExchangeError::SigningFailed(_)) => None,
             Err(ExchangeError::Unavailable {
                 retry_after: Some(after),
                 ..
@@ -336,7 +332,13 @@ mod tests {
         let r = Resilience::new(settings());
         for _ in 0..5 {
             let a = r.admit().await.unwrap();
-            r.record(a, &Err(ExchangeError::NoActor));
+            r.record(
+                a,
+                &Err(ExchangeError::ClientRejected {
+                    status: 401,
+                    code: None,
+                }),
+            );
         }
         assert_eq!(r.state(), BreakerState::Closed);
     }
@@ -382,7 +384,6 @@ mod tests {
             ExchangeError::SubjectRejected {
                 code: OAuthErrorCode::InvalidGrant,
             },
-            ExchangeError::NoActor,
         ] {
             assert!(!retryable(&kept), "{kept:?}");
         }
