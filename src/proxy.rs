@@ -169,8 +169,10 @@ impl ProxyHttp for Gateway {
             upgrade: session.is_upgrade_req(),
             over_tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
         };
-        forward::rewrite(upstream, admitted, &hop);
-        Ok(())
+        // A request whose decided path cannot be written is not forwarded (500), never sent
+        // with the path as the caller wrote it.
+        forward::rewrite(upstream, admitted, &hop)
+            .map_err(|e| PingoraError::because(ErrorType::InternalError, "forwarding", e))
     }
 
     async fn response_filter(
@@ -403,7 +405,7 @@ routes:
             upgrade: false,
             over_tls: false,
         };
-        forward::rewrite(&mut upstream, &admitted, &hop);
+        forward::rewrite(&mut upstream, &admitted, &hop).unwrap();
         let header = |name: &str| upstream.headers.get(name).map(|v| v.to_str().unwrap());
         assert_eq!(upstream.uri.to_string(), "/public/a?x=1");
         // The caller's copies are gone, the gateway's own headers are there.

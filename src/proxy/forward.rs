@@ -35,8 +35,18 @@ pub struct Hop<'a> {
     pub over_tls: bool,
 }
 
+/// The upstream URI could not be built from the decided path and query: the request is not
+/// forwarded at all (never with the path or query as sent).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the upstream URI from the normalised path and query")]
+pub struct UnbuildableUri;
+
 /// Rewrites the upstream request of an admitted request.
-pub fn rewrite(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>) {
+pub fn rewrite(
+    upstream: &mut RequestHeader,
+    admitted: &Admitted,
+    hop: &Hop<'_>,
+) -> Result<(), UnbuildableUri> {
     // `remove_header` drops every value of the name at once.
     upstream.remove_header(&header::AUTHORIZATION);
     remove_hop_by_hop(upstream, hop.upgrade);
@@ -45,7 +55,7 @@ pub fn rewrite(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>)
         upstream.remove_header(name);
     }
     leak_guard(upstream, &admitted.caller);
-    if let Some(uri) = upstream_uri(&upstream.uri, admitted) {
+    if let Some(uri) = upstream_uri(&upstream.uri, admitted)? {
         upstream.set_uri(uri);
     }
     // The gateway's own headers, after the guard.
@@ -76,15 +86,16 @@ pub fn rewrite(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>)
     if let Some(authorization) = &admitted.upstream.authorization {
         let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
     }
+    Ok(())
 }
 
 /// The URI the upstream receives when it differs from the request's: the normalised path and
 /// the query without `access_token`; scheme and authority as they were.
-fn upstream_uri(uri: &http::Uri, admitted: &Admitted) -> Option<http::Uri> {
+fn upstream_uri(uri: &http::Uri, admitted: &Admitted) -> Result<Option<http::Uri>, UnbuildableUri> {
     let path = admitted.target.normalized_path.as_deref();
     let query = admitted.caller.query.as_ref();
     if path.is_none() && query.is_none() {
-        return None;
+        return Ok(None);
     }
     let path = path.unwrap_or(uri.path());
     let query = match query {
@@ -96,8 +107,10 @@ fn upstream_uri(uri: &http::Uri, admitted: &Admitted) -> Option<http::Uri> {
         None => path.to_string(),
     };
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(path_and_query.parse().ok()?);
-    http::Uri::from_parts(parts).ok()
+    parts.path_and_query = Some(path_and_query.parse().map_err(|_| UnbuildableUri)?);
+    http::Uri::from_parts(parts)
+        .map(Some)
+        .map_err(|_| UnbuildableUri)
 }
 
 /// Drops every caller header whose value still contains one of the caller's tokens (e.g. an
