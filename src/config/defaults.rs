@@ -46,6 +46,40 @@ pub const PINGONE_REGION: &str = "com";
 /// token's `exp`), so a revoked token stops working within a minute while a busy caller costs
 /// one introspection call a minute.
 pub const INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+/// `inbound.introspection.negative_cache_ttl`: a refused token is remembered 30 s, so a replayed
+/// bad token costs one introspection call every 30 s, not one per request.
+pub const INTROSPECTION_NEGATIVE_TTL: Duration = Duration::from_secs(30);
+/// `inbound.introspection.max_concurrent`: 64 calls in flight, the same bound as the token
+/// endpoint's, so an introspection outage cannot pile up unbounded waiting requests.
+pub const INTROSPECTION_MAX_CONCURRENT: usize = 64;
+/// `inbound.introspection.queue_timeout`: a request waits 250 ms for a free slot, then gets 503.
+pub const INTROSPECTION_QUEUE_TIMEOUT: Duration = Duration::from_millis(250);
+/// `inbound.jwt.algorithms`: RS256 and ES256, the asymmetric algorithms identity providers sign
+/// access tokens with; `none` and HMAC are never accepted whatever is configured.
+pub const JWT_ALGORITHMS: &[jsonwebtoken::Algorithm] = &[
+    jsonwebtoken::Algorithm::RS256,
+    jsonwebtoken::Algorithm::ES256,
+];
+/// `inbound.jwt.leeway`: 30 s of clock difference tolerated for `exp`, `nbf` and `iat`.
+pub const JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// How often the JWKS is refetched in the background: every 5 minutes, so a retired key stops
+/// being accepted soon after the issuer drops it.
+pub const JWKS_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+/// Refetches triggered by an unknown `kid` happen at most every 30 s, so forged `kid`s cannot
+/// make the gateway hammer the issuer.
+pub const JWKS_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+/// `token_services.<name>.max_concurrent`: 64 STS calls in flight per token service.
+pub const STS_MAX_CONCURRENT: usize = 64;
+/// `token_services.<name>.queue_timeout`: a request waits 250 ms for a free slot, then gets 503.
+pub const STS_QUEUE_TIMEOUT: Duration = Duration::from_millis(250);
+/// `token_services.<name>.retries`: one retry (no connection, or 503 without `Retry-After`),
+/// inside the call's timeout.
+pub const STS_RETRIES: u32 = 1;
+/// `token_services.<name>.circuit_breaker.failure_threshold`: 5 failures in a row open it.
+pub const STS_FAILURE_THRESHOLD: u32 = 5;
+/// `token_services.<name>.circuit_breaker.open_for`: an open breaker fails fast for 5 s, then
+/// lets one probe through.
+pub const STS_OPEN_FOR: Duration = Duration::from_secs(5);
 
 // --- routes[].upstream -----------------------------------------------------------------------
 

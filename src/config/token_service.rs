@@ -502,7 +502,7 @@ pub(super) fn build_inbound(
                 })?,
             };
             let algorithms = if algorithms.is_empty() {
-                crate::inbound::DEFAULT_ALGORITHMS.to_vec()
+                defaults::JWT_ALGORITHMS.to_vec()
             } else {
                 algorithms
                     .iter()
@@ -516,7 +516,7 @@ pub(super) fn build_inbound(
                     jwks_uri,
                     audiences,
                     algorithms,
-                    leeway: match leeway.unwrap_or(crate::inbound::DEFAULT_LEEWAY) {
+                    leeway: match leeway.unwrap_or(defaults::JWT_LEEWAY) {
                         l if l > MAX_JWT_LEEWAY => {
                             return Err(ConfigProblem::new(
                                 p("leeway"),
@@ -530,8 +530,8 @@ pub(super) fn build_inbound(
                         }
                         l => l,
                     },
-                    refresh_interval: crate::inbound::DEFAULT_REFRESH_INTERVAL,
-                    min_refetch_interval: crate::inbound::DEFAULT_MIN_REFETCH_INTERVAL,
+                    refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
+                    min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
                     max_cached: INBOUND_CACHE_ENTRIES,
                 },
                 fallback.http.clone(),
@@ -581,15 +581,15 @@ pub(super) fn build_inbound(
                     audiences: non_empty(&p("audiences"), audiences)?,
                     client_ids: non_empty(&p("client_ids"), client_ids)?,
                     negative_cache_ttl: negative_cache_ttl
-                        .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_NEGATIVE_TTL),
+                        .unwrap_or(defaults::INTROSPECTION_NEGATIVE_TTL),
                     max_concurrent: match max_concurrent
-                        .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_MAX_CONCURRENT)
+                        .unwrap_or(defaults::INTROSPECTION_MAX_CONCURRENT)
                     {
                         0 => return Err(ConfigProblem::new(p("max_concurrent"), "must be at least 1")),
                         n => n,
                     },
                     queue_timeout: queue_timeout
-                        .unwrap_or(crate::inbound::DEFAULT_INTROSPECTION_QUEUE_TIMEOUT),
+                        .unwrap_or(defaults::INTROSPECTION_QUEUE_TIMEOUT),
                 },
                 fallback.http.clone(),
             )))

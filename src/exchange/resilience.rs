@@ -15,16 +15,12 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{ExchangeError, Unavailability};
 
-/// Default `max_concurrent` STS calls per token service.
-pub const DEFAULT_MAX_CONCURRENT: usize = 64;
-/// Default `queue_timeout`: how long a call waits for a free slot.
-pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(250);
-/// Default `retries` for connection errors and 503.
-pub const DEFAULT_RETRIES: u32 = 1;
-/// Default `circuit_breaker.failure_threshold`.
-pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
-/// Default `circuit_breaker.open_for`.
-pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(5);
+// The defaults are defined once, with their reasons, in config/defaults.rs.
+use crate::config::defaults::{
+    STS_FAILURE_THRESHOLD as DEFAULT_FAILURE_THRESHOLD,
+    STS_MAX_CONCURRENT as DEFAULT_MAX_CONCURRENT, STS_OPEN_FOR as DEFAULT_OPEN_FOR,
+    STS_QUEUE_TIMEOUT as DEFAULT_QUEUE_TIMEOUT, STS_RETRIES as DEFAULT_RETRIES,
+};
 /// Base of the retry backoff; the actual wait is jittered between 1× and 2× this.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 

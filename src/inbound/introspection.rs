@@ -28,19 +28,17 @@ use super::{
 };
 use crate::secret::Secret;
 
-/// Longest reuse of an `active` answer when none is configured: 60 seconds.
-pub const DEFAULT_INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+// The defaults are defined once, with their reasons, in config/defaults.rs.
+pub use crate::config::defaults::{
+    INTROSPECTION_CACHE_TTL as DEFAULT_INTROSPECTION_CACHE_TTL,
+    INTROSPECTION_MAX_CONCURRENT as DEFAULT_INTROSPECTION_MAX_CONCURRENT,
+    INTROSPECTION_NEGATIVE_TTL as DEFAULT_INTROSPECTION_NEGATIVE_TTL,
+    INTROSPECTION_QUEUE_TIMEOUT as DEFAULT_INTROSPECTION_QUEUE_TIMEOUT,
+};
 /// Deadline for one introspection call when none is configured: 5 seconds.
 pub const DEFAULT_INTROSPECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest introspection answer read; answers are a handful of claims.
 pub const MAX_INTROSPECTION_RESPONSE_BYTES: usize = 64 * 1024;
-/// How long a refusal (inactive, or failing a configured check) is remembered when none is
-/// configured: 30 seconds.
-pub const DEFAULT_INTROSPECTION_NEGATIVE_TTL: Duration = Duration::from_secs(30);
-/// Introspection calls in flight per validator when none is configured.
-pub const DEFAULT_INTROSPECTION_MAX_CONCURRENT: usize = 64;
-/// How long a call waits for a free slot when none is configured; then 503.
-pub const DEFAULT_INTROSPECTION_QUEUE_TIMEOUT: Duration = Duration::from_millis(250);
 /// RFC 8693 §3 identifier of refresh tokens, which some servers put in `token_type`.
 const REFRESH_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:refresh_token";
 

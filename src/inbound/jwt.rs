@@ -26,14 +26,12 @@ use super::{
     new_cache, now_secs, numeric_date, redacted, token_digest, ttl_until,
 };
 
-/// Algorithms accepted when the configuration names none: RS256 and ES256.
-pub const DEFAULT_ALGORITHMS: &[Algorithm] = &[Algorithm::RS256, Algorithm::ES256];
-/// Clock skew tolerated on `exp`, `nbf` and `iat` when none is configured: 30 seconds.
-pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
-/// How often the JWKS is re-fetched in the background by default: every 5 minutes.
-pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
-/// Shortest time between two JWKS refetches caused by tokens with an unknown `kid`: 30 s.
-pub const DEFAULT_MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+// The defaults are defined once, with their reasons, in config/defaults.rs.
+pub use crate::config::defaults::{
+    JWKS_MIN_REFETCH_INTERVAL as DEFAULT_MIN_REFETCH_INTERVAL,
+    JWKS_REFRESH_INTERVAL as DEFAULT_REFRESH_INTERVAL, JWT_ALGORITHMS as DEFAULT_ALGORITHMS,
+    JWT_LEEWAY as DEFAULT_LEEWAY,
+};
 /// A cached validation is re-checked at least this often even when the token lives longer;
 /// re-verifying a signature once a day costs nothing and keeps the cache free of forever-entries.
 const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
