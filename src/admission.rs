@@ -82,7 +82,7 @@ pub async fn admit(state: &GatewayState, request: Request<'_>) -> Result<Admitte
         caller: caller.token.clone(),
         cache,
     };
-    let checked = validation::check(&target, &caller)
+    let checked = validation::check(state, &target, &caller)
         .await
         .map_err(|e| on_route(e, None))?;
     let upstream = upstream_token::obtain(state, &target, &caller, checked)

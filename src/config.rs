@@ -11,6 +11,7 @@ mod describe;
 mod discovery;
 pub mod env;
 pub mod file;
+pub mod inbound;
 pub mod profile;
 pub mod token_service;
 pub mod tree;
@@ -30,8 +31,9 @@ use file::{
     ActorFile, CacheFile, CallerFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
     ServerFile,
 };
+pub use inbound::InboundSettings;
 pub use profile::Profile;
-pub use token_service::{ClientAuth, Inbound, TokenService};
+pub use token_service::{ClientAuth, TokenService};
 pub use upstream::{HeaderRules, Upstream};
 
 /// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
@@ -203,7 +205,7 @@ pub struct Route {
     pub exchange: Exchange,
     /// Local validation of the caller's token: the route's own `inbound`, else its token
     /// service's; `None` leaves validation to the STS.
-    pub inbound: Option<Arc<Inbound>>,
+    pub inbound: Option<Arc<InboundSettings>>,
 }
 
 impl Route {
@@ -701,7 +703,6 @@ fn build_route(
                 client_id: &service.client_id,
                 secret: service.client_secret.as_ref(),
                 timeout: service.timeout,
-                http: &service.http,
             },
         )?)),
         (None, Some(service)) => service.inbound.clone(),
@@ -724,7 +725,7 @@ fn build_route(
         && profile.mode.kind() == ModeKind::ClientCredentials
         && !anonymous
         && let Some(jwt) = inbound.as_ref().and_then(|i| i.jwt.as_ref())
-        && jwt.audiences().is_empty()
+        && jwt.audiences.is_empty()
     {
         const WHY: &str = "a client_credentials route forwards the gateway's own token, so it \
             must require an audience of the caller's token (any token of the issuer would do \

@@ -38,8 +38,33 @@ pub use jwt::{
     JwtSettings, JwtValidator, RefresherGuard,
 };
 
-/// Default bound on cached validations per validator.
-pub const DEFAULT_MAX_CACHED: u64 = 100_000;
+pub use crate::config::defaults::VALIDATION_CACHE_ENTRIES as DEFAULT_MAX_CACHED;
+
+/// The validators of one `inbound:` block: JWTs against a JWKS, opaque tokens by
+/// introspection. Built once per block and configuration ([`Inbound::build`]); routes that
+/// share their token service's block share these.
+pub struct Inbound {
+    pub jwt: Option<Arc<JwtValidator>>,
+    pub introspection: Option<Arc<IntrospectionValidator>>,
+}
+
+impl Inbound {
+    /// The validators for `settings`, calling out with `http` (the token service's client, built
+    /// once with its connect timeout). Nothing is fetched here: the JWKS loads when the
+    /// configuration starts.
+    pub fn build(settings: &crate::config::InboundSettings, http: &reqwest::Client) -> Inbound {
+        Inbound {
+            jwt: settings
+                .jwt
+                .clone()
+                .map(|s| Arc::new(JwtValidator::new(s, http.clone()))),
+            introspection: settings
+                .introspection
+                .clone()
+                .map(|s| Arc::new(IntrospectionValidator::new(s, http.clone()))),
+        }
+    }
+}
 /// Longest token looked at. Bearer tokens are a few KiB; anything larger is refused before any
 /// parsing or network call.
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;

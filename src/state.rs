@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use pingora_prometheus::prometheus::{Histogram, IntCounter};
 
 use crate::cache::TokenCache;
+use crate::config::Exchange;
 use crate::config::{Config, Route};
-use crate::inbound::{JwtValidator, RefresherGuard};
+use crate::inbound::{Inbound, JwtValidator, RefresherGuard};
 use crate::metrics::Metrics;
 use crate::path::PathRules;
 use crate::router::Router;
@@ -38,6 +39,9 @@ pub struct GatewayState {
     /// The listen addresses of this configuration (they change only with a restart).
     pub listen: Vec<SocketAddr>,
     pub tls_listen: Vec<SocketAddr>,
+    /// The validators of each route (by index in the configured order); `None` leaves
+    /// validation to the STS.
+    pub(crate) inbound: Vec<Option<Arc<Inbound>>>,
     /// Every distinct JWT validator; readiness waits for their first JWKS.
     pub jwt_validators: Vec<Arc<JwtValidator>>,
     /// Keeps the validators' background JWKS refreshers running.
@@ -94,6 +98,12 @@ impl GatewayState {
                 });
             }
         }
+    }
+
+    /// The validators of the route at `index` (configured order); `None` when it validates
+    /// nothing locally. For embedders and tests that look at a validator's counters.
+    pub fn validators(&self, index: usize) -> Option<&Arc<Inbound>> {
+        self.inbound.get(index).and_then(Option::as_ref)
     }
 
     /// Ready: the proxy accepts, shutdown has not begun, and every JWKS has loaded once.
@@ -153,16 +163,33 @@ impl GatewayState {
                     .collect(),
             })
             .collect();
-        let mut jwt_validators: Vec<Arc<JwtValidator>> = Vec::new();
-        for inbound in config.routes.iter().filter_map(|r| r.inbound.as_ref()) {
-            if let Some(jwt) = &inbound.jwt
-                && !jwt_validators.iter().any(|v| Arc::ptr_eq(v, jwt))
-            {
-                jwt_validators.push(jwt.clone());
-            }
-        }
+        // One set of validators per `inbound:` block: routes sharing their token service's block
+        // (one `Arc` of settings) share its validators, so its JWKS is fetched once.
+        let mut built: Vec<(*const crate::config::InboundSettings, Arc<Inbound>)> = Vec::new();
+        let inbound: Vec<Option<Arc<Inbound>>> = config
+            .routes
+            .iter()
+            .map(|route| {
+                let (Some(settings), Exchange::Token(profile)) = (&route.inbound, &route.exchange)
+                else {
+                    return None;
+                };
+                let key = Arc::as_ptr(settings);
+                if let Some((_, same)) = built.iter().find(|(k, _)| *k == key) {
+                    return Some(same.clone());
+                }
+                let validators = Arc::new(Inbound::build(settings, &profile.service.http));
+                built.push((key, validators.clone()));
+                Some(validators)
+            })
+            .collect();
+        let jwt_validators: Vec<Arc<JwtValidator>> = built
+            .iter()
+            .filter_map(|(_, validators)| validators.jwt.clone())
+            .collect();
         Ok(GatewayState {
             jwt_validators,
+            inbound,
             refreshers: Mutex::new(Vec::new()),
             router: Router::new(&config.routes),
             routes: config.routes.clone(),

@@ -348,9 +348,8 @@ async fn introspection_checks_the_audience_and_remembers_refusals() {
         .to_yaml();
     let gw = gateway(&yaml).await;
     let state = gw.state();
-    let validator = state.routes[0]
-        .inbound
-        .as_ref()
+    let validator = state
+        .validators(0)
         .and_then(|i| i.introspection.clone())
         .unwrap();
 

@@ -4,20 +4,21 @@
 use std::sync::Arc;
 
 use super::{Caller, Target};
-use crate::config::Inbound;
 use crate::error::GatewayError;
-use crate::inbound::ValidatedToken;
+use crate::inbound::{Inbound, ValidatedToken};
+use crate::state::GatewayState;
 
 /// Validates the caller's token where the route needs one and has validation configured;
 /// `None` when there is nothing to validate.
 pub async fn check(
+    state: &GatewayState,
     target: &Target,
     caller: &Caller,
 ) -> Result<Option<Arc<ValidatedToken>>, GatewayError> {
-    let route = &target.route;
-    match (&route.inbound, &caller.token) {
-        (Some(inbound), Some(token)) if route.needs_caller_token() => {
-            validate(inbound, token).await.map(Some)
+    let validators = state.inbound.get(target.index).cloned().flatten();
+    match (validators, &caller.token) {
+        (Some(inbound), Some(token)) if target.route.needs_caller_token() => {
+            validate(&inbound, token).await.map(Some)
         }
         _ => Ok(None),
     }

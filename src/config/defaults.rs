@@ -46,6 +46,11 @@ pub const PINGONE_REGION: &str = "com";
 /// token's `exp`), so a revoked token stops working within a minute while a busy caller costs
 /// one introspection call a minute.
 pub const INTROSPECTION_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Deadline for one introspection call: 5 s (the token service's `timeout` when configured).
+pub const INTROSPECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on cached validations per validator (JWT results and introspection answers): 100 000
+/// callers' tokens, the same bound as the token cache.
+pub const VALIDATION_CACHE_ENTRIES: u64 = 100_000;
 /// `inbound.introspection.negative_cache_ttl`: a refused token is remembered 30 s, so a replayed
 /// bad token costs one introspection call every 30 s, not one per request.
 pub const INTROSPECTION_NEGATIVE_TTL: Duration = Duration::from_secs(30);

@@ -19,6 +19,7 @@ use url::Url;
 use super::defaults;
 use super::discovery::{self, Endpoints, Wanted};
 use super::file::{self, AuthMethodFile, InboundFile, TokenServiceFile};
+use super::inbound::{InboundSettings, IntrospectionAuth, IntrospectionSettings, JwtSettings};
 use super::profile::{self, Profile, ProfileKeys};
 use super::{
     BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigProblem, ConfigWarning,
@@ -26,9 +27,6 @@ use super::{
 };
 use crate::exchange::assertion::AssertionSigner;
 use crate::exchange::resilience::{Resilience, ResilienceSettings};
-use crate::inbound::{
-    IntrospectionAuth, IntrospectionSettings, IntrospectionValidator, JwtSettings, JwtValidator,
-};
 use crate::secret::Secret;
 
 /// Most `retries` of one STS call. Every retry runs inside the call's `timeout`, so a larger
@@ -58,7 +56,7 @@ pub struct TokenService {
     /// Built once here with the connect timeout; the total timeout is set per request.
     pub http: reqwest::Client,
     /// Validation of callers' tokens this service issued, for routes without their own.
-    pub inbound: Option<Arc<Inbound>>,
+    pub inbound: Option<Arc<InboundSettings>>,
     /// Concurrency cap, retries and circuit breaker.
     pub resilience: Resilience,
 }
@@ -113,13 +111,13 @@ impl TokenService {
 /// reported at the service's keys).
 pub(super) fn inbound_warnings(
     path: &str,
-    inbound: &Inbound,
+    inbound: &InboundSettings,
     service: &TokenService,
 ) -> Vec<ConfigWarning> {
     let mut out = Vec::new();
     if let Some(jwt) = &inbound.jwt
-        && Some(jwt.jwks_uri()) != service.jwks_uri.as_ref()
-        && clear_text_remote(jwt.jwks_uri())
+        && Some(&jwt.jwks_uri) != service.jwks_uri.as_ref()
+        && clear_text_remote(&jwt.jwks_uri)
     {
         out.push(ConfigWarning {
             path: format!("{path}.jwt.jwks_uri"),
@@ -127,8 +125,8 @@ pub(super) fn inbound_warnings(
         });
     }
     if let Some(introspection) = &inbound.introspection
-        && Some(introspection.endpoint()) != service.introspection_endpoint.as_ref()
-        && clear_text_remote(introspection.endpoint())
+        && Some(&introspection.endpoint) != service.introspection_endpoint.as_ref()
+        && clear_text_remote(&introspection.endpoint)
     {
         out.push(ConfigWarning {
             path: format!("{path}.introspection.endpoint"),
@@ -157,24 +155,6 @@ impl fmt::Debug for ClientAuth {
             ClientAuth::Post => "client_secret_post",
             ClientAuth::PrivateKeyJwt(_) => "private_key_jwt",
             ClientAuth::SecretJwt(_) => "client_secret_jwt",
-        })
-    }
-}
-
-/// Local validation of the caller's token (DESIGN.md step 3): JWTs against a JWKS, opaque
-/// tokens by introspection.
-pub struct Inbound {
-    pub jwt: Option<Arc<JwtValidator>>,
-    pub introspection: Option<Arc<IntrospectionValidator>>,
-}
-
-impl fmt::Debug for Inbound {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match (self.jwt.is_some(), self.introspection.is_some()) {
-            (true, true) => "jwt+introspection",
-            (true, false) => "jwt",
-            (false, true) => "introspection",
-            (false, false) => "none",
         })
     }
 }
@@ -410,7 +390,6 @@ pub(super) fn build_token_service(
                     client_id: &client_id,
                     secret: secret.as_ref(),
                     timeout,
-                    http: &http,
                 },
             )
         })
@@ -461,14 +440,13 @@ pub(super) struct InboundDefaults<'a> {
     pub client_id: &'a str,
     pub secret: Option<&'a Secret>,
     pub timeout: Duration,
-    pub http: &'a reqwest::Client,
 }
 
 pub(super) fn build_inbound(
     path: &str,
     raw: InboundFile,
     fallback: &InboundDefaults<'_>,
-) -> BuildResult<Inbound> {
+) -> BuildResult<InboundSettings> {
     let InboundFile { jwt, introspection } = raw;
     if jwt.is_none() && introspection.is_none() {
         return Err(ConfigProblem::new(path, "set jwt, introspection, or both"));
@@ -510,32 +488,29 @@ pub(super) fn build_inbound(
                     .map(|(i, a)| allowed_algorithm(&format!("{}[{i}]", p("algorithms")), a))
                     .collect::<BuildResult<Vec<_>>>()?
             };
-            Ok::<_, ConfigProblem>(Arc::new(JwtValidator::new(
-                JwtSettings {
-                    issuer,
-                    jwks_uri,
-                    audiences,
-                    algorithms,
-                    leeway: match leeway.unwrap_or(defaults::JWT_LEEWAY) {
-                        l if l > MAX_JWT_LEEWAY => {
-                            return Err(ConfigProblem::new(
-                                p("leeway"),
-                                format!(
-                                    "{} is more than a day, the most allowed: clocks that far \
+            Ok::<_, ConfigProblem>(JwtSettings {
+                issuer,
+                jwks_uri,
+                audiences,
+                algorithms,
+                leeway: match leeway.unwrap_or(defaults::JWT_LEEWAY) {
+                    l if l > MAX_JWT_LEEWAY => {
+                        return Err(ConfigProblem::new(
+                            p("leeway"),
+                            format!(
+                                "{} is more than a day, the most allowed: clocks that far \
                                      apart are a misconfiguration, and a token that expired \
                                      that long ago would still be accepted",
-                                    humantime::format_duration(l)
-                                ),
-                            ));
-                        }
-                        l => l,
-                    },
-                    refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
-                    min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
-                    max_cached: INBOUND_CACHE_ENTRIES,
+                                humantime::format_duration(l)
+                            ),
+                        ));
+                    }
+                    l => l,
                 },
-                fallback.http.clone(),
-            )))
+                refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
+                min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
+                max_cached: INBOUND_CACHE_ENTRIES,
+            })
         })
         .transpose()?;
     let introspection = introspection
@@ -567,8 +542,7 @@ pub(super) fn build_inbound(
             })?;
             let header = basic_auth(fallback.client_id, secret)
                 .map_err(|m| ConfigProblem::new(format!("{path}.introspection"), m))?;
-            Ok::<_, ConfigProblem>(Arc::new(IntrospectionValidator::new(
-                IntrospectionSettings {
+            Ok::<_, ConfigProblem>(IntrospectionSettings {
                     endpoint,
                     client_id: fallback.client_id.to_string(),
                     auth: IntrospectionAuth::Basic { header },
@@ -590,12 +564,10 @@ pub(super) fn build_inbound(
                     },
                     queue_timeout: queue_timeout
                         .unwrap_or(defaults::INTROSPECTION_QUEUE_TIMEOUT),
-                },
-                fallback.http.clone(),
-            )))
+            })
         })
         .transpose()?;
-    Ok(Inbound { jwt, introspection })
+    Ok(InboundSettings { jwt, introspection })
 }
 
 /// A list of accepted values with no empty entry (an empty string would match a claim that

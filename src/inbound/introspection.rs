@@ -15,9 +15,8 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use http::{HeaderValue, StatusCode, header};
+use http::{StatusCode, header};
 use moka::future::Cache;
 use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
@@ -26,100 +25,18 @@ use super::{
     BodyError, Cached, InboundError, TokenDigest, ValidatedToken, check_size, invalid, new_cache,
     now_secs, numeric_date, read_capped, token_digest, ttl_until,
 };
-use crate::secret::Secret;
 
 // The defaults are defined once, with their reasons, in config/defaults.rs.
 pub use crate::config::defaults::{
-    INTROSPECTION_CACHE_TTL as DEFAULT_INTROSPECTION_CACHE_TTL,
     INTROSPECTION_MAX_CONCURRENT as DEFAULT_INTROSPECTION_MAX_CONCURRENT,
     INTROSPECTION_NEGATIVE_TTL as DEFAULT_INTROSPECTION_NEGATIVE_TTL,
     INTROSPECTION_QUEUE_TIMEOUT as DEFAULT_INTROSPECTION_QUEUE_TIMEOUT,
 };
-/// Deadline for one introspection call when none is configured: 5 seconds.
-pub const DEFAULT_INTROSPECTION_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::config::inbound::{IntrospectionAuth, IntrospectionSettings};
 /// Largest introspection answer read; answers are a handful of claims.
 pub const MAX_INTROSPECTION_RESPONSE_BYTES: usize = 64 * 1024;
 /// RFC 8693 §3 identifier of refresh tokens, which some servers put in `token_type`.
 const REFRESH_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:refresh_token";
-
-/// How the gateway authenticates to the introspection endpoint (RFC 7662 §2.1 requires some
-/// form of authorization; these are the RFC 6749 §2.3.1 client password methods).
-#[derive(Clone)]
-pub enum IntrospectionAuth {
-    /// `client_secret_basic`: this ready-made `Authorization` header value is sent.
-    Basic {
-        /// `Basic base64(urlencode(client_id) ":" urlencode(secret))`.
-        header: HeaderValue,
-    },
-    /// `client_secret_post`: `client_id` and `client_secret` are added to the form.
-    Post {
-        /// The client secret.
-        secret: Secret,
-    },
-}
-
-impl fmt::Debug for IntrospectionAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IntrospectionAuth::Basic { .. } => f.write_str("Basic(<redacted>)"),
-            IntrospectionAuth::Post { .. } => f.write_str("Post(<redacted>)"),
-        }
-    }
-}
-
-/// Settings for introspection, already parsed from config (the config layer builds these).
-#[derive(Debug, Clone)]
-pub struct IntrospectionSettings {
-    /// The issuer's `introspection_endpoint`.
-    pub endpoint: url::Url,
-    /// The gateway's client id at the issuer; sent in the form with [`IntrospectionAuth::Post`].
-    pub client_id: String,
-    /// Client authentication.
-    pub auth: IntrospectionAuth,
-    /// Deadline for one call, connect to last byte; [`DEFAULT_INTROSPECTION_TIMEOUT`] by default.
-    pub timeout: Duration,
-    /// Longest reuse of an `active` answer, never past the token's `exp`; zero disables
-    /// caching. [`DEFAULT_INTROSPECTION_CACHE_TTL`] by default.
-    pub cache_ttl: Duration,
-    /// Bound on cached answers (and, separately, on remembered refusals);
-    /// [`super::DEFAULT_MAX_CACHED`] by default.
-    pub max_cached: u64,
-    /// Accepted `aud` values; empty does not check `aud`. Otherwise the answer's `aud` (a
-    /// string or an array) must hold one of them.
-    pub audiences: Vec<String>,
-    /// Accepted `client_id` values (the client the token was issued to); empty does not check.
-    pub client_ids: Vec<String>,
-    /// How long a refusal is remembered; zero turns that off.
-    /// [`DEFAULT_INTROSPECTION_NEGATIVE_TTL`] by default.
-    pub negative_cache_ttl: Duration,
-    /// Most calls in flight; [`DEFAULT_INTROSPECTION_MAX_CONCURRENT`] by default.
-    pub max_concurrent: usize,
-    /// Longest wait for a free slot; [`DEFAULT_INTROSPECTION_QUEUE_TIMEOUT`] by default.
-    pub queue_timeout: Duration,
-}
-
-impl IntrospectionSettings {
-    /// Settings for `endpoint` and the given client with every other field at its default.
-    pub fn new(
-        endpoint: url::Url,
-        client_id: impl Into<String>,
-        auth: IntrospectionAuth,
-    ) -> IntrospectionSettings {
-        IntrospectionSettings {
-            endpoint,
-            client_id: client_id.into(),
-            auth,
-            timeout: DEFAULT_INTROSPECTION_TIMEOUT,
-            cache_ttl: DEFAULT_INTROSPECTION_CACHE_TTL,
-            max_cached: super::DEFAULT_MAX_CACHED,
-            audiences: Vec::new(),
-            client_ids: Vec::new(),
-            negative_cache_ttl: DEFAULT_INTROSPECTION_NEGATIVE_TTL,
-            max_concurrent: DEFAULT_INTROSPECTION_MAX_CONCURRENT,
-            queue_timeout: DEFAULT_INTROSPECTION_QUEUE_TIMEOUT,
-        }
-    }
-}
 
 /// Validates tokens by asking the issuer (RFC 7662). Build it once per configuration.
 pub struct IntrospectionValidator {
@@ -350,6 +267,11 @@ fn transport_reason(error: &reqwest::Error) -> &'static str {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::time::Duration;
+
+    use crate::config::defaults::INTROSPECTION_CACHE_TTL as DEFAULT_INTROSPECTION_CACHE_TTL;
+    use crate::secret::Secret;
+    use http::HeaderValue;
 
     use axum::extract::State;
     use axum::response::{IntoResponse, Response};

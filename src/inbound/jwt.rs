@@ -22,8 +22,8 @@ use tokio::sync::watch;
 
 use super::jwks::{self, KeySet, Selection};
 use super::{
-    Cached, DEFAULT_MAX_CACHED, InboundError, TokenDigest, ValidatedToken, check_size, invalid,
-    new_cache, now_secs, numeric_date, redacted, token_digest, ttl_until,
+    Cached, InboundError, TokenDigest, ValidatedToken, check_size, invalid, new_cache, now_secs,
+    numeric_date, redacted, token_digest, ttl_until,
 };
 
 // The defaults are defined once, with their reasons, in config/defaults.rs.
@@ -32,6 +32,7 @@ pub use crate::config::defaults::{
     JWKS_REFRESH_INTERVAL as DEFAULT_REFRESH_INTERVAL, JWT_ALGORITHMS as DEFAULT_ALGORITHMS,
     JWT_LEEWAY as DEFAULT_LEEWAY,
 };
+pub use crate::config::inbound::JwtSettings;
 /// A cached validation is re-checked at least this often even when the token lives longer;
 /// re-verifying a signature once a day costs nothing and keeps the cache free of forever-entries.
 const MAX_CACHE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -43,47 +44,6 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Largest leeway honoured. More than a day of clock skew is a misconfiguration, and the
 /// library's `now - leeway` must never underflow.
 const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
-
-/// Settings for JWT validation, already parsed from config (the config layer builds these).
-#[derive(Debug, Clone)]
-pub struct JwtSettings {
-    /// The required `iss`, compared exactly (RFC 7519 §4.1.1, RFC 8725 §3.8).
-    pub issuer: String,
-    /// Where the issuer publishes its keys.
-    pub jwks_uri: url::Url,
-    /// Accepted audiences: empty does not check `aud`; otherwise `aud` must be present and
-    /// contain one of them (RFC 7519 §4.1.3, RFC 8725 §3.9).
-    pub audiences: Vec<String>,
-    /// The `alg` allow-list (RFC 8725 §3.1); [`DEFAULT_ALGORITHMS`] by default. HMAC entries
-    /// are ignored: this validator only knows public keys.
-    pub algorithms: Vec<Algorithm>,
-    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in whole seconds and at most a day;
-    /// [`DEFAULT_LEEWAY`] by default.
-    pub leeway: Duration,
-    /// Background JWKS refresh period; [`DEFAULT_REFRESH_INTERVAL`] by default.
-    pub refresh_interval: Duration,
-    /// Throttle for refetches triggered by unknown `kid`s; [`DEFAULT_MIN_REFETCH_INTERVAL`] by
-    /// default.
-    pub min_refetch_interval: Duration,
-    /// Bound on cached validations; [`DEFAULT_MAX_CACHED`] by default.
-    pub max_cached: u64,
-}
-
-impl JwtSettings {
-    /// Settings for `issuer` and `jwks_uri` with every other field at its default.
-    pub fn new(issuer: impl Into<String>, jwks_uri: url::Url) -> JwtSettings {
-        JwtSettings {
-            issuer: issuer.into(),
-            jwks_uri,
-            audiences: Vec::new(),
-            algorithms: DEFAULT_ALGORITHMS.to_vec(),
-            leeway: DEFAULT_LEEWAY,
-            refresh_interval: DEFAULT_REFRESH_INTERVAL,
-            min_refetch_interval: DEFAULT_MIN_REFETCH_INTERVAL,
-            max_cached: DEFAULT_MAX_CACHED,
-        }
-    }
-}
 
 /// Local JWT validation against the issuer's JWKS. Build it once per issuer configuration,
 /// call [`JwtValidator::refresh`] at start and keep it fresh with
