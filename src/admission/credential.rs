@@ -123,8 +123,12 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
     ]
     .into_iter()
     .flatten()
-    .any(|part| caller.is_carried_by(part.as_bytes()) || caller.is_carried_by(&decoded(part)))
-        || host.is_some_and(|h| caller.is_carried_by(h))
+    .any(|part| match decoded(part) {
+        Cow::Borrowed(raw) => caller.is_carried_by(raw),
+        Cow::Owned(decoded) => {
+            caller.is_carried_by(part.as_bytes()) || caller.is_carried_by(&decoded)
+        }
+    }) || host.is_some_and(|h| caller.is_carried_by(h))
 }
 
 /// Whether `haystack` contains `needle`. Most of what is searched (a path, a header value) is
@@ -133,8 +137,9 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.len() >= needle.len() && memmem::find(haystack, needle).is_some()
 }
 
-/// `text` percent-decoded (and `+` as a space would not hide a token: b64token has no space);
-/// borrowed when there is nothing to decode.
+/// `text` percent-decoded, borrowed when there is nothing to decode. A `+` needs no form
+/// decoding here: a token holds `+` but no space, so a `+` sent raw is found raw and one sent as
+/// `%2B` is found decoded.
 fn decoded(text: &str) -> Cow<'_, [u8]> {
     if text.contains('%') {
         Cow::Owned(percent_encoding::percent_decode_str(text).collect())
