@@ -14,7 +14,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, header};
 use txgate::admission::credential;
 use txgate::cache::TokenCache;
-use txgate::config::{Config, Exchange, ExchangeProfile};
+use txgate::config::{Config, Exchange, ExchangeSettings};
 use txgate::router::Router;
 
 /// A bearer token the size of a signed JWT with a handful of claims (~600 bytes), in the
@@ -70,7 +70,7 @@ fn load(count: usize) -> Config {
     }
 }
 
-fn profile(config: &Config) -> Arc<ExchangeProfile> {
+fn profile(config: &Config) -> Arc<ExchangeSettings> {
     match &config.routes[0].exchange {
         Exchange::Token(profile) => profile.clone(),
         Exchange::None => panic!("the bench routes exchange tokens"),

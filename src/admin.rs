@@ -22,7 +22,8 @@ use pingora::protocols::http::ServerSession;
 use pingora_prometheus::prometheus::IntCounterVec;
 use pingora_prometheus::prometheus::core::Collector;
 
-use crate::config::{ActorSource, Exchange, HostPattern, Route};
+use crate::config::{Exchange, HostPattern, Route};
+use crate::exchange::ActorSource;
 use crate::state::{CurrentState, GatewayState};
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -264,15 +265,13 @@ impl Snapshot {
         // GatewayState holds the routes, not the configured services: the services shown are
         // the ones a route (or a delegation's own actor token) uses, each once.
         let mut services: BTreeMap<String, ServiceRow> = BTreeMap::new();
-        for route in &state.routes {
-            let Exchange::Token(profile) = &route.exchange else {
-                continue;
-            };
+        for profile in state.profiles.iter().flatten() {
             let mut used = vec![&profile.service];
             if let Some(ActorSource::Own(own)) = profile.mode.actor() {
                 used.push(&own.service);
             }
-            for service in used {
+            for live in used {
+                let service = &live.settings;
                 services
                     .entry(service.name.clone())
                     .or_insert_with(|| ServiceRow {
@@ -281,7 +280,7 @@ impl Snapshot {
                         token_endpoint: service.token_endpoint.to_string(),
                         client_id: service.client_id.clone(),
                         auth: format!("{:?}", service.client_auth),
-                        circuit: service.resilience.state().as_str(),
+                        circuit: live.resilience.state().as_str(),
                         insecure: service
                             .transport_warnings()
                             .into_iter()

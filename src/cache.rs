@@ -20,7 +20,7 @@ use moka::Expiry;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
-use crate::config::{CacheSettings, ExchangeProfile};
+use crate::config::{CacheSettings, ExchangeSettings};
 use crate::exchange::actor::Actor;
 use crate::exchange::{ExchangeError, ExchangedToken};
 
@@ -149,7 +149,7 @@ impl TokenCache {
     }
 
     /// The key for `subject_token` under `profile`, with an optional actor identity.
-    pub fn key(profile: &ExchangeProfile, subject_token: &str, actor: Option<&[u8]>) -> CacheKey {
+    pub fn key(profile: &ExchangeSettings, subject_token: &str, actor: Option<&[u8]>) -> CacheKey {
         if subject_token.is_empty() && actor.is_none() {
             return Self::machine_key(profile);
         }
@@ -171,7 +171,7 @@ impl TokenCache {
     /// The key of a profile's own token (client credentials: no subject, no actor): the
     /// profile's digest itself, computed at load, so machine routes and delegation actors hash
     /// nothing per request.
-    pub fn machine_key(profile: &ExchangeProfile) -> CacheKey {
+    pub fn machine_key(profile: &ExchangeSettings) -> CacheKey {
         profile.key_prefix
     }
 

@@ -7,8 +7,7 @@
 //! and the key path, never a panic.
 
 pub mod defaults;
-mod describe;
-mod discovery;
+pub mod discovery;
 pub mod env;
 pub mod file;
 pub mod inbound;
@@ -27,13 +26,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use url::Url;
 
+pub use discovery::{Discover, NoDiscovery};
 use file::{
     ActorFile, CacheFile, CallerFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
     ServerFile,
 };
 pub use inbound::InboundSettings;
 pub use profile::Profile;
-pub use token_service::{ClientAuth, TokenService};
+pub use token_service::{ClientAuth, ResilienceSettings, TokenServiceSettings};
 pub use upstream::{HeaderRules, Upstream};
 
 /// RFC 8693 §3 token type identifiers, by the short names `gateway.yaml` accepts.
@@ -159,7 +159,7 @@ pub struct Config {
     /// The file it came from, as named on the command line (used in messages).
     pub source: String,
     pub server: ServerSettings,
-    pub token_services: BTreeMap<String, Arc<TokenService>>,
+    pub token_services: BTreeMap<String, Arc<TokenServiceSettings>>,
     pub routes: Vec<Arc<Route>>,
     pub cache: CacheSettings,
 }
@@ -222,7 +222,7 @@ impl Route {
             Exchange::None => false,
             Exchange::Token(profile) => !matches!(
                 profile.mode,
-                Mode::ClientCredentials {
+                ModeSettings::ClientCredentials {
                     caller: CallerPolicy::Anonymous
                 }
             ),
@@ -244,19 +244,19 @@ pub enum Exchange {
     /// `mode: none` — a public route; no token goes upstream at all.
     None,
     /// A token exchanged at a token service.
-    Token(Arc<ExchangeProfile>),
+    Token(Arc<ExchangeSettings>),
 }
 
 /// The exchange modes of DESIGN.md step 4 that call an STS, each with the data only it has:
 /// a delegation without an actor, or an impersonation that admits anonymous callers, cannot be
 /// written.
 #[derive(Debug)]
-pub enum Mode {
+pub enum ModeSettings {
     /// The caller's token is the subject; no actor.
     Impersonation,
     /// The caller's token is the subject; the gateway's (or a configured) token is the actor.
     Delegation {
-        actor: ActorSource,
+        actor: ActorSettings,
         /// Refuse unless the subject's `may_act` names the actor (RFC 8693 §4.4).
         require_may_act: bool,
     },
@@ -291,12 +291,12 @@ impl ModeKind {
     }
 }
 
-impl Mode {
+impl ModeSettings {
     pub fn kind(&self) -> ModeKind {
         match self {
-            Mode::Impersonation => ModeKind::Impersonation,
-            Mode::Delegation { .. } => ModeKind::Delegation,
-            Mode::ClientCredentials { .. } => ModeKind::ClientCredentials,
+            ModeSettings::Impersonation => ModeKind::Impersonation,
+            ModeSettings::Delegation { .. } => ModeKind::Delegation,
+            ModeSettings::ClientCredentials { .. } => ModeKind::ClientCredentials,
         }
     }
 
@@ -305,9 +305,9 @@ impl Mode {
     }
 
     /// The actor of a delegation; `None` for the other modes.
-    pub fn actor(&self) -> Option<&ActorSource> {
+    pub fn actor(&self) -> Option<&ActorSettings> {
         match self {
-            Mode::Delegation { actor, .. } => Some(actor),
+            ModeSettings::Delegation { actor, .. } => Some(actor),
             _ => None,
         }
     }
@@ -326,21 +326,22 @@ pub enum Grant {
 
 /// Where a delegation's actor token comes from.
 #[derive(Debug)]
-pub enum ActorSource {
+pub enum ActorSettings {
     /// The gateway's own token: client credentials per this profile, cached like any token.
-    Own(Arc<ExchangeProfile>),
-    /// A file a platform keeps current (re-read when it changes).
-    File(Arc<crate::exchange::actor::TokenFile>),
+    Own(Arc<ExchangeSettings>),
+    /// A file a platform keeps current (read when the gateway starts, re-read when it
+    /// changes).
+    File(std::path::PathBuf),
 }
 
 /// Everything that decides what an exchange returns, fixed at load. Two routes with equal
 /// profiles may share cache entries; different profiles never do (the key prefix differs).
 #[derive(Debug)]
-pub struct ExchangeProfile {
+pub struct ExchangeSettings {
     /// The mode, with the data only it has (a delegation's actor, a machine route's callers).
-    pub mode: Mode,
+    pub mode: ModeSettings,
     pub grant: Grant,
-    pub service: Arc<TokenService>,
+    pub service: Arc<TokenServiceSettings>,
     pub subject_token_type: String,
     /// `actor_token_type`, sent only with an actor token.
     pub actor_token_type: String,
@@ -369,20 +370,32 @@ pub struct CacheSettings {
 }
 
 impl Config {
-    /// Reads and validates `path`, expanding `${VAR}` from the process environment.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates `path`, expanding `${VAR}` from the process environment and asking
+    /// `discover` for the OIDC discovery documents it needs (the only network step).
+    pub fn load(path: &Path, discover: &dyn Discover) -> Result<Config, ConfigError> {
         let source = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigProblem::whole_file(format!("cannot read file: {e}")).in_file(&source)
         })?;
-        Config::from_yaml(&text, &source, &|name| std::env::var(name).ok())
+        Config::from_yaml_with(&text, &source, &|name| std::env::var(name).ok(), discover)
     }
 
-    /// Parses and validates YAML text; `source` names it in errors, `env` resolves `${VAR}`.
+    /// Parses and validates YAML text without touching the network ([`NoDiscovery`]): `source`
+    /// names it in errors, `env` resolves `${VAR}`.
     pub fn from_yaml(
         text: &str,
         source: &str,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Config::from_yaml_with(text, source, env, &NoDiscovery)
+    }
+
+    /// [`Config::from_yaml`], asking `discover` for the OIDC discovery documents it needs.
+    pub fn from_yaml_with(
+        text: &str,
+        source: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        discover: &dyn Discover,
     ) -> Result<Config, ConfigError> {
         let mut tree: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigProblem::whole_file(format!("invalid YAML: {e}")).in_file(source))?;
@@ -395,7 +408,7 @@ impl Config {
             let path = if path == "." { String::new() } else { path };
             ConfigProblem::new(path, e.into_inner().to_string()).in_file(source)
         })?;
-        let mut config = build(raw).map_err(|p| p.in_file(source))?;
+        let mut config = build(raw, discover).map_err(|p| p.in_file(source))?;
         config.source = source.to_string();
         Ok(config)
     }
@@ -440,7 +453,7 @@ impl Config {
 /// What every builder returns: the built value, or the problem at the key it was built from.
 type BuildResult<T> = Result<T, ConfigProblem>;
 
-fn build(raw: GatewayFile) -> BuildResult<Config> {
+fn build(raw: GatewayFile, discover: &dyn Discover) -> BuildResult<Config> {
     let GatewayFile {
         server,
         token_services,
@@ -452,7 +465,7 @@ fn build(raw: GatewayFile) -> BuildResult<Config> {
     let mut services = BTreeMap::new();
     for (name, svc) in token_services {
         let path = format!("token_services.{name}");
-        let built = token_service::build_token_service(&path, &name, svc)?;
+        let built = token_service::build_token_service(discover, &path, &name, svc)?;
         services.insert(name, Arc::new(built));
     }
     let mut built_routes: Vec<Arc<Route>> = Vec::with_capacity(routes.len());
@@ -652,7 +665,7 @@ fn http_url(path: &str, text: &str) -> BuildResult<Url> {
 fn build_route(
     path: &str,
     raw: RouteFile,
-    services: &BTreeMap<String, Arc<TokenService>>,
+    services: &BTreeMap<String, Arc<TokenServiceSettings>>,
 ) -> BuildResult<Route> {
     let RouteFile {
         name,
@@ -787,7 +800,7 @@ fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
 fn build_exchange(
     path: &str,
     raw: ExchangeFile,
-    services: &BTreeMap<String, Arc<TokenService>>,
+    services: &BTreeMap<String, Arc<TokenServiceSettings>>,
 ) -> BuildResult<Exchange> {
     let ExchangeFile {
         mode,
@@ -912,11 +925,11 @@ fn build_exchange(
         requested_token_type.clone(),
     )?;
     let (mode_data, actor_token_type) = match mode {
-        ModeKind::Impersonation => (Mode::Impersonation, ACCESS_TOKEN_TYPE.to_string()),
+        ModeKind::Impersonation => (ModeSettings::Impersonation, ACCESS_TOKEN_TYPE.to_string()),
         ModeKind::Delegation => {
             let (actor, actor_token_type) = build_actor(&format!("{path}.actor"), actor, &service)?;
             (
-                Mode::Delegation {
+                ModeSettings::Delegation {
                     actor,
                     require_may_act,
                 },
@@ -924,7 +937,7 @@ fn build_exchange(
             )
         }
         ModeKind::ClientCredentials => (
-            Mode::ClientCredentials {
+            ModeSettings::ClientCredentials {
                 caller: match caller {
                     Some(CallerFile::Anonymous) => CallerPolicy::Anonymous,
                     Some(CallerFile::Required) | None => CallerPolicy::Required,
@@ -940,7 +953,7 @@ fn build_exchange(
         &params,
         &actor_token_type,
     );
-    Ok(Exchange::Token(Arc::new(ExchangeProfile {
+    Ok(Exchange::Token(Arc::new(ExchangeSettings {
         mode: mode_data,
         grant,
         service,
@@ -1006,8 +1019,8 @@ fn exchange_params(
 fn build_actor(
     path: &str,
     raw: Option<ActorFile>,
-    service: &Arc<TokenService>,
-) -> BuildResult<(ActorSource, String)> {
+    service: &Arc<TokenServiceSettings>,
+) -> BuildResult<(ActorSettings, String)> {
     let ActorFile {
         token_file,
         token_type: actor_type,
@@ -1031,16 +1044,14 @@ fn build_actor(
                     "a token file replaces the gateway's own token; audience and scope apply only without it",
                 ));
             }
-            let file = crate::exchange::actor::TokenFile::open(&file)
-                .map_err(|m| ConfigProblem::new(format!("{path}.token_file"), m))?;
-            ActorSource::File(Arc::new(file))
+            ActorSettings::File(file)
         }
         None => {
             let params = exchange_params(path, audience, Vec::new(), scope, None)?;
             let key_prefix =
                 profile_digest(ModeKind::ClientCredentials, service, "actor", &params, "");
-            ActorSource::Own(Arc::new(ExchangeProfile {
-                mode: Mode::ClientCredentials {
+            ActorSettings::Own(Arc::new(ExchangeSettings {
+                mode: ModeSettings::ClientCredentials {
                     caller: CallerPolicy::Anonymous,
                 },
                 grant: Grant::ClientCredentials,
@@ -1077,7 +1088,7 @@ fn token_type(path: &str, text: &str) -> BuildResult<String> {
 /// concatenation.
 fn profile_digest(
     mode: ModeKind,
-    service: &TokenService,
+    service: &TokenServiceSettings,
     subject_token_type: &str,
     params: &[(&'static str, String)],
     actor_token_type: &str,

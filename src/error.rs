@@ -360,9 +360,9 @@ mod tests {
 
     #[test]
     fn our_own_setup_failures_are_bad_gateway_counted_with_rejected_credentials() {
-        let unsigned = crate::exchange::assertion::SigningError::from(
-            jsonwebtoken::errors::Error::from(jsonwebtoken::errors::ErrorKind::InvalidKeyFormat),
-        );
+        let unsigned = crate::assertion::SigningError::from(jsonwebtoken::errors::Error::from(
+            jsonwebtoken::errors::ErrorKind::InvalidKeyFormat,
+        ));
         let error = GatewayError::Exchange(ExchangeError::SigningFailed(unsigned));
         assert_eq!(error.status(), 502, "{error:?}");
         assert_eq!(error.outcome(), "client_rejected", "{error:?}");

@@ -9,7 +9,8 @@
 //! send `expires_in` as a string, or answer `N_A`.
 
 pub mod actor;
-pub mod assertion;
+pub mod discovery;
+mod profile;
 pub mod resilience;
 
 use std::time::Duration;
@@ -17,7 +18,11 @@ use std::time::Duration;
 use http::{HeaderValue, StatusCode, header};
 use serde::Deserialize;
 
-use crate::config::{ClientAuth, ExchangeProfile, Grant, TokenService};
+pub use profile::{
+    ActorSource, ExchangeProfile, Mode, TokenService, TokenServices, token_services,
+};
+
+use crate::config::{ClientAuth, ExchangeSettings, Grant};
 
 /// RFC 8693 §2.1 `grant_type`.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -79,7 +84,7 @@ pub enum ExchangeError {
     /// The `private_key_jwt` / `client_secret_jwt` assertion could not be signed: the gateway
     /// cannot authenticate, so the STS is not called.
     #[error(transparent)]
-    SigningFailed(assertion::SigningError),
+    SigningFailed(crate::assertion::SigningError),
     /// No complete answer within the token service's `timeout`.
     #[error("the token service did not answer within {0:?}")]
     Timeout(Duration),
@@ -241,19 +246,20 @@ pub async fn exchange(
     tokens: Tokens<'_>,
 ) -> Result<ExchangedToken, ExchangeError> {
     let service = &profile.service;
+    let timeout = service.settings.timeout;
     // One deadline for the whole call: queueing, every attempt and the backoff between them.
-    let deadline = tokio::time::Instant::now() + service.timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     let admission = service.resilience.admit().await?;
     let mut attempt = 0;
     let result = loop {
         // Built per attempt: a client assertion's `jti` must never be reused.
-        let body = match form_body(profile, tokens, Render::Send) {
+        let body = match form_body(&profile.settings, tokens, Render::Send) {
             Ok(body) => body,
             Err(e) => break Err(e),
         };
         let outcome = match tokio::time::timeout_at(deadline, send(service, body)).await {
             Ok(result) => result,
-            Err(_) => Err(ExchangeError::Timeout(service.timeout)),
+            Err(_) => Err(ExchangeError::Timeout(timeout)),
         };
         match outcome {
             Err(e)
@@ -264,13 +270,13 @@ pub async fn exchange(
                 if tokio::time::Instant::now() + wait >= deadline {
                     break Err(e);
                 }
-                tracing::debug!(token_service = %service.name, attempt, "retrying the token service");
+                tracing::debug!(token_service = %service.name(), attempt, "retrying the token service");
                 tokio::time::sleep(wait).await;
             }
             other => break other,
         }
     };
-    let result = result.and_then(|issued| accept(profile, tokens, issued));
+    let result = result.and_then(|issued| accept(&profile.settings, tokens, issued));
     let summary = result.as_ref().map(|_| ()).map_err(Clone::clone);
     service.resilience.record(admission, &summary);
     if let Err(e @ (ExchangeError::EchoedInputToken | ExchangeError::UnexpectedTokenType { .. })) =
@@ -279,7 +285,7 @@ pub async fn exchange(
         // Logged here, where every caller of an exchange passes (requests, background
         // refreshes, the gateway's own actor token), so none goes unreported. The error names
         // no token.
-        tracing::error!(token_service = %service.name, outcome = e.outcome(), error = %e, "refused the token service's answer");
+        tracing::error!(token_service = %service.name(), outcome = e.outcome(), error = %e, "refused the token service's answer");
     }
     result
 }
@@ -289,7 +295,7 @@ pub async fn exchange(
 /// the gateway forward the very token it exists to keep from the upstream; a token of another
 /// type than `requested_token_type` is not what the route was configured to send.
 fn accept(
-    profile: &ExchangeProfile,
+    profile: &ExchangeSettings,
     tokens: Tokens<'_>,
     issued: ExchangedToken,
 ) -> Result<ExchangedToken, ExchangeError> {
@@ -337,7 +343,7 @@ enum Render {
 /// The request a profile sends, for `txgate check --verbose`: the endpoint, the client
 /// authentication, and the form with the caller's and actor's tokens as placeholders and no
 /// secret.
-pub fn describe_request(profile: &ExchangeProfile) -> String {
+pub fn describe_request(profile: &ExchangeSettings) -> String {
     let tokens = Tokens {
         subject: Some("CALLER_TOKEN"),
         actor: Some("ACTOR_TOKEN").filter(|_| profile.mode.actor().is_some()),
@@ -352,7 +358,7 @@ pub fn describe_request(profile: &ExchangeProfile) -> String {
 /// The form: grant, tokens, configured parameters, and client credentials for the methods that
 /// put them in the body. Only what is configured is sent.
 fn form_body(
-    profile: &ExchangeProfile,
+    profile: &ExchangeSettings,
     tokens: Tokens<'_>,
     render: Render,
 ) -> Result<String, ExchangeError> {
@@ -402,15 +408,19 @@ fn form_body(
                 Render::Describe => "<signed JWT>".to_string(),
             };
             form.append_pair("client_id", &service.client_id);
-            form.append_pair("client_assertion_type", assertion::JWT_BEARER_ASSERTION);
+            form.append_pair(
+                "client_assertion_type",
+                crate::assertion::JWT_BEARER_ASSERTION,
+            );
             form.append_pair("client_assertion", &assertion);
         }
     }
     Ok(form.finish())
 }
 
-async fn send(service: &TokenService, body: String) -> Result<ExchangedToken, ExchangeError> {
-    let mut request = service
+async fn send(live: &TokenService, body: String) -> Result<ExchangedToken, ExchangeError> {
+    let service = &*live.settings;
+    let mut request = live
         .http
         .post(service.token_endpoint.clone())
         .timeout(service.timeout)
@@ -697,7 +707,7 @@ mod tests {
     }
 
     /// The exchange profile of a route with the given extra `exchange:` keys.
-    fn profile(extra: &str) -> std::sync::Arc<ExchangeProfile> {
+    fn profile(extra: &str) -> std::sync::Arc<ExchangeSettings> {
         let yaml = format!(
             "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  corp: {{ token_endpoint: \"http://127.0.0.1:1/token\", client_id: gw, client_secret: s }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"http://127.0.0.1:2\", exchange: {{ mode: delegation, token_service: corp{extra} }} }}\n"
         );

@@ -7,8 +7,10 @@
 
 pub(crate) mod admin;
 pub mod admission;
+pub mod assertion;
 pub mod cache;
 pub mod config;
+pub mod describe;
 pub mod dev;
 pub mod error;
 pub mod exchange;

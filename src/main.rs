@@ -8,9 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 use txgate::config::Config;
+use txgate::describe;
 use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
+use txgate::exchange::discovery::OidcDiscovery;
 use txgate::secret::Secret;
 use txgate::server::{self, BoundListeners};
+use txgate::state::{GatewayState, StateError};
 
 /// mimalloc instead of the C library's allocator: a proxied request makes about a hundred small
 /// allocations (pingora's header maps and buffers, the exchanged token's header value), and
@@ -79,23 +82,30 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Check { config, verbose } => match Config::load(&config) {
+        Command::Check { config, verbose } => match Config::load(&config, &OidcDiscovery) {
             Ok(config) => {
+                // What `run` would build from it (actor token files, HTTP clients), so a
+                // setting that reads well but cannot run fails here too.
+                match GatewayState::new(&config, None) {
+                    Ok(_) => {}
+                    Err(StateError::Config(e)) => return config_error(&e),
+                    Err(e) => return fail(EXIT_START, &e),
+                }
                 // On stderr: the summary on stdout stays one line for scripts.
                 for warning in config.warnings() {
                     eprintln!("warning: {}: {warning}", config.source);
                 }
                 if verbose {
-                    println!("{}", config.describe());
+                    println!("{}", describe::verbose(&config));
                 } else {
-                    println!("{}", config.summary());
+                    println!("{}", describe::summary(&config));
                 }
                 ExitCode::SUCCESS
             }
             Err(e) => config_error(&e),
         },
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let config = match Config::load(&config, &OidcDiscovery) {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
@@ -113,6 +123,7 @@ fn main() -> ExitCode {
             );
             match server::run_until_signal(&config, listeners) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(server::StartError::Config(e)) => config_error(&e),
                 Err(e) => fail(EXIT_START, &e),
             }
         }

@@ -31,10 +31,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// A startup failure (bind, metrics registration). `txgate run` prints it and exits 1.
+/// A startup failure. `txgate run` prints it and exits 1, or 2 for a setting that cannot be
+/// put to work (the message then names the file and key, as config errors do).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(String);
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<crate::state::StateError> for StartError {
+    fn from(e: crate::state::StateError) -> StartError {
+        match e {
+            crate::state::StateError::Config(e) => StartError::Config(e),
+            other => StartError::Other(other.to_string()),
+        }
+    }
+}
 
 /// Sockets bound for one configuration.
 pub struct BoundListeners {
@@ -80,13 +94,13 @@ impl BoundListeners {
 
 fn bind_one(addr: SocketAddr, key: &str) -> Result<(SocketAddr, TcpListener), StartError> {
     let listener = TcpListener::bind(addr)
-        .map_err(|e| StartError(format!("{key}: cannot listen on {addr}: {e}")))?;
+        .map_err(|e| StartError::Other(format!("{key}: cannot listen on {addr}: {e}")))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| StartError(format!("{key}: {addr}: {e}")))?;
+        .map_err(|e| StartError::Other(format!("{key}: {addr}: {e}")))?;
     let bound = listener
         .local_addr()
-        .map_err(|e| StartError(format!("{key}: {addr}: {e}")))?;
+        .map_err(|e| StartError::Other(format!("{key}: {addr}: {e}")))?;
     Ok((bound, listener))
 }
 
@@ -168,7 +182,7 @@ fn build_server(
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let state = Arc::new(GatewayState::new(config, None).map_err(StartError)?);
+    let state = Arc::new(GatewayState::new(config, None)?);
     let current: CurrentState = Arc::new(ArcSwap::from(state.clone()));
     let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let reloader = Reloader {
@@ -189,10 +203,10 @@ fn build_server(
     let mut certificate = None;
     if let Some(tls) = &settings.tls {
         let cert = ReloadingCert::load(&tls.cert_file, &tls.key_file)
-            .map_err(|e| StartError(format!("server.tls: {e}")))?;
+            .map_err(|e| StartError::Other(format!("server.tls: {e}")))?;
         for (addr, socket) in listeners.tls {
             let tls_settings = crate::tls::listener_settings(cert.clone())
-                .map_err(|e| StartError(format!("server.tls: {e}")))?;
+                .map_err(|e| StartError::Other(format!("server.tls: {e}")))?;
             proxy.add_tls_with_settings(&addr.to_string(), None, tls_settings);
             proxy_sockets.push((addr.to_string(), socket));
         }
@@ -304,7 +318,7 @@ fn swap(current: &CurrentState, config: &Config) -> Result<(), String> {
             "listen addresses changed in the new configuration; they apply only after a restart"
         );
     }
-    let state = Arc::new(GatewayState::new(config, Some(&old))?);
+    let state = Arc::new(GatewayState::new(config, Some(&old)).map_err(|e| e.to_string())?);
     log_warnings(config);
     state.start_background();
     current.store(state);
@@ -358,7 +372,7 @@ async fn reload_loop(
             // Every sender is gone but signals can still arrive: keep serving them.
             std::future::pending::<()>().await;
         }
-        match Config::load(&path) {
+        match Config::load(&path, &crate::exchange::discovery::OidcDiscovery) {
             Ok(config) => {
                 if let Err(e) = swap(&current, &config) {
                     tracing::error!(error = %e, "the new configuration could not be applied; the running one keeps serving");
@@ -423,7 +437,7 @@ impl RunningGateway {
                     shutdown_signal: Box::new(ChannelSignal(Mutex::new(Some(receiver)))),
                 })
             })
-            .map_err(|e| StartError(format!("cannot start the server thread: {e}")))?;
+            .map_err(|e| StartError::Other(format!("cannot start the server thread: {e}")))?;
         Ok(RunningGateway {
             proxy_addrs,
             tls_addrs,

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use pingora_prometheus::prometheus::{Histogram, IntCounter};
 
 use crate::cache::TokenCache;
-use crate::config::Exchange;
-use crate::config::{Config, Route};
+use crate::config::{Config, ConfigError, Exchange, Route};
+use crate::exchange::{ActorSource, ExchangeProfile};
 use crate::inbound::{Inbound, JwtValidator, RefresherGuard};
 use crate::metrics::Metrics;
 use crate::path::PathRules;
@@ -42,6 +42,9 @@ pub struct GatewayState {
     /// The validators of each route (by index in the configured order); `None` leaves
     /// validation to the STS.
     pub(crate) inbound: Vec<Option<Arc<Inbound>>>,
+    /// The live exchange of each route (by index in the configured order); `None` for
+    /// `mode: none`.
+    pub(crate) profiles: Vec<Option<Arc<ExchangeProfile>>>,
     /// Every distinct JWT validator; readiness waits for their first JWKS.
     pub jwt_validators: Vec<Arc<JwtValidator>>,
     /// Keeps the validators' background JWKS refreshers running.
@@ -78,10 +81,8 @@ impl GatewayState {
         }
         // Actor token files are re-read off the request path; each watcher ends with its
         // configuration.
-        for route in &self.routes {
-            if let crate::config::Exchange::Token(profile) = &route.exchange
-                && let Some(crate::config::ActorSource::File(file)) = profile.mode.actor()
-            {
+        for profile in self.profiles.iter().flatten() {
+            if let Some(ActorSource::File(file)) = profile.mode.actor() {
                 crate::exchange::actor::TokenFile::watch(file);
             }
         }
@@ -98,6 +99,12 @@ impl GatewayState {
                 });
             }
         }
+    }
+
+    /// The live exchange of the route at `index` (configured order); `None` for `mode: none`.
+    /// Called for every request.
+    pub fn profile(&self, index: usize) -> Option<&Arc<ExchangeProfile>> {
+        self.profiles.get(index).and_then(Option::as_ref)
     }
 
     /// The validators of the route at `index` (configured order); `None` when it validates
@@ -123,14 +130,35 @@ impl GatewayState {
         }
     }
 
-    /// Builds the shared state for `config`. On a reload `previous` hands over what outlives a
+    /// Builds the running gateway for `config`: the one place where settings become live parts
+    /// (token services with their clients and breakers, each route's exchange with its actor,
+    /// the validators, the route table). On a reload `previous` hands over what outlives a
     /// configuration: the token cache (entries are keyed by exchange profile, so changed
     /// routes simply miss), the metrics registry and the readiness flags.
-    pub fn new(config: &Config, previous: Option<&GatewayState>) -> Result<GatewayState, String> {
+    pub fn new(
+        config: &Config,
+        previous: Option<&GatewayState>,
+    ) -> Result<GatewayState, StateError> {
         let metrics = match previous {
             Some(p) => p.metrics.clone(),
-            None => Arc::new(Metrics::new().map_err(|e| format!("cannot register metrics: {e}"))?),
+            None => Arc::new(Metrics::new().map_err(|e| StateError::Metrics(e.to_string()))?),
         };
+        let in_file =
+            |p: crate::config::ConfigProblem| StateError::Config(p.in_file(&config.source));
+        let services = crate::exchange::token_services(&config.token_services).map_err(in_file)?;
+        let profiles = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| match &route.exchange {
+                Exchange::None => Ok(None),
+                Exchange::Token(settings) => {
+                    ExchangeProfile::build(&format!("routes[{i}].exchange"), settings, &services)
+                        .map(|p| Some(Arc::new(p)))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(in_file)?;
         let route_metrics = config
             .routes
             .iter()
@@ -169,9 +197,9 @@ impl GatewayState {
         let inbound: Vec<Option<Arc<Inbound>>> = config
             .routes
             .iter()
-            .map(|route| {
-                let (Some(settings), Exchange::Token(profile)) = (&route.inbound, &route.exchange)
-                else {
+            .zip(&profiles)
+            .map(|(route, profile)| {
+                let (Some(settings), Some(profile)) = (&route.inbound, profile) else {
                     return None;
                 };
                 let key = Arc::as_ptr(settings);
@@ -190,6 +218,7 @@ impl GatewayState {
         Ok(GatewayState {
             jwt_validators,
             inbound,
+            profiles,
             refreshers: Mutex::new(Vec::new()),
             router: Router::new(&config.routes),
             routes: config.routes.clone(),
@@ -216,4 +245,15 @@ impl GatewayState {
                 .unwrap_or_default(),
         })
     }
+}
+
+/// Why a configuration could not be made to run.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A setting that reads as valid but cannot be put to work (an actor token file that
+    /// cannot be read, an HTTP client that cannot be built), at its key.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot register metrics: {0}")]
+    Metrics(String),
 }

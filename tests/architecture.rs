@@ -265,16 +265,6 @@ fn circles(graph: &Graph) -> Vec<Vec<String>> {
     found
 }
 
-/// Violations that exist and are being removed: config still builds the runtime token services
-/// (HTTP clients, breakers, signers, actor token files), which exchange then reads back from
-/// config's types. (Inbound validation already works the target way: config holds the settings,
-/// the state builds the validators.) This list only shrinks: a violation not on it fails the
-/// test, and so does one on it that is gone (delete its line).
-const KNOWN: &[&str] = &[
-    "import circle: config → exchange → config",
-    "config is data but imports exchange",
-];
-
 #[test]
 fn the_layers_hold() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -284,18 +274,7 @@ fn the_layers_hold() {
         "the source was not read: {graph:?}"
     );
     let found = violations(&graph);
-    let new: Vec<&String> = found
-        .iter()
-        .filter(|v| !KNOWN.contains(&v.as_str()))
-        .collect();
-    let gone: Vec<&&str> = KNOWN
-        .iter()
-        .filter(|k| !found.iter().any(|v| v == *k))
-        .collect();
-    assert!(
-        new.is_empty() && gone.is_empty(),
-        "layering violations: new {new:#?}; fixed but still listed in KNOWN {gone:#?}"
-    );
+    assert!(found.is_empty(), "layering violations: {found:#?}");
 }
 
 fn graph(edges: &[(&str, &str)]) -> Graph {

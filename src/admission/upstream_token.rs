@@ -9,10 +9,9 @@ use http::HeaderValue;
 
 use super::{Caller, Target};
 use crate::cache::{Lookup, TokenCache};
-use crate::config::{ActorSource, Exchange, ExchangeProfile, Mode};
 use crate::error::GatewayError;
 use crate::exchange::actor::Actor;
-use crate::exchange::{self, Tokens};
+use crate::exchange::{self, ActorSource, ExchangeProfile, Mode, Tokens};
 use crate::inbound::ValidatedToken;
 use crate::metrics::Metrics;
 use crate::state::GatewayState;
@@ -55,14 +54,14 @@ pub async fn obtain(
     caller: &Caller,
     checked: Option<Arc<ValidatedToken>>,
 ) -> Result<UpstreamToken, Unobtained> {
-    let profile = match &target.route.exchange {
-        Exchange::None => return Ok(UpstreamToken::default()),
-        Exchange::Token(profile) => profile.clone(),
+    let Some(profile) = state.profile(target.index) else {
+        return Ok(UpstreamToken::default());
     };
+    let profile = profile.clone();
     let subject = caller.token.as_deref().unwrap_or_default();
     let waited = Instant::now();
     let (key, actor) = match &profile.mode {
-        Mode::Impersonation => (TokenCache::key(&profile, subject, None), None),
+        Mode::Impersonation => (TokenCache::key(&profile.settings, subject, None), None),
         Mode::Delegation {
             actor,
             require_may_act,
@@ -77,11 +76,11 @@ pub async fn obtain(
                     return Err(GatewayError::MayActDenied.into());
                 }
             }
-            let key = TokenCache::key(&profile, subject, Some(actor.identity.as_bytes()));
+            let key = TokenCache::key(&profile.settings, subject, Some(actor.identity.as_bytes()));
             (key, Some(actor))
         }
         // One machine token per profile, shared by every caller.
-        Mode::ClientCredentials { .. } => (TokenCache::machine_key(&profile), None),
+        Mode::ClientCredentials { .. } => (TokenCache::machine_key(&profile.settings), None),
     };
     let subject_for_sts =
         (!matches!(profile.mode, Mode::ClientCredentials { .. })).then_some(subject);
@@ -151,7 +150,7 @@ async fn actor_of(state: &GatewayState, source: &ActorSource) -> Result<Arc<Acto
             let (result, _) = state
                 .cache
                 .get_or_exchange(
-                    TokenCache::machine_key(own),
+                    TokenCache::machine_key(&own.settings),
                     "",
                     exchange_with_metrics(&state.metrics, own, tokens),
                 )
@@ -169,7 +168,7 @@ async fn exchange_with_metrics(
 ) -> Result<exchange::ExchangedToken, exchange::ExchangeError> {
     let started = Instant::now();
     let result = exchange::exchange(profile, tokens).await;
-    let service = profile.service.name.as_str();
+    let service = profile.service.name();
     let open = profile.service.resilience.state() != exchange::resilience::BreakerState::Closed;
     metrics
         .circuit_open
@@ -222,7 +221,7 @@ fn may_act_allows(
         .map(str::to_string)
         .or_else(|| match profile.mode.actor() {
             // The gateway's own opaque token: the actor is our client.
-            Some(ActorSource::Own(_)) => Some(profile.service.client_id.clone()),
+            Some(ActorSource::Own(_)) => Some(profile.service.settings.client_id.clone()),
             _ => None,
         });
     let Some(actor_sub) = actor_sub else {

@@ -1,5 +1,6 @@
-//! Token services: endpoints, client authentication, resilience and inbound validation,
-//! resolved once at load.
+//! Token services as data: endpoints, client authentication, resilience settings and inbound
+//! validation, resolved once at load. The live parts (HTTP client, breaker) are built from
+//! these by `exchange::TokenService`.
 //!
 //! Endpoint precedence: explicit keys, then the profile's documented endpoints
 //! ([`super::profile`]), then OIDC discovery from `issuer` for whatever is still missing
@@ -25,8 +26,7 @@ use super::{
     BuildResult, CLEAR_TEXT_CREDENTIALS, CLEAR_TEXT_KEYS, ConfigProblem, ConfigWarning,
     clear_text_remote, http_url, is_label, positive,
 };
-use crate::exchange::assertion::AssertionSigner;
-use crate::exchange::resilience::{Resilience, ResilienceSettings};
+use crate::assertion::AssertionSigner;
 use crate::secret::Secret;
 
 /// Most `retries` of one STS call. Every retry runs inside the call's `timeout`, so a larger
@@ -38,8 +38,31 @@ pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
 const INBOUND_CACHE_ENTRIES: u64 = 100_000;
 
-/// A Security Token Service the gateway exchanges tokens at.
-pub struct TokenService {
+/// Settings of a token service's concurrency cap, retries and circuit breaker
+/// (`token_services.<name>`); the breaker itself is `exchange::resilience::Resilience`.
+#[derive(Debug, Clone)]
+pub struct ResilienceSettings {
+    pub max_concurrent: usize,
+    pub queue_timeout: Duration,
+    pub retries: u32,
+    pub failure_threshold: u32,
+    pub open_for: Duration,
+}
+
+impl Default for ResilienceSettings {
+    fn default() -> Self {
+        ResilienceSettings {
+            max_concurrent: defaults::STS_MAX_CONCURRENT,
+            queue_timeout: defaults::STS_QUEUE_TIMEOUT,
+            retries: defaults::STS_RETRIES,
+            failure_threshold: defaults::STS_FAILURE_THRESHOLD,
+            open_for: defaults::STS_OPEN_FOR,
+        }
+    }
+}
+
+/// A Security Token Service the gateway exchanges tokens at, as configured.
+pub struct TokenServiceSettings {
     pub name: String,
     pub profile: Profile,
     pub issuer: Option<String>,
@@ -53,17 +76,15 @@ pub struct TokenService {
     /// Total time one STS call may take; past it the caller gets 504.
     pub timeout: Duration,
     pub connect_timeout: Duration,
-    /// Built once here with the connect timeout; the total timeout is set per request.
-    pub http: reqwest::Client,
     /// Validation of callers' tokens this service issued, for routes without their own.
     pub inbound: Option<Arc<InboundSettings>>,
     /// Concurrency cap, retries and circuit breaker.
-    pub resilience: Resilience,
+    pub resilience: ResilienceSettings,
 }
 
-impl fmt::Debug for TokenService {
+impl fmt::Debug for TokenServiceSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenService")
+        f.debug_struct("TokenServiceSettings")
             .field("name", &self.name)
             .field("profile", &self.profile)
             .field("token_endpoint", &self.token_endpoint.as_str())
@@ -74,7 +95,7 @@ impl fmt::Debug for TokenService {
     }
 }
 
-impl TokenService {
+impl TokenServiceSettings {
     /// Plain-HTTP endpoints of this service on another host (see [`super::ConfigWarning`]):
     /// its token endpoint, JWKS URI and introspection endpoint, and those of its `inbound`
     /// block where they differ. Used by `txgate check`, `txgate run` and the status page.
@@ -112,7 +133,7 @@ impl TokenService {
 pub(super) fn inbound_warnings(
     path: &str,
     inbound: &InboundSettings,
-    service: &TokenService,
+    service: &TokenServiceSettings,
 ) -> Vec<ConfigWarning> {
     let mut out = Vec::new();
     if let Some(jwt) = &inbound.jwt
@@ -160,10 +181,11 @@ impl fmt::Debug for ClientAuth {
 }
 
 pub(super) fn build_token_service(
+    discover: &dyn discovery::Discover,
     path: &str,
     name: &str,
     raw: TokenServiceFile,
-) -> BuildResult<TokenService> {
+) -> BuildResult<TokenServiceSettings> {
     let TokenServiceFile {
         profile,
         issuer,
@@ -217,12 +239,6 @@ pub(super) fn build_token_service(
         connect_timeout.unwrap_or(defaults::STS_CONNECT_TIMEOUT),
     )?
     .min(timeout);
-    let http = crate::exchange::http_client(connect_timeout).map_err(|e| {
-        ConfigProblem::new(
-            path.to_string(),
-            format!("cannot build the HTTP client for this token service: {e}"),
-        )
-    })?;
 
     let issuer = match issuer {
         Some(i) => Some(http_url(&format!("{path}.issuer"), &i)?.to_string()),
@@ -250,6 +266,7 @@ pub(super) fn build_token_service(
     };
     if let Some(issuer) = &issuer {
         discovery::fill_missing_endpoints(
+            discover,
             &format!("{path}.issuer"),
             issuer,
             &mut endpoints,
@@ -293,7 +310,7 @@ pub(super) fn build_token_service(
             "must be at least 1".into(),
         ));
     }
-    let resilience = Resilience::new(ResilienceSettings {
+    let resilience = ResilienceSettings {
         max_concurrent: match max_concurrent.unwrap_or(unset.max_concurrent) {
             0 => return Err(err("max_concurrent", "must be at least 1".into())),
             n => n,
@@ -313,7 +330,7 @@ pub(super) fn build_token_service(
         },
         failure_threshold,
         open_for: positive(&format!("{path}.circuit_breaker.open_for"), open_for)?,
-    });
+    };
     let secret = match (client_secret, client_secret_file) {
         (Some(_), Some(_)) => {
             return Err(ConfigProblem::new(
@@ -396,7 +413,7 @@ pub(super) fn build_token_service(
         .transpose()?
         .map(Arc::new);
 
-    Ok(TokenService {
+    Ok(TokenServiceSettings {
         name: name.to_string(),
         profile,
         issuer,
@@ -408,7 +425,6 @@ pub(super) fn build_token_service(
         client_auth,
         timeout,
         connect_timeout,
-        http,
         inbound,
         resilience,
     })

@@ -15,36 +15,10 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{ExchangeError, Unavailability};
 
-// The defaults are defined once, with their reasons, in config/defaults.rs.
-use crate::config::defaults::{
-    STS_FAILURE_THRESHOLD as DEFAULT_FAILURE_THRESHOLD,
-    STS_MAX_CONCURRENT as DEFAULT_MAX_CONCURRENT, STS_OPEN_FOR as DEFAULT_OPEN_FOR,
-    STS_QUEUE_TIMEOUT as DEFAULT_QUEUE_TIMEOUT, STS_RETRIES as DEFAULT_RETRIES,
-};
+use crate::config::ResilienceSettings;
+
 /// Base of the retry backoff; the actual wait is jittered between 1× and 2× this.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Settings, from `token_services.<name>`.
-#[derive(Debug, Clone)]
-pub struct ResilienceSettings {
-    pub max_concurrent: usize,
-    pub queue_timeout: Duration,
-    pub retries: u32,
-    pub failure_threshold: u32,
-    pub open_for: Duration,
-}
-
-impl Default for ResilienceSettings {
-    fn default() -> Self {
-        ResilienceSettings {
-            max_concurrent: DEFAULT_MAX_CONCURRENT,
-            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
-            retries: DEFAULT_RETRIES,
-            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
-            open_for: DEFAULT_OPEN_FOR,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Breaker {

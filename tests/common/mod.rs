@@ -303,9 +303,12 @@ async fn serve(app: Router) -> (SocketAddr, oneshot::Sender<()>) {
 
 /// Parses a gateway config; `${TEST_CLIENT_SECRET}` resolves to [`CLIENT_SECRET`].
 pub fn config(yaml: &str) -> Config {
-    Config::from_yaml(yaml, "test.yaml", &|name| {
-        (name == "TEST_CLIENT_SECRET").then(|| CLIENT_SECRET.to_string())
-    })
+    Config::from_yaml_with(
+        yaml,
+        "test.yaml",
+        &|name| (name == "TEST_CLIENT_SECRET").then(|| CLIENT_SECRET.to_string()),
+        &txgate::exchange::discovery::OidcDiscovery,
+    )
     .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"))
 }
 
@@ -556,14 +559,20 @@ pub mod yaml;
 /// Parses a gateway config whose `${VAR}`s resolve from `vars`, plus `${TEST_CLIENT_SECRET}`
 /// as in [`config`]; any other variable is unset.
 pub fn config_with_env(yaml: &str, vars: &[(&str, &str)]) -> Config {
-    Config::from_yaml(yaml, "test.yaml", &|name| {
+    let env = |name: &str| {
         if name == "TEST_CLIENT_SECRET" {
             return Some(CLIENT_SECRET.to_string());
         }
         vars.iter()
             .find(|(key, _)| *key == name)
             .map(|(_, value)| value.to_string())
-    })
+    };
+    Config::from_yaml_with(
+        yaml,
+        "test.yaml",
+        &env,
+        &txgate::exchange::discovery::OidcDiscovery,
+    )
     .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{yaml}"))
 }
 

@@ -1,0 +1,74 @@
+//! What `txgate check` prints about a valid configuration: the one-line summary, and with
+//! `--verbose` each token service's endpoints and each route's exact STS request.
+//!
+//! Kept apart from loading because it is output for people, not configuration: it reads a
+//! loaded [`Config`] and nothing here decides how the gateway behaves.
+
+use crate::config::{ActorSettings, Config, Exchange};
+use crate::exchange::describe_request;
+
+/// `txgate check --verbose`: the summary, then each token service's endpoints and each route's
+/// exact STS request (tokens as placeholders, secrets redacted).
+pub fn verbose(config: &Config) -> String {
+    let mut out = summary(config);
+    for (name, service) in &config.token_services {
+        out.push_str(&format!(
+            "\n  token_services.{name}: profile {}, token endpoint {}, client {} ({:?})",
+            service.profile.as_str(),
+            service.token_endpoint,
+            service.client_id,
+            service.client_auth
+        ));
+        if let Some(jwks) = &service.jwks_uri {
+            out.push_str(&format!(", jwks {jwks}"));
+        }
+        if let Some(inbound) = &service.inbound {
+            out.push_str(&format!(", inbound validation {inbound:?}"));
+        }
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        let what = match &route.exchange {
+            Exchange::None => "mode none: no token upstream".to_string(),
+            Exchange::Token(p) => {
+                let mut line = format!(
+                    "mode {} at {}: {}",
+                    p.mode.as_str(),
+                    p.service.name,
+                    describe_request(p)
+                );
+                if let Some(ActorSettings::Own(own)) = p.mode.actor() {
+                    line.push_str(&format!("; actor token: {}", describe_request(own)));
+                }
+                line
+            }
+        };
+        out.push_str(&format!(
+            "\n  routes[{i}] {} {} -> {}: {what}",
+            route.name, route.path_prefix, route.upstream.display
+        ));
+    }
+    out
+}
+
+/// A one-line summary for `txgate check`.
+pub fn summary(config: &Config) -> String {
+    let listen: Vec<String> = config.server.listen.iter().map(|a| a.to_string()).collect();
+    let admin = match config.server.admin_listen {
+        Some(a) => format!(", admin on {a}"),
+        None => String::new(),
+    };
+    format!(
+        "{}: ok: {} route{}, {} token service{}, listening on {}{}",
+        config.source,
+        config.routes.len(),
+        plural(config.routes.len()),
+        config.token_services.len(),
+        plural(config.token_services.len()),
+        listen.join(", "),
+        admin,
+    )
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
