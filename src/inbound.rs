@@ -28,17 +28,8 @@ use moka::future::Cache;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-pub use introspection::{
-    DEFAULT_INTROSPECTION_MAX_CONCURRENT, DEFAULT_INTROSPECTION_NEGATIVE_TTL,
-    DEFAULT_INTROSPECTION_QUEUE_TIMEOUT, IntrospectionAuth, IntrospectionSettings,
-    IntrospectionValidator,
-};
-pub use jwt::{
-    DEFAULT_ALGORITHMS, DEFAULT_LEEWAY, DEFAULT_MIN_REFETCH_INTERVAL, DEFAULT_REFRESH_INTERVAL,
-    JwtSettings, JwtValidator, RefresherGuard,
-};
-
-pub use crate::config::defaults::VALIDATION_CACHE_ENTRIES as DEFAULT_MAX_CACHED;
+pub use introspection::IntrospectionValidator;
+pub use jwt::{JwtSettings, JwtValidator, RefresherGuard};
 
 /// The validators of one `inbound:` block: JWTs against a JWKS, opaque tokens by
 /// introspection. Built once per block and configuration ([`Inbound::build`]); routes that

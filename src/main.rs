@@ -207,10 +207,6 @@ fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) 
         client_id,
         client_secret: Secret::new(secret),
     };
-    let sts = match DevSts::new(DevStsOptions::new(format!("http://{listen}"), vec![client])) {
-        Ok(sts) => sts,
-        Err(e) => return fail(EXIT_CONFIG, &e),
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -223,7 +219,14 @@ fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) 
             Ok(l) => l,
             Err(e) => return fail(EXIT_START, &format!("cannot listen on {listen}: {e}")),
         };
-        println!("development STS on http://{listen} (development only)");
+        // The bound address is the issuer, so `--listen 127.0.0.1:0` works and says where it
+        // went.
+        let bound = listener.local_addr().unwrap_or(listen);
+        let sts = match DevSts::new(DevStsOptions::new(format!("http://{bound}"), vec![client])) {
+            Ok(sts) => sts,
+            Err(e) => return fail(EXIT_CONFIG, &e),
+        };
+        println!("development STS on http://{bound} (development only)");
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };

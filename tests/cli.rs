@@ -358,3 +358,107 @@ fn every_shipped_config_passes_check() {
         assert_eq!(String::from_utf8_lossy(&output.stderr), "", "{file}");
     }
 }
+
+/// A child process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `txgate dev-sts --listen 127.0.0.1:0` says where it listens, and its issuer is that address:
+/// `txgate check` on a token service given only that issuer finds the token endpoint by OIDC
+/// discovery (the explicit network step of loading) and prints it.
+#[test]
+fn check_discovers_the_endpoints_of_a_dev_sts_started_on_port_0() {
+    let mut child = Command::new(BIN)
+        .args(["dev-sts", "--listen", "127.0.0.1:0"])
+        .env("TXGATE_CLIENT_SECRET", "discovery-test-secret")
+        .env("TXGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _sts = Killed(child);
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    let issuer = first
+        .strip_prefix("development STS on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    assert!(
+        !issuer.ends_with(":0"),
+        "the bound port is printed: {issuer}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("txgate-discovery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\n\
+             token_services:\n  dev: {{ issuer: \"{issuer}\", client_id: gateway, client_secret: s }}\n\
+             routes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"http://127.0.0.1:1\", exchange: {{ mode: impersonation, token_service: dev, audience: [a] }} }}\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["check", "--verbose", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("token endpoint {issuer}/token")),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A setting that reads well but cannot be put to work — an actor token file that is not there
+/// — fails `txgate check` like any config error: exit 2, file and key named.
+#[test]
+fn check_reports_an_unreadable_actor_token_file_at_its_key() {
+    let dir = std::env::temp_dir().join(format!("txgate-actor-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.yaml");
+    let missing = dir.join("no-such-token");
+    std::fs::write(
+        &file,
+        format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\n\
+             token_services:\n  corp: {{ token_endpoint: \"http://127.0.0.1:1/token\", client_id: g, client_secret: s }}\n\
+             routes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"http://127.0.0.1:1\", exchange: {{ mode: delegation, token_service: corp, actor: {{ token_file: \"{}\" }} }} }}\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "{}: routes[0].exchange.actor.token_file: cannot read \"{}\"",
+            file.display(),
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

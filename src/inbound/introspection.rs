@@ -26,13 +26,8 @@ use super::{
     now_secs, numeric_date, read_capped, token_digest, ttl_until,
 };
 
-// The defaults are defined once, with their reasons, in config/defaults.rs.
-pub use crate::config::defaults::{
-    INTROSPECTION_MAX_CONCURRENT as DEFAULT_INTROSPECTION_MAX_CONCURRENT,
-    INTROSPECTION_NEGATIVE_TTL as DEFAULT_INTROSPECTION_NEGATIVE_TTL,
-    INTROSPECTION_QUEUE_TIMEOUT as DEFAULT_INTROSPECTION_QUEUE_TIMEOUT,
-};
 pub use crate::config::inbound::{IntrospectionAuth, IntrospectionSettings};
+
 /// Largest introspection answer read; answers are a handful of claims.
 pub const MAX_INTROSPECTION_RESPONSE_BYTES: usize = 64 * 1024;
 /// RFC 8693 §3 identifier of refresh tokens, which some servers put in `token_type`.

@@ -26,12 +26,6 @@ use super::{
     numeric_date, redacted, token_digest, ttl_until,
 };
 
-// The defaults are defined once, with their reasons, in config/defaults.rs.
-pub use crate::config::defaults::{
-    JWKS_MIN_REFETCH_INTERVAL as DEFAULT_MIN_REFETCH_INTERVAL,
-    JWKS_REFRESH_INTERVAL as DEFAULT_REFRESH_INTERVAL, JWT_ALGORITHMS as DEFAULT_ALGORITHMS,
-    JWT_LEEWAY as DEFAULT_LEEWAY,
-};
 pub use crate::config::inbound::JwtSettings;
 /// A cached validation is re-checked at least this often even when the token lives longer;
 /// re-verifying a signature once a day costs nothing and keeps the cache free of forever-entries.
