@@ -16,6 +16,7 @@ pub mod error;
 pub mod exchange;
 pub mod inbound;
 pub mod jwt;
+pub mod logging;
 pub(crate) mod metrics;
 pub mod path;
 pub mod proxy;

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
 
 use txgate::config::Config;
 use txgate::describe;
 use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
 use txgate::exchange::discovery::OidcDiscovery;
+use txgate::logging;
 use txgate::secret::Secret;
 use txgate::server::{self, BoundListeners};
 use txgate::state::{GatewayState, StateError};
@@ -44,6 +44,15 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+impl From<LogFormat> for logging::LogFormat {
+    fn from(format: LogFormat) -> logging::LogFormat {
+        match format {
+            LogFormat::Text => logging::LogFormat::Text,
+            LogFormat::Json => logging::LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -80,7 +89,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Held to the end of main: dropping it flushes the lines still queued.
+    let _log = match logging::init(cli.log_format.into()) {
+        Ok(guard) => guard,
+        Err(e) => return fail(EXIT_CONFIG, &e),
+    };
     match cli.command {
         Command::Check { config, verbose } => match Config::load(&config, &OidcDiscovery) {
             Ok(config) => {
@@ -150,35 +163,6 @@ fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
 fn config_error(error: &txgate::config::ConfigError) -> ExitCode {
     eprintln!("{error}");
     ExitCode::from(EXIT_CONFIG)
-}
-
-fn init_logging(format: LogFormat) {
-    let mut filter =
-        EnvFilter::try_from_env("TXGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // The HTTP engines' debug and trace events print whole request and response headers
-    // (cookies, API keys, tokens in headers other than Authorization) and STS request details:
-    // never below info, whatever TXGATE_LOG says. txgate's own events never hold a token.
-    for target in [
-        "pingora_proxy",
-        "pingora_core",
-        "pingora_http",
-        "pingora_pool",
-        "hyper",
-        "hyper_util",
-        "h2",
-        "reqwest",
-    ] {
-        if let Ok(directive) = format!("{target}=info").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) -> ExitCode {

@@ -6,8 +6,8 @@
 //! never mix their numbers; the admin listener encodes it.
 
 use pingora_prometheus::prometheus::{
-    self, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    self, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets (seconds): sub-millisecond cache hits up to multi-second STS timeouts.
@@ -33,6 +33,9 @@ pub struct Metrics {
     /// `txgate_token_service_circuit_open{token_service}`: 1 while the breaker is open or
     /// half-open.
     pub circuit_open: IntGaugeVec,
+    /// `txgate_log_lines_dropped_total`: log lines dropped because the writer's queue was
+    /// full (see [`crate::logging`]); brought up to date at each scrape.
+    log_lines_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -87,6 +90,10 @@ impl Metrics {
             ),
             &["token_service"],
         )?;
+        let log_lines_dropped = IntCounter::new(
+            "txgate_log_lines_dropped_total",
+            "Log lines dropped because the log writer could not keep up (the request was never held up).",
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "txgate_build_info",
@@ -104,6 +111,7 @@ impl Metrics {
         registry.register(Box::new(cache_lookups.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(circuit_open.clone()))?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
             registry,
@@ -114,11 +122,17 @@ impl Metrics {
             cache_lookups,
             cache_entries,
             circuit_open,
+            log_lines_dropped,
         })
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
+        let dropped = crate::logging::dropped_lines();
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         let mut out = Vec::with_capacity(8 * 1024);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "cannot encode metrics");

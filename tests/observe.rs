@@ -748,3 +748,71 @@ fn the_kubernetes_gateway_yaml_is_valid_with_cluster_hosts_on_loopback() {
         Duration::from_secs(10)
     );
 }
+
+/// The value of an unlabelled counter in a Prometheus text exposition.
+fn counter(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// Logging is off the request path: with nobody reading the binary's stderr (a stalled
+/// terminal or log collector), requests are still answered at once; the lines that do not fit
+/// the writer's queue are dropped and counted in `txgate_log_lines_dropped_total`, and once
+/// stderr is read again the log flows again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_log_reader_drops_and_counts_lines_and_never_holds_up_a_request() {
+    let upstream = RecordingUpstream::start().await;
+    let yaml = GatewayYaml::new()
+        .admin()
+        .route(Route::new("public", "/public", upstream.url()).exchange(Exchange::none()))
+        .to_yaml();
+    let child = TxgateProcess::run(&yaml)
+        .env("TXGATE_LOG_BUFFER_LINES", "16")
+        .start()
+        .await;
+    let metrics_url = format!("{}/metrics", child.admin_url());
+    let before = counter(
+        &get(&metrics_url, None).await.body,
+        "txgate_log_lines_dropped_total",
+    );
+    assert_eq!(before, Some(0.0), "the counter is exported from the start");
+
+    child.stall_output(true);
+    let client = client();
+    // An access line is ~250 bytes: 2,000 of them are several times the pipe's 64 KiB and the
+    // queue's 16 lines together. Each request must still be answered promptly.
+    for i in 0..2_000 {
+        let url = format!("{}/public/{i}", child.url());
+        let reply = tokio::time::timeout(Duration::from_secs(5), client.get(&url).send())
+            .await
+            .unwrap_or_else(|_| panic!("request {i} was held up by the stalled log"))
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(reply.status(), 200, "request {i}");
+        reply.bytes().await.unwrap();
+    }
+    let exposition = get(&metrics_url, None).await.body;
+    let dropped = counter(&exposition, "txgate_log_lines_dropped_total").unwrap_or(0.0);
+    assert!(
+        dropped > 0.0,
+        "no line was counted as dropped:\n{exposition}"
+    );
+
+    child.stall_output(false);
+    let marker = format!("/public/after-the-stall-{}", rand::random::<u32>());
+    let url = format!("{}{marker}", child.url());
+    eventually("the log to flow again", Duration::from_secs(20), || async {
+        // One request per try: its access line is queued once the writer has room again.
+        assert_eq!(get(&url, None).await.status, 200);
+        if child.stderr().contains(&marker) {
+            Ok(())
+        } else {
+            Err("the access line of a request after the stall is not in the log".to_string())
+        }
+    })
+    .await;
+}

@@ -160,6 +160,9 @@ pub struct Process {
     child: Child,
     output: Arc<watch::Sender<Streams>>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// While set, the readers stop reading: the child's pipes fill up and its writes block,
+    /// as with a stalled terminal or log collector ([`Process::stall_output`]).
+    stalled: Arc<watch::Sender<bool>>,
 }
 
 impl Process {
@@ -175,19 +178,33 @@ impl Process {
             ..Streams::default()
         });
         let output = Arc::new(output);
+        let stalled = Arc::new(watch::channel(false).0);
         let readers = vec![
-            read_lines(child.stdout.take().unwrap(), output.clone(), |s| {
-                &mut s.stdout
-            }),
-            read_lines(child.stderr.take().unwrap(), output.clone(), |s| {
-                &mut s.stderr
-            }),
+            read_lines(
+                child.stdout.take().unwrap(),
+                output.clone(),
+                stalled.clone(),
+                |s| &mut s.stdout,
+            ),
+            read_lines(
+                child.stderr.take().unwrap(),
+                output.clone(),
+                stalled.clone(),
+                |s| &mut s.stderr,
+            ),
         ];
         Ok(Process {
             child,
             output,
             readers,
+            stalled,
         })
+    }
+
+    /// Stops (`true`) or resumes (`false`) reading the child's output. Stopped, its pipes fill
+    /// (64 KiB on Linux) and then its writes to them block.
+    pub fn stall_output(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
     }
 
     /// Everything the process wrote so far.
@@ -286,13 +303,19 @@ impl Drop for Process {
 fn read_lines(
     pipe: impl std::io::Read + Send + 'static,
     output: Arc<watch::Sender<Streams>>,
+    stalled: Arc<watch::Sender<bool>>,
     pick: fn(&mut Streams) -> &mut String,
 ) -> std::thread::JoinHandle<()> {
     use std::io::BufRead;
     std::thread::spawn(move || {
         let mut reader = std::io::BufReader::new(pipe);
         let mut line = Vec::new();
+        let mut resumed = stalled.subscribe();
         loop {
+            // A plain thread: block on the watch with a small runtime-free wait.
+            while *resumed.borrow_and_update() {
+                futures::executor::block_on(resumed.changed()).ok();
+            }
             line.clear();
             let read = reader.read_until(b'\n', &mut line).unwrap_or(0);
             if read == 0 {
