@@ -2,8 +2,9 @@
 # Installs the system packages txgate's build and tests need, only those that are missing.
 #   scripts/setup.sh          build needs: cmake (pingora builds zlib-ng with it), a C compiler
 #   scripts/setup.sh --test   also promtool and prometheus (Debian's prometheus), curl, chromium
-#                             (status page test), and Node.js with the interop suite's npm
-#                             packages (tests/interop), used by the tests
+#                             (status page test), redis-server (the shared cache tests start
+#                             their own on a unix socket), and Node.js with the interop suite's
+#                             npm packages (tests/interop), used by the tests
 set -euo pipefail
 
 need=()
@@ -15,6 +16,7 @@ if [[ "${1:-}" == "--test" ]]; then
   command -v node >/dev/null 2>&1 || need+=(nodejs)
   command -v npm >/dev/null 2>&1 || need+=(npm)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 fi
 
 if ((${#need[@]})); then

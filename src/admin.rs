@@ -243,6 +243,8 @@ struct Snapshot {
     lookups: BTreeMap<String, Lookups>,
     services: Vec<ServiceRow>,
     cache_entries: u64,
+    /// The shared level (`cache.shared`): its state and its lookups by result.
+    shared: Option<(crate::cache::shared::SharedStatus, BTreeMap<String, u64>)>,
 }
 
 impl Snapshot {
@@ -305,6 +307,16 @@ impl Snapshot {
             lookups,
             services: services.into_values().collect(),
             cache_entries: state.cache.entry_count().await,
+            shared: state.cache.shared_status().map(|status| {
+                let mut counts: BTreeMap<String, u64> = sums(&metrics.shared_lookups, &["result"])
+                    .into_iter()
+                    .map(|(k, v)| (k.concat(), v))
+                    .collect();
+                for (k, v) in sums(&metrics.shared_lease_waits, &["outcome"]) {
+                    counts.insert(format!("wait {}", k.concat()), v);
+                }
+                (status, counts)
+            }),
         }
     }
 }
@@ -348,6 +360,18 @@ fn status_page(s: &Snapshot) -> String {
         version = Esc(s.version),
         readiness = Esc(s.readiness),
     );
+    if let Some((status, _)) = &s.shared
+        && status.state != "connected"
+    {
+        // Not a readiness condition (the replica serves without Redis), but what an operator
+        // looking at readiness needs to see.
+        let _ = write!(
+            out,
+            "<p id=\"shared-readiness\" class=\"insecure\">Shared cache level: {state}; \
+             this replica goes on with its own cache and the STS.</p>",
+            state = Esc(status.state),
+        );
+    }
 
     out.push_str(
         "<h2>Routes</h2><table id=\"routes\"><tr><th>name</th><th>match</th>\
@@ -469,14 +493,42 @@ fn status_page(s: &Snapshot) -> String {
          <tr><th>hit ratio</th><td class=\"n\">{ratio}</td></tr>\
          <tr><th>hits</th><td class=\"n\">{hit}</td></tr>\
          <tr><th>misses</th><td class=\"n\">{miss}</td></tr>\
-         <tr><th>coalesced</th><td class=\"n\">{coalesced}</td></tr></table>\
-         </body></html>",
+         <tr><th>coalesced</th><td class=\"n\">{coalesced}</td></tr></table>",
         entries = s.cache_entries,
         ratio = Esc(&all.hit_ratio()),
         hit = all.hit,
         miss = all.miss,
         coalesced = all.coalesced,
     );
+    if let Some((status, counts)) = &s.shared {
+        let count = |k: &str| counts.get(k).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "<h2>Shared cache level</h2><table id=\"shared-cache\">\
+             <tr><th>Redis</th><td><code>{url}</code></td></tr>\
+             <tr><th>state</th><td class=\"shared-{class}\">{state}</td></tr>\
+             <tr><th>last error</th><td>{error}</td></tr>\
+             <tr><th>hits</th><td class=\"n\">{hit}</td></tr>\
+             <tr><th>misses</th><td class=\"n\">{miss}</td></tr>\
+             <tr><th>unreadable values</th><td class=\"n\">{unreadable}</td></tr>\
+             <tr><th>errors</th><td class=\"n\">{error_count}</td></tr>\
+             <tr><th>not asked (breaker open)</th><td class=\"n\">{bypassed}</td></tr>\
+             <tr><th>waits filled by another replica</th><td class=\"n\">{filled}</td></tr>\
+             <tr><th>waits that ended alone</th><td class=\"n\">{alone}</td></tr></table>",
+            url = Esc(&status.url),
+            class = Esc(&status.state.replace(' ', "_")),
+            state = Esc(status.state),
+            error = Esc(status.last_error.as_deref().unwrap_or("—")),
+            hit = count("hit"),
+            miss = count("miss"),
+            unreadable = count("unreadable"),
+            error_count = count("error"),
+            bypassed = count("bypassed"),
+            filled = count("wait filled"),
+            alone = count("wait alone"),
+        );
+    }
+    out.push_str("</body></html>");
     out
 }
 

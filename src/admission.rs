@@ -6,12 +6,16 @@
 //! 3. [`validation::check`]: local validation of the caller's token.
 //! 4. [`upstream_token::obtain`]: the token for the upstream, from the cache or the STS.
 //!
+//! After the upstream answered, [`purge::after_upstream`] drops a token it rejected and says
+//! whether the request is sent again with a fresh one.
+//!
 //! Route kinds differ only in the data a stage gets (a `none` route asks stage 4 for no
 //! token), never by a return that skips a later stage: that is how a rule once came to hold for
 //! four route kinds out of five. The stages know nothing of pingora; a front door (the proxy)
 //! hands them a [`Request`] and turns the result into its own answer.
 
 pub mod credential;
+pub mod purge;
 pub mod route;
 pub mod upstream_token;
 pub mod validation;

@@ -10,6 +10,13 @@
 //! outages, timeouts, our own credential problems and refused answers never are. An entry
 //! past `refresh_ahead` of its lifetime is re-exchanged once in the background while it keeps
 //! being served, so busy callers never wait on the STS at expiry.
+//!
+//! With `cache.shared`, a second level in Redis ([`shared`]) sits between a local miss and the
+//! STS: replicas share exchanged tokens and rejections, and one replica exchanges a key while
+//! the others wait for its result.
+
+pub mod seal;
+pub mod shared;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -20,9 +27,11 @@ use moka::Expiry;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 
-use crate::config::{CacheSettings, ExchangeSettings};
+use crate::config::{CacheSettings, ConfigProblem, ExchangeSettings};
 use crate::exchange::actor::Actor;
-use crate::exchange::{ExchangeError, ExchangedToken};
+use crate::exchange::{ExchangeError, ExchangedToken, OAuthErrorCode};
+use crate::metrics::Metrics;
+use shared::{Found, Lease, SharedCache};
 
 /// A cache key: a digest, never a token.
 pub type CacheKey = [u8; 32];
@@ -130,12 +139,15 @@ pub struct TokenCache {
     max_ttl: Duration,
     negative_ttl: Duration,
     refresh_ahead: f64,
+    /// The level shared by replicas, when `cache.shared` is set.
+    shared: Option<Arc<SharedCache>>,
 }
 
 impl TokenCache {
-    /// Builds the cache from `cache:` settings; called once at start.
+    /// Builds the local cache from `cache:` settings, without the shared level.
     pub fn new(settings: &CacheSettings) -> Self {
         TokenCache {
+            shared: None,
             entries: Cache::builder()
                 .max_capacity(settings.max_entries)
                 .expire_after(PerEntryTtl)
@@ -146,6 +158,33 @@ impl TokenCache {
             negative_ttl: settings.negative_ttl,
             refresh_ahead: settings.refresh_ahead,
         }
+    }
+
+    /// Builds the cache with its shared level when `cache.shared` is set (the Redis client,
+    /// not yet connected: see [`TokenCache::start`]); called once at start. The error names
+    /// the `cache.shared` key at fault.
+    pub fn build(settings: &CacheSettings, metrics: &Metrics) -> Result<Self, ConfigProblem> {
+        let shared = match &settings.shared {
+            Some(shared) => Some(Arc::new(SharedCache::new(shared, metrics)?)),
+            None => None,
+        };
+        Ok(TokenCache {
+            shared,
+            ..TokenCache::new(settings)
+        })
+    }
+
+    /// Connects the shared level (once; later calls do nothing). Called on a tokio runtime when
+    /// the proxy starts.
+    pub fn start(&self) {
+        if let Some(shared) = &self.shared {
+            shared.start();
+        }
+    }
+
+    /// The shared level's state, for the status page; `None` without `cache.shared`.
+    pub fn shared_status(&self) -> Option<shared::SharedStatus> {
+        self.shared.as_ref().map(|s| s.status())
     }
 
     /// The key for `subject_token` under `profile`, with an optional actor identity.
@@ -176,11 +215,14 @@ impl TokenCache {
     }
 
     /// Returns the cached token (or remembered rejection) for `key`, or runs `exchange` (once
-    /// for all concurrent callers of the same key) and caches its result.
+    /// for all concurrent callers of the same key) and caches its result. With a shared level,
+    /// a local miss asks it first; `lease` is the longest `exchange` can take, which is how
+    /// long other replicas wait for its result.
     pub async fn get_or_exchange<F>(
         &self,
         key: CacheKey,
         subject_token: &str,
+        lease: Duration,
         exchange: F,
     ) -> (Result<Arc<CachedToken>, ExchangeError>, Lookup)
     where
@@ -193,7 +235,13 @@ impl TokenCache {
         let subject_exp = crate::jwt::unverified_exp(subject_token);
         let init = async {
             ran.store(true, Ordering::Relaxed);
-            self.value_of(exchange.await, subject_exp)
+            match &self.shared {
+                None => self.value_of(exchange.await, subject_exp),
+                Some(shared) => {
+                    self.through_shared(shared, key, lease, subject_exp, exchange)
+                        .await
+                }
+            }
         };
         let result = self.entries.entry(key).or_try_insert_with(init).await;
         let lookup = if ran.load(Ordering::Relaxed) {
@@ -205,6 +253,113 @@ impl TokenCache {
             Ok(entry) => (entry.into_value().into_result(), lookup),
             Err(shared) => (Err((*shared).clone()), lookup),
         }
+    }
+
+    /// A local miss with a shared level: its entry, or the result of another replica's
+    /// exchange (waited for under its lease), or this replica's own exchange, stored there.
+    async fn through_shared<F>(
+        &self,
+        shared: &SharedCache,
+        key: CacheKey,
+        lease: Duration,
+        subject_exp: Option<u64>,
+        exchange: F,
+    ) -> Result<CacheValue, ExchangeError>
+    where
+        F: Future<Output = Result<ExchangedToken, ExchangeError>>,
+    {
+        let held = match shared.lookup(&key).await {
+            Found::Entry(entry) => {
+                if let Some(value) = Self::local_value(entry) {
+                    return Ok(value);
+                }
+                None
+            }
+            // Redis is not answering: no lease, no waiting.
+            Found::Unavailable => return self.value_of(exchange.await, subject_exp),
+            Found::Miss => match shared.lease(&key, lease).await {
+                Lease::Taken(id) => Some(id),
+                Lease::HeldElsewhere => match shared.wait(&key, lease).await {
+                    Some(entry) => match Self::local_value(entry) {
+                        Some(value) => return Ok(value),
+                        None => None,
+                    },
+                    None => None,
+                },
+                Lease::Unavailable => None,
+            },
+        };
+        let value = self.value_of(exchange.await, subject_exp);
+        match &value {
+            Ok(CacheValue::Token(token)) => {
+                let entry = shared::Entry::Token {
+                    token: token.token().to_string(),
+                    ttl: token.ttl,
+                };
+                shared.store(&key, &entry, held).await;
+            }
+            Ok(CacheValue::Rejected(rejection)) => match rejection.0.rejected_code() {
+                Some(code) => {
+                    let entry = shared::Entry::Rejected {
+                        code,
+                        ttl: rejection.1,
+                    };
+                    shared.store(&key, &entry, held).await;
+                }
+                None => {
+                    if let Some(id) = held {
+                        shared.release(&key, id).await;
+                    }
+                }
+            },
+            Err(_) => {
+                if let Some(id) = held {
+                    shared.release(&key, id).await;
+                }
+            }
+        }
+        value
+    }
+
+    /// A shared entry as a local one; `None` for a token that cannot be a header value.
+    fn local_value(entry: shared::Entry) -> Option<CacheValue> {
+        match entry {
+            shared::Entry::Token { token, ttl } => {
+                let mut authorization = HeaderValue::try_from(format!("Bearer {token}")).ok()?;
+                authorization.set_sensitive(true);
+                Some(CacheValue::Token(Arc::new(CachedToken {
+                    authorization,
+                    ttl,
+                    created: Instant::now(),
+                    refreshing: AtomicBool::new(false),
+                    actor: OnceLock::new(),
+                })))
+            }
+            shared::Entry::Rejected { code, ttl } => {
+                let error = match code {
+                    OAuthErrorCode::InvalidTarget => ExchangeError::Forbidden { code },
+                    _ => ExchangeError::SubjectRejected { code },
+                };
+                Some(CacheValue::Rejected(Arc::new((error, ttl))))
+            }
+        }
+    }
+
+    /// Drops the entry for `key` from both levels if it still holds the token `sent` (the
+    /// upstream rejected it): a token another request has already replaced stays. Returns
+    /// whether anything was dropped locally.
+    pub async fn purge(&self, key: CacheKey, sent: &HeaderValue) -> bool {
+        let local = match self.entries.get(&key).await {
+            Some(CacheValue::Token(token)) if token.authorization == *sent => {
+                self.entries.invalidate(&key).await;
+                true
+            }
+            _ => false,
+        };
+        if let Some(shared) = &self.shared {
+            shared.purge(&key).await;
+        }
+        local
     }
 
     /// What to store for an exchange outcome: the token, a remembered rejection, or nothing.
@@ -242,7 +397,16 @@ impl TokenCache {
             .await
             .and_then(|issued| self.to_cached(issued, subject_exp))
         {
-            Ok(token) => self.entries.insert(key, CacheValue::Token(token)).await,
+            Ok(token) => {
+                if let Some(shared) = &self.shared {
+                    let entry = shared::Entry::Token {
+                        token: token.token().to_string(),
+                        ttl: token.ttl,
+                    };
+                    shared.store(&key, &entry, None).await;
+                }
+                self.entries.insert(key, CacheValue::Token(token)).await
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "background refresh failed; serving the cached token until it expires")
             }
@@ -431,6 +595,7 @@ mod tests {
             max_ttl: S(max_ttl),
             negative_ttl: S(5),
             refresh_ahead: 1.0,
+            shared: None,
         })
     }
 
@@ -471,13 +636,13 @@ mod tests {
             },
         ] {
             let (result, lookup) = cache
-                .get_or_exchange(key, "subject", async { Err(refused.clone()) })
+                .get_or_exchange(key, "subject", S(1), async { Err(refused.clone()) })
                 .await;
             assert!(result.is_err());
             assert_eq!(lookup, Lookup::Miss);
             // The next lookup asks again: nothing was remembered.
             let (result, lookup) = cache
-                .get_or_exchange(key, "subject", async { Ok(issued("fresh", None)) })
+                .get_or_exchange(key, "subject", S(1), async { Ok(issued("fresh", None)) })
                 .await;
             assert_eq!(result.unwrap().token(), "fresh");
             assert_eq!(lookup, Lookup::Miss);

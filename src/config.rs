@@ -12,6 +12,7 @@ pub mod env;
 pub mod file;
 pub mod inbound;
 pub mod profile;
+pub mod shared_cache;
 pub mod token_service;
 pub mod tree;
 pub mod upstream;
@@ -33,6 +34,7 @@ use file::{
 };
 pub use inbound::InboundSettings;
 pub use profile::Profile;
+pub use shared_cache::{SealingKey, SharedCacheSettings};
 pub use token_service::{ClientAuth, ResilienceSettings, TokenServiceSettings};
 pub use upstream::{HeaderRules, Upstream};
 
@@ -352,6 +354,10 @@ pub struct ExchangeSettings {
     pub params: Vec<(&'static str, String)>,
     /// SHA-256 over everything above: the first input of every cache key for this profile.
     pub key_prefix: [u8; 32],
+    /// Upstream statuses that drop the token from the cache, after which a repeatable request
+    /// is retried once with a fresh one (`exchange.purge_on_upstream_status`). Not part of
+    /// `key_prefix`: it changes what happens after an answer, not what the STS issues.
+    pub purge_on_upstream_status: Vec<u16>,
 }
 
 /// `cache:` after validation.
@@ -367,6 +373,9 @@ pub struct CacheSettings {
     pub negative_ttl: Duration,
     /// Share of an entry's lifetime after which hits refresh it in the background (1: never).
     pub refresh_ahead: f64,
+    /// The second level on Redis, shared by replicas (`cache.shared`); `None`: this replica's
+    /// memory only.
+    pub shared: Option<SharedCacheSettings>,
 }
 
 impl Config {
@@ -813,6 +822,7 @@ fn build_exchange(
         actor,
         require_may_act,
         caller,
+        purge_on_upstream_status,
     } = raw;
     let mode = match mode {
         ModeFile::None => {
@@ -826,6 +836,10 @@ fn build_exchange(
                 ("actor", actor.is_some()),
                 ("require_may_act", require_may_act),
                 ("caller", caller.is_some()),
+                (
+                    "purge_on_upstream_status",
+                    purge_on_upstream_status.is_some(),
+                ),
             ];
             if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
                 return Err(ConfigProblem::new(
@@ -953,7 +967,9 @@ fn build_exchange(
         &params,
         &actor_token_type,
     );
+    let purge_on_upstream_status = purge_statuses(path, purge_on_upstream_status)?;
     Ok(Exchange::Token(Arc::new(ExchangeSettings {
+        purge_on_upstream_status,
         mode: mode_data,
         grant,
         service,
@@ -963,6 +979,21 @@ fn build_exchange(
         key_prefix,
         actor_token_type,
     })))
+}
+
+/// `exchange.purge_on_upstream_status`: error statuses only (a purge on success would
+/// re-exchange on every answer); `[]` turns purging off.
+fn purge_statuses(path: &str, raw: Option<Vec<u16>>) -> BuildResult<Vec<u16>> {
+    let statuses = raw.unwrap_or_else(|| defaults::PURGE_ON_UPSTREAM_STATUS.to_vec());
+    for (i, status) in statuses.iter().enumerate() {
+        if !(400..=599).contains(status) {
+            return Err(ConfigProblem::new(
+                format!("{path}.purge_on_upstream_status[{i}]"),
+                format!("{status} is not an error status (expected 400 to 599)"),
+            ));
+        }
+    }
+    Ok(statuses)
 }
 
 /// RFC 8693 §2.1 parameters other than the tokens, validated, in send order.
@@ -1061,6 +1092,8 @@ fn build_actor(
                 params,
                 key_prefix,
                 actor_token_type: String::new(),
+                // The gateway's own token is never what an upstream answers about.
+                purge_on_upstream_status: Vec::new(),
             }))
         }
     };
@@ -1120,6 +1153,7 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         max_ttl,
         negative_ttl,
         refresh_ahead,
+        shared,
     } = raw;
     let refresh_ahead = refresh_ahead.unwrap_or(defaults::CACHE_REFRESH_AHEAD);
     if !(refresh_ahead > 0.0 && refresh_ahead <= 1.0) {
@@ -1157,6 +1191,7 @@ fn build_cache(raw: CacheFile) -> BuildResult<CacheSettings> {
         max_ttl,
         negative_ttl: negative_ttl.unwrap_or(defaults::CACHE_NEGATIVE_TTL),
         refresh_ahead,
+        shared: shared.map(shared_cache::build).transpose()?,
     })
 }
 

@@ -124,6 +124,19 @@ impl ExchangeError {
         }
     }
 
+    /// The OAuth code of a definitive rejection (what the shared cache stores of it); `None`
+    /// for every other error.
+    pub fn rejected_code(&self) -> Option<OAuthErrorCode> {
+        match self {
+            ExchangeError::SubjectRejected { code } | ExchangeError::Forbidden { code }
+                if self.is_definitive() =>
+            {
+                Some(*code)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the STS gave a definitive answer about this request, one that asking again
     /// right away would not change; the token cache remembers these for `cache.negative_ttl`.
     /// `invalid_grant` and `invalid_request` are about the subject token itself and

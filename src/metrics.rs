@@ -33,6 +33,19 @@ pub struct Metrics {
     /// `txgate_token_service_circuit_open{token_service}`: 1 while the breaker is open or
     /// half-open.
     pub circuit_open: IntGaugeVec,
+    /// `txgate_shared_cache_lookups_total{result}`: lookups of the shared level after a local
+    /// miss (hit, miss, unreadable, error, bypassed).
+    pub shared_lookups: IntCounterVec,
+    /// `txgate_shared_cache_lease_waits_total{outcome}`: waits for another replica's exchange
+    /// (filled: its token arrived; alone: the wait ended without it and this replica exchanged).
+    pub shared_lease_waits: IntCounterVec,
+    /// `txgate_shared_cache_errors_total{operation}`: Redis operations that failed or timed out.
+    pub shared_errors: IntCounterVec,
+    /// `txgate_shared_cache_circuit_open`: 1 while the shared level's breaker is open.
+    pub shared_circuit_open: IntGauge,
+    /// `txgate_upstream_token_purges_total{route,retried}`: tokens dropped because the upstream
+    /// answered a `purge_on_upstream_status`, and whether the request was sent again.
+    pub upstream_token_purges: IntCounterVec,
     /// `txgate_log_lines_dropped_total`: log lines dropped because the writer's queue was
     /// full (see [`crate::logging`]); brought up to date at each scrape.
     log_lines_dropped: IntCounter,
@@ -90,6 +103,38 @@ impl Metrics {
             ),
             &["token_service"],
         )?;
+        let shared_lookups = IntCounterVec::new(
+            Opts::new(
+                "txgate_shared_cache_lookups_total",
+                "Lookups of the shared cache level after a local miss, by result (hit, miss, unreadable, error, bypassed).",
+            ),
+            &["result"],
+        )?;
+        let shared_lease_waits = IntCounterVec::new(
+            Opts::new(
+                "txgate_shared_cache_lease_waits_total",
+                "Waits for another replica's exchange of the same key, by outcome (filled, alone).",
+            ),
+            &["outcome"],
+        )?;
+        let shared_errors = IntCounterVec::new(
+            Opts::new(
+                "txgate_shared_cache_errors_total",
+                "Shared cache operations that failed or timed out, by operation.",
+            ),
+            &["operation"],
+        )?;
+        let shared_circuit_open = IntGauge::new(
+            "txgate_shared_cache_circuit_open",
+            "1 while the shared cache level's circuit breaker is open (Redis is not asked), else 0.",
+        )?;
+        let upstream_token_purges = IntCounterVec::new(
+            Opts::new(
+                "txgate_upstream_token_purges_total",
+                "Exchanged tokens dropped from the cache because the upstream rejected them, by route and whether the request was retried.",
+            ),
+            &["route", "retried"],
+        )?;
         let log_lines_dropped = IntCounter::new(
             "txgate_log_lines_dropped_total",
             "Log lines dropped because the log writer could not keep up (the request was never held up).",
@@ -111,6 +156,11 @@ impl Metrics {
         registry.register(Box::new(cache_lookups.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
         registry.register(Box::new(circuit_open.clone()))?;
+        registry.register(Box::new(shared_lookups.clone()))?;
+        registry.register(Box::new(shared_lease_waits.clone()))?;
+        registry.register(Box::new(shared_errors.clone()))?;
+        registry.register(Box::new(shared_circuit_open.clone()))?;
+        registry.register(Box::new(upstream_token_purges.clone()))?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
@@ -122,6 +172,11 @@ impl Metrics {
             cache_lookups,
             cache_entries,
             circuit_open,
+            shared_lookups,
+            shared_lease_waits,
+            shared_errors,
+            shared_circuit_open,
+            upstream_token_purges,
             log_lines_dropped,
         })
     }

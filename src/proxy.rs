@@ -18,7 +18,7 @@ use pingora::prelude::{HttpPeer, ProxyHttp, Session};
 use pingora::proxy::FailToProxy;
 use pingora::{Error as PingoraError, ErrorSource, ErrorType};
 
-use crate::admission::{self, Admitted, Request};
+use crate::admission::{self, Admitted, Request, purge};
 use crate::config::Route;
 use crate::error::{GatewayError, ProxyFailure};
 use crate::state::{CurrentState, GatewayState};
@@ -56,6 +56,8 @@ pub struct RequestCtx {
     upstream_addr: Option<SocketAddr>,
     failed_peer: Option<SocketAddr>,
     retried: bool,
+    /// The request was sent again with a fresh token after the upstream rejected one.
+    token_retried: bool,
 }
 
 impl RequestCtx {
@@ -81,6 +83,7 @@ impl ProxyHttp for Gateway {
             upstream_addr: None,
             failed_peer: None,
             retried: false,
+            token_retried: false,
         }
     }
 
@@ -173,6 +176,35 @@ impl ProxyHttp for Gateway {
         // with the path as the caller wrote it.
         forward::rewrite(upstream, admitted, &hop)
             .map_err(|e| PingoraError::because(ErrorType::InternalError, "forwarding", e))
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let request = session.req_header();
+        let repeatable =
+            !ctx.token_retried && request.method.is_idempotent() && session.is_body_empty();
+        let Some(admitted) = ctx.admitted.as_mut() else {
+            return Ok(());
+        };
+        let status = response.status.as_u16();
+        match purge::after_upstream(&ctx.state, admitted, status, repeatable).await {
+            purge::AfterUpstream::Forward => Ok(()),
+            purge::AfterUpstream::Retry => {
+                // pingora: an error marked for retry before anything went downstream runs
+                // upstream_peer and upstream_request_filter again (now with the fresh token).
+                ctx.token_retried = true;
+                let mut e = PingoraError::explain(
+                    ErrorType::Custom("upstream rejected the token"),
+                    format!("upstream answered {status}; retrying with a fresh token"),
+                );
+                e.set_retry(true);
+                Err(e)
+            }
+        }
     }
 
     async fn response_filter(

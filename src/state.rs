@@ -71,6 +71,8 @@ impl GatewayState {
     /// Starts the JWKS refreshers (first fetch now). Called once, on a runtime, when the proxy
     /// starts.
     pub fn start_background(&self) {
+        // The shared cache level connects once; the cache outlives reloads.
+        self.cache.start();
         let guards: Vec<RefresherGuard> = self
             .jwt_validators
             .iter()
@@ -224,7 +226,7 @@ impl GatewayState {
             routes: config.routes.clone(),
             cache: match previous {
                 Some(p) => p.cache.clone(),
-                None => Arc::new(TokenCache::new(&config.cache)),
+                None => Arc::new(TokenCache::build(&config.cache, &metrics).map_err(in_file)?),
             },
             metrics,
             route_metrics,

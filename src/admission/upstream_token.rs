@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::HeaderValue;
 
 use super::{Caller, Target};
-use crate::cache::{Lookup, TokenCache};
+use crate::cache::{CacheKey, Lookup, TokenCache};
 use crate::error::GatewayError;
 use crate::exchange::actor::Actor;
 use crate::exchange::{self, ActorSource, ExchangeProfile, Mode, Tokens};
@@ -23,6 +23,8 @@ pub struct UpstreamToken {
     pub authorization: Option<HeaderValue>,
     /// How the cache answered; `None` when no token was needed.
     pub cache: Option<CacheUse>,
+    /// The cache key the token was found under, to drop it if the upstream rejects it.
+    pub key: Option<CacheKey>,
 }
 
 /// How the token cache answered one request (logged with it).
@@ -93,6 +95,7 @@ pub async fn obtain(
         .get_or_exchange(
             key,
             subject_for_sts.unwrap_or_default(),
+            profile.service.settings.timeout,
             exchange_with_metrics(&state.metrics, &profile, tokens),
         )
         .await;
@@ -128,6 +131,7 @@ pub async fn obtain(
         Ok(token) => Ok(UpstreamToken {
             authorization: Some(token.authorization.clone()),
             cache,
+            key: Some(key),
         }),
         Err(error) => Err(Unobtained {
             error: error.into(),
@@ -152,6 +156,7 @@ async fn actor_of(state: &GatewayState, source: &ActorSource) -> Result<Arc<Acto
                 .get_or_exchange(
                     TokenCache::machine_key(&own.settings),
                     "",
+                    own.service.settings.timeout,
                     exchange_with_metrics(&state.metrics, own, tokens),
                 )
                 .await;

@@ -120,3 +120,23 @@ pub const CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// `cache.refresh_ahead`: once an entry has lived 80% of its lifetime, a hit re-exchanges it in
 /// the background, so busy callers never wait for an expiry.
 pub const CACHE_REFRESH_AHEAD: f64 = 0.8;
+
+// --- cache.shared ---------------------------------------------------------------------------
+
+/// `cache.shared.key_prefix`: `txgate:`, so the gateway's keys are easy to find (and to keep
+/// apart with ACLs) in a Redis that serves others too.
+pub const SHARED_CACHE_KEY_PREFIX: &str = "txgate:";
+/// `cache.shared.timeout`: 50 ms per Redis operation. A healthy Redis answers in well under a
+/// millisecond; past 50 ms asking it costs more than it saves, and the replica goes on alone.
+pub const SHARED_CACHE_TIMEOUT: Duration = Duration::from_millis(50);
+/// The largest `cache.shared.timeout` accepted: 5 s, the default STS timeout. Waiting longer
+/// for a cache than for the exchange it saves is never right.
+pub const SHARED_CACHE_MAX_TIMEOUT: Duration = Duration::from_secs(5);
+
+// --- routes[].exchange ----------------------------------------------------------------------
+
+/// `routes[].exchange.purge_on_upstream_status`: `[401]`. A 401 from the upstream says the
+/// token it got is not (or no longer) good: revoked, rotated signing keys, an audience the
+/// upstream stopped accepting. 403 is left out: it usually means the caller may not, and a new
+/// token would say the same.
+pub const PURGE_ON_UPSTREAM_STATUS: &[u16] = &[401];

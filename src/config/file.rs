@@ -423,6 +423,10 @@ pub struct ExchangeFile {
     /// `client_credentials`: `required` (default) or `anonymous`.
     #[serde(default)]
     pub caller: Option<CallerFile>,
+    /// Upstream statuses that drop the cached token (and retry a repeatable request once);
+    /// [`super::defaults::PURGE_ON_UPSTREAM_STATUS`] when absent.
+    #[serde(default)]
+    pub purge_on_upstream_status: Option<Vec<u16>>,
 }
 
 /// `routes[].exchange.actor:`
@@ -481,6 +485,32 @@ pub struct CacheFile {
     /// Share of an entry's lifetime after which a hit also re-exchanges in the background.
     #[serde(default)]
     pub refresh_ahead: Option<f64>,
+    /// The second cache level, on Redis, shared by replicas; none when absent.
+    #[serde(default)]
+    pub shared: Option<SharedCacheFile>,
+}
+
+/// `cache.shared:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedCacheFile {
+    /// `redis://host:port/db`, `rediss://` (TLS) or `redis+unix:///path`; no credentials.
+    pub url: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A [`Secret`] already here, so a `{:?}` of the parsed file shows no password.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Base64 32-byte keys, one per line; the first seals, all open.
+    pub encryption_key_file: PathBuf,
+    /// [`super::defaults::SHARED_CACHE_KEY_PREFIX`] when absent.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// Per Redis operation; [`super::defaults::SHARED_CACHE_TIMEOUT`] when absent.
+    #[serde(default, deserialize_with = "duration")]
+    pub timeout: Option<Duration>,
 }
 
 #[cfg(test)]

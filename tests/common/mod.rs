@@ -553,6 +553,7 @@ pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
 }
 
 pub mod process;
+pub mod redis_server;
 pub mod tls;
 pub mod yaml;
 
