@@ -79,10 +79,16 @@ echo "ok hadolint: deploy/Dockerfile"
 
 # --- Kubernetes -----------------------------------------------------------------------------
 step "kustomize base renders and validates against the Kubernetes schemas"
-kubectl kustomize deploy/kubernetes | kubernetes-validate --strict -
-kubernetes-validate --strict deploy/kubernetes/secret.example.yaml
-kubectl kustomize deploy/kubernetes > "$work/rendered.yaml"
+kubectl kustomize deploy/kubernetes/base | kubernetes-validate --strict -
+kubernetes-validate --strict deploy/kubernetes/base/secret.example.yaml
+kubectl kustomize deploy/kubernetes/base > "$work/rendered.yaml"
 python3 deploy/checks.py manifests "$work/rendered.yaml"
+
+step "shared-cache overlay renders, validates and agrees with the base"
+kubectl kustomize deploy/kubernetes/overlays/shared-cache | kubernetes-validate --strict -
+kubernetes-validate --strict deploy/kubernetes/overlays/shared-cache/secrets.example.yaml
+kubectl kustomize deploy/kubernetes/overlays/shared-cache > "$work/shared-cache.yaml"
+python3 deploy/checks.py shared-cache "$work/shared-cache.yaml"
 
 # --- Prometheus -----------------------------------------------------------------------------
 step "Prometheus scrape config, alert rules and their unit tests"
@@ -107,8 +113,15 @@ for file in examples/*.yaml; do check_config "$file"; done
 # not resolve outside a cluster. So the ConfigMap's gateway.yaml is checked with every
 # *.svc.cluster.local host rewritten to 127.0.0.1; everything else is checked as shipped.
 mkdir -p "$work/kubernetes"
-sed -E 's#//[a-z0-9.-]+\.svc\.cluster\.local#//127.0.0.1#g' deploy/kubernetes/gateway.yaml > "$work/kubernetes/gateway.yaml"
+sed -E 's#//[a-z0-9.-]+\.svc\.cluster\.local#//127.0.0.1#g' deploy/kubernetes/base/gateway.yaml > "$work/kubernetes/gateway.yaml"
 (cd "$work" && check_config kubernetes/gateway.yaml)
+# The shared-cache overlay's gateway.yaml reads its sealing keys from a mounted Secret: checked
+# with a key made for the check, and its hosts rewritten as above.
+mkdir -p "$work/shared-cache"
+head -c 32 /dev/urandom | base64 > "$work/shared-cache/cache.keys"
+sed -E -e 's#//[a-z0-9.-]+\.svc\.cluster\.local#//127.0.0.1#g' -e "s#/etc/txgate-cache/cache.keys#$work/shared-cache/cache.keys#" \
+    deploy/kubernetes/overlays/shared-cache/gateway.yaml > "$work/shared-cache/gateway.yaml"
+(cd "$work" && check_config shared-cache/gateway.yaml)
 
 # --- the dashboard and alerts against a live gateway ----------------------------------------
 step "dashboard and alert metric names exist in a live /metrics"

@@ -5,6 +5,7 @@ each other and with the gateway: the drain time, ports and probes match gateway.
 selectors find the pods, and every PromQL expression names only metrics txgate exports.
 
     python3 deploy/checks.py manifests RENDERED.yaml
+    python3 deploy/checks.py shared-cache RENDERED.yaml (the shared-cache overlay, rendered)
     python3 deploy/checks.py promql-rules OUT.yaml      (dashboard queries as rules, for promtool)
     python3 deploy/checks.py metric-names METRICS.txt   (live /metrics text)
     python3 deploy/checks.py readme-commands FILE.md deploy/check.sh
@@ -24,8 +25,9 @@ DASHBOARD = DEPLOY / "prometheus" / "grafana-dashboard.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 SERVICE_MONITOR = DEPLOY / "prometheus" / "servicemonitor.yaml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-GATEWAY_YAML = DEPLOY / "kubernetes" / "gateway.yaml"
-SECRET_EXAMPLE = DEPLOY / "kubernetes" / "secret.example.yaml"
+GATEWAY_YAML = DEPLOY / "kubernetes" / "base" / "gateway.yaml"
+SECRET_EXAMPLE = DEPLOY / "kubernetes" / "base" / "secret.example.yaml"
+SHARED_CACHE = DEPLOY / "kubernetes" / "overlays" / "shared-cache"
 
 # What txgate's own defaults are when gateway.yaml leaves the keys out (README: server.*).
 DEFAULT_GRACE_SECONDS = 5.0
@@ -96,10 +98,10 @@ def check_manifests(rendered_path):
     spec = pod["spec"]
     (container,) = spec["containers"]
 
-    # The ConfigMap carries deploy/kubernetes/gateway.yaml unchanged.
+    # The ConfigMap carries deploy/kubernetes/base/gateway.yaml unchanged.
     shipped = config_map.get("data", {}).get("gateway.yaml")
     if shipped != GATEWAY_YAML.read_text():
-        fail("the ConfigMap's gateway.yaml differs from deploy/kubernetes/gateway.yaml")
+        fail("the ConfigMap's gateway.yaml differs from deploy/kubernetes/base/gateway.yaml")
     gateway = yaml.safe_load(shipped or "{}")
     server = gateway.get("server", {})
 
@@ -231,6 +233,73 @@ def check_manifests(rendered_path):
     finish("manifests", f"they agree with gateway.yaml and each other ({len(objects)} objects, drain {drain:g} s < {grace} s)")
 
 
+def check_shared_cache(rendered_path):
+    """The shared-cache overlay: its gateway.yaml is the base's plus `cache.shared`, and the
+    pod gets what that block reads (the password variable, the key file) from the Secrets the
+    example creates, and may reach Redis."""
+    objects = [o for o in yaml.safe_load_all(Path(rendered_path).read_text()) if o]
+    deployment = one(objects, "Deployment")
+    config_map = one(objects, "ConfigMap")
+    if not deployment or not config_map:
+        finish("shared-cache", "")
+        return
+    shipped = config_map.get("data", {}).get("gateway.yaml", "")
+    if shipped != (SHARED_CACHE / "gateway.yaml").read_text():
+        fail("the ConfigMap's gateway.yaml differs from the overlay's gateway.yaml")
+    gateway = yaml.safe_load(shipped or "{}")
+    shared = gateway.get("cache", {}).pop("shared", None)
+    if not shared:
+        fail("the overlay's gateway.yaml has no cache.shared")
+        finish("shared-cache", "")
+        return
+    if gateway != yaml.safe_load(GATEWAY_YAML.read_text()):
+        fail("the overlay's gateway.yaml differs from the base's outside cache.shared")
+
+    secrets = {
+        s["metadata"]["name"]: s
+        for s in yaml.safe_load_all((SHARED_CACHE / "secrets.example.yaml").read_text())
+        if s
+    }
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    env = {e["name"]: e for e in container.get("env", [])}
+    for name in ("TXGATE_CLIENT_SECRET", "TXGATE_REDIS_PASSWORD"):
+        if "valueFrom" not in env.get(name, {}):
+            fail(f"{name} must come from a secretKeyRef")
+    ref = env.get("TXGATE_REDIS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    if ref.get("key") not in secrets.get(ref.get("name"), {}).get("stringData", {}):
+        fail(f"TXGATE_REDIS_PASSWORD refers to {ref}, which secrets.example.yaml does not create")
+    if shared.get("password") != "${TXGATE_REDIS_PASSWORD}":
+        fail("cache.shared.password must be \"${TXGATE_REDIS_PASSWORD}\"")
+
+    key_file = Path(str(shared.get("encryption_key_file", "")))
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mount = mounts.get(str(key_file.parent))
+    secret_name = volumes.get((mount or {}).get("name"), {}).get("secret", {}).get("secretName")
+    if mount is None or not mount.get("readOnly"):
+        fail(f"no read-only mount at {key_file.parent} for cache.shared.encryption_key_file")
+    elif key_file.name not in secrets.get(secret_name, {}).get("stringData", {}):
+        fail(f"{key_file} comes from Secret {secret_name}, which secrets.example.yaml does not create with key {key_file.name}")
+
+    url = str(shared.get("url", ""))
+    match = re.match(r"rediss?://[^/:]+(?::(\d+))?", url)
+    port = int(match.group(1) or 6379) if match else None
+    if port is None:
+        fail(f"cache.shared.url {url} is not a redis:// or rediss:// address")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    egress_ports = {
+        p.get("port")
+        for policy in by_kind(objects, "NetworkPolicy")
+        if selects(policy["spec"].get("podSelector", {}).get("matchLabels", {}), pod_labels)
+        for rule in policy["spec"].get("egress", [])
+        for p in rule.get("ports", [])
+    }
+    if port not in egress_ports:
+        fail(f"no NetworkPolicy lets the pods reach Redis on port {port} (egress ports: {sorted(map(str, egress_ports))})")
+    finish("shared-cache", f"the overlay adds cache.shared, its Secrets and egress to Redis on port {port}")
+
+
 # --- PromQL ---------------------------------------------------------------------------------
 
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
@@ -353,6 +422,7 @@ def main():
     command, args = sys.argv[1], sys.argv[2:]
     {
         "manifests": check_manifests,
+        "shared-cache": check_shared_cache,
         "promql-rules": write_promql_rules,
         "metric-names": check_metric_names,
         "readme-commands": check_readme_commands,

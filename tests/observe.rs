@@ -727,20 +727,20 @@ fn cluster_hosts_on_loopback(text: &str) -> String {
 fn the_kubernetes_gateway_yaml_is_valid_with_cluster_hosts_on_loopback() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/deploy/kubernetes/gateway.yaml"
+        "/deploy/kubernetes/base/gateway.yaml"
     );
     let shipped = std::fs::read_to_string(path).unwrap();
     assert!(shipped.contains(".svc.cluster.local"), "in-cluster names");
     let local = cluster_hosts_on_loopback(&shipped);
     assert!(!local.contains("svc.cluster.local"), "{local}");
     let config =
-        txgate::config::Config::from_yaml(&local, "deploy/kubernetes/gateway.yaml", &|name| {
+        txgate::config::Config::from_yaml(&local, "deploy/kubernetes/base/gateway.yaml", &|name| {
             (name == "TXGATE_CLIENT_SECRET").then(|| "placeholder".to_string())
         })
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         txgate::describe::summary(&config),
-        "deploy/kubernetes/gateway.yaml: ok: 4 routes, 1 token service, listening on 0.0.0.0:8080, admin on 0.0.0.0:9090"
+        "deploy/kubernetes/base/gateway.yaml: ok: 4 routes, 1 token service, listening on 0.0.0.0:8080, admin on 0.0.0.0:9090"
     );
     // The drain the Deployment's terminationGracePeriodSeconds (15) must outlast.
     assert_eq!(
