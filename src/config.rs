@@ -422,12 +422,23 @@ impl Config {
         Ok(config)
     }
 
-    /// Every [`ConfigWarning`] of this configuration, in file order: token services, then
+    /// Every [`ConfigWarning`] of this configuration: token services, the shared cache, then
     /// routes.
     pub fn warnings(&self) -> Vec<ConfigWarning> {
         let mut out = Vec::new();
         for service in self.token_services.values() {
             out.extend(service.transport_warnings());
+        }
+        if self
+            .cache
+            .shared
+            .as_ref()
+            .is_some_and(SharedCacheSettings::password_in_clear)
+        {
+            out.push(ConfigWarning {
+                path: "cache.shared.url".into(),
+                message: shared_cache::CLEAR_TEXT_REDIS_PASSWORD.into(),
+            });
         }
         for (i, route) in self.routes.iter().enumerate() {
             let path = format!("routes[{i}]");

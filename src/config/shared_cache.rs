@@ -37,6 +37,28 @@ pub struct SharedCacheSettings {
     pub timeout: Duration,
 }
 
+impl SharedCacheSettings {
+    /// True when the password goes to another host without TLS (`redis://` to a host that is
+    /// not this machine): anyone on the path can read it. The values are sealed either way.
+    pub fn password_in_clear(&self) -> bool {
+        if self.password.is_none() || self.url.scheme() != "redis" {
+            return false;
+        }
+        // `redis:` is not a special scheme to the URL parser, so its host stays text.
+        let Some(host) = self.url.host_str() else {
+            return false;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => !ip.is_loopback(),
+            Err(_) => !host.eq_ignore_ascii_case("localhost"),
+        }
+    }
+}
+
+/// Warning text of a Redis password sent over `redis://` to another host.
+pub const CLEAR_TEXT_REDIS_PASSWORD: &str = "redis:// to a non-loopback host sends the Redis password in clear (the cached values are sealed); use rediss://";
+
 /// Schemes of `cache.shared.url` (the ones the Redis client understands, minus none).
 const SCHEMES: &[&str] = &["redis", "rediss", "redis+unix", "unix"];
 
@@ -329,6 +351,18 @@ mod tests {
                 "{}",
                 problem.message
             );
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let (raw, dir) = file("redis://10.0.0.5", &key_line(1));
+        assert!(build(raw).unwrap().password_in_clear());
+        let _ = std::fs::remove_dir_all(dir);
+        for url in [
+            "rediss://10.0.0.5",
+            "redis://127.0.0.1",
+            "redis+unix:///run/r.sock",
+        ] {
+            let (raw, dir) = file(url, &key_line(1));
+            assert!(!build(raw).unwrap().password_in_clear(), "{url}");
             let _ = std::fs::remove_dir_all(dir);
         }
         let (mut raw, dir) = file("redis://10.0.0.5", &key_line(1));
