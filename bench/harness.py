@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,11 +39,15 @@ TARGETS = [
     "txgate-hit",
     "txgate-hit-validated",
     "txgate-10k-users",
+    "txgate-shared-hit",
     "nginx",
     "haproxy",
     "envoy",
 ]
 TXGATE_TARGETS = {"txgate-hit", "txgate-hit-validated", "txgate-10k-users"}
+# A second gateway with the shared cache level (cache.shared) on a redis-server of its own and a
+# one-entry local cache: nearly every request is a local miss answered from Redis.
+SHARED_TARGET = "txgate-shared-hit"
 
 CLIENT_ID = "gateway"
 # The development STS issues exchanged tokens for 300 s and the bench config drops them 30 s
@@ -94,6 +99,7 @@ class Settings:
         self.nginx = os.environ.get("NGINX_BIN", "nginx")
         self.haproxy = os.environ.get("HAPROXY_BIN", "haproxy")
         self.wrk = os.environ.get("WRK_BIN", "wrk")
+        self.redis = os.environ.get("REDIS_BIN", "redis-server")
         self.secret = base64.urlsafe_b64encode(os.urandom(18)).decode()
         for name in self.targets:
             if name not in TARGETS:
@@ -114,7 +120,8 @@ class Settings:
 
 
 # Port offsets from BASE_PORT.
-UPSTREAM, STS, PASSTHROUGH, GATEWAY, GATEWAY_ADMIN, NGINX, HAPROXY, ENVOY, ENVOY_ADMIN = range(9)
+(UPSTREAM, STS, PASSTHROUGH, GATEWAY, GATEWAY_ADMIN, NGINX, HAPROXY, ENVOY, ENVOY_ADMIN,
+ SHARED_GATEWAY, SHARED_ADMIN) = range(11)
 
 
 def log(message):
@@ -529,6 +536,58 @@ class Bench:
         wait_http(proc, self.port(GATEWAY_ADMIN), "/readyz")
         return proc
 
+    def start_redis(self):
+        """A redis-server for txgate-shared-hit, once per run: a unix socket in the run
+        directory, a password, no persistence. Ready when it answers on the socket."""
+        if getattr(self, "redis_proc", None) is not None:
+            return
+        socket_path = os.path.join(self.s.run_dir, "redis.sock")
+        self.redis_password = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        self.redis_keys = os.path.join(self.s.run_dir, "cache.keys")
+        with open(self.redis_keys, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        self.redis_proc = self.procs.start(
+            "redis",
+            [self.s.redis, "--port", "0", "--unixsocket", socket_path, "--unixsocketperm", "700",
+             "--requirepass", self.redis_password, "--save", "", "--appendonly", "no",
+             "--dir", self.s.run_dir],
+            self.s.load_cpus[1], self.s.run_dir, stop_signal=signal.SIGTERM,
+        )
+        self.redis_socket = socket_path
+        deadline = time.monotonic() + 30
+        while True:
+            if not self.redis_proc.alive():
+                raise RuntimeError(f"redis-server exited:\n{self.redis_proc.tail()}")
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(2)
+                    sock.connect(socket_path)
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64):  # +PONG, or -NOAUTH: it answers either way
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer within 30 s")
+            time.sleep(0.1)
+
+    def start_shared_gateway(self, workers, cpus):
+        self.start_redis()
+        conf = render("txgate-shared.yaml", self.s.run_dir, f"txgate-shared-w{workers}.yaml", {
+            "PORT": self.port(SHARED_GATEWAY), "ADMIN_PORT": self.port(SHARED_ADMIN),
+            "WORKERS": workers, "STS_PORT": self.port(STS),
+            "UPSTREAM_PORT": self.port(UPSTREAM), "REDIS_SOCKET": self.redis_socket,
+            "KEY_FILE": self.redis_keys,
+        })
+        proc = self.procs.start(
+            f"txgate-shared-w{workers}", [self.s.txgate, "run", "--config", conf], cpus,
+            self.s.run_dir,
+            env={"TXGATE_CLIENT_SECRET": self.s.secret, "TXGATE_LOG": "warn",
+                 "TXGATE_REDIS_PASSWORD": self.redis_password},
+        )
+        wait_http(proc, self.port(SHARED_ADMIN), "/readyz")
+        return proc
+
     def start_proxies(self, workers):
         """Every proxy target at `workers` workers; returns {target: Proc}."""
         cpus = self.s.proxy_cpus[workers]
@@ -548,6 +607,8 @@ class Bench:
         if wanted & TXGATE_TARGETS:
             started["txgate"] = self.start_gateway(
                 workers, cpus, f"txgate-w{workers}", max(self.s.users * 4, 100000))
+        if SHARED_TARGET in wanted:
+            started["txgate-shared"] = self.start_shared_gateway(workers, cpus)
         if "nginx" in wanted:
             conf = render("nginx.conf", run_dir, f"nginx-w{workers}.conf", {
                 "RUN_DIR": run_dir, "WORKERS": workers, "PORT": self.port(NGINX),
@@ -618,6 +679,9 @@ class Bench:
         try:
             gateway_port = self.port(GATEWAY)
             token_file = os.path.join(self.s.run_dir, "users.tokens")
+            shared_token_file = os.path.join(self.s.run_dir, "shared.tokens")
+            admin_of = {name: GATEWAY_ADMIN for name in TXGATE_TARGETS}
+            admin_of[SHARED_TARGET] = SHARED_ADMIN
             # Fresh warm sets for a fresh gateway.
             for ws in sets.values():
                 ws.warmed_at = None
@@ -643,6 +707,10 @@ class Bench:
                 if name == "txgate-10k-users":
                     return (f"http://127.0.0.1:{gateway_port}/users/resource", [],
                             "users.lua", {"TOKEN_FILE": token_file}, started["txgate"].tree())
+                if name == SHARED_TARGET:
+                    return (f"http://127.0.0.1:{self.port(SHARED_GATEWAY)}/users/resource", [],
+                            "users.lua", {"TOKEN_FILE": shared_token_file},
+                            started["txgate-shared"].tree())
                 port = {"nginx": NGINX, "haproxy": HAPROXY, "envoy": ENVOY}[name]
                 return (f"http://127.0.0.1:{self.port(port)}/hit/resource", auth,
                         "report.lua", None, started[name].tree())
@@ -658,6 +726,13 @@ class Bench:
                         sets["users"].write(token_file)
                         log(f"  warmed {len(sets['users'].tokens)} callers through the gateway "
                             f"(generation {sets['users'].generation})")
+                elif name == SHARED_TARGET:
+                    # Exchanged once each and stored in Redis; the one-entry local cache then
+                    # misses on nearly every request and the shared level answers.
+                    if sets["shared"].ensure(self, self.port(SHARED_GATEWAY), seconds):
+                        sets["shared"].write(shared_token_file)
+                        log(f"  warmed {len(sets['shared'].tokens)} callers into Redis "
+                            f"(generation {sets['shared'].generation})")
 
             def place_upstream(name):
                 # `direct` with one worker: the upstream gets the proxy's core, so it is
@@ -682,7 +757,8 @@ class Bench:
                     prepare(name, self.s.duration)
                     place_upstream(name)
                     url, headers, script, env, pids = target_spec(name)
-                    before = scrape(self.port(GATEWAY_ADMIN)) if name in TXGATE_TARGETS else None
+                    admin = admin_of.get(name)
+                    before = scrape(self.port(admin)) if admin is not None else None
                     cpu0 = cpu_seconds(pids)
                     result = self.wrk(url, self.s.duration, self.s.load_cpus[workers], headers,
                                       script, env, tag=f"{name} w{workers} rep{rep + 1}")
@@ -703,7 +779,7 @@ class Bench:
                         "cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, result["requests"]),
                     }
                     if before is not None:
-                        after = scrape(self.port(GATEWAY_ADMIN))
+                        after = scrape(self.port(admin))
                         record["sts_calls"] = int(
                             metric_sum(after, "txgate_token_exchanges_total")
                             - metric_sum(before, "txgate_token_exchanges_total"))
@@ -913,7 +989,7 @@ class Bench:
     def run(self):
         s = self.s
         started_at = time.strftime("%Y-%m-%d %H:%M:%S")
-        for offset in range(9):
+        for offset in range(11):
             if not port_free(self.port(offset)):
                 raise RuntimeError(f"port {self.port(offset)} is in use; set BASE_PORT")
         self.upstream = self.start_upstream()
@@ -932,6 +1008,7 @@ class Bench:
             "hit": WarmSet("hit", "/hit/resource", 1),
             "validated": WarmSet("validated", "/validated/resource", 1),
             "users": WarmSet("user", "/users/resource", s.users),
+            "shared": WarmSet("shared", "/users/resource", s.users),
         }
         if "throughput" in s.phases:
             for workers in s.workers:
@@ -1017,7 +1094,8 @@ def summarize(runs, settings):
                 "p99_us": median_of(mine, "p99_us"),
                 "cpu_us_per_req": median_of(mine, "cpu_us_per_req"),
                 "errors": sum(sum(r["errors"].values()) for r in mine),
-                "sts_calls": sum(r.get("sts_calls", 0) for r in mine),
+                "sts_calls": (sum(r["sts_calls"] for r in mine)
+                              if all("sts_calls" in r for r in mine) else "—"),
             }
     return rows
 
@@ -1054,6 +1132,12 @@ def checks(rows, settings, miss, memory):
             r = ratio(users["rps"], bare["rps"])
             out.append((f"w{w}: txgate-10k-users ≥ 0.85× pingora-bare req/s", fmt_ratio(r),
                         r >= 0.85))
+        shared = rows.get((w, SHARED_TARGET))
+        if shared and users:
+            # Same callers' spread, local hits against local misses answered by Redis.
+            added = (shared["p50_us"] - users["p50_us"]) / 1000
+            out.append((f"w{w}: txgate-shared-hit p50 ≤ txgate-10k-users p50 + 0.3 ms",
+                        f"+{added:.2f} ms", added <= 0.3))
     if miss:
         m = miss["summary"]
         p50 = m["gateway_added"]["p50_us"] / 1000
@@ -1137,7 +1221,7 @@ def report(bench, started_at):
                 f"| {fmt_ratio(ratio(r['rps'], bare['rps']) if bare else float('nan'))} "
                 f"| {fmt_ratio(ratio(r['p99_us'], bare['p99_us']) if bare else float('nan'))} "
                 f"| {fmt_ratio(ratio(r['rps'], ngx['rps']) if ngx else float('nan'))} "
-                f"| {r['errors']} | {r['sts_calls'] if name in TXGATE_TARGETS else '—'} |"
+                f"| {r['errors']} | {r['sts_calls']} |"
             )
         lines.append("")
     lines += [

@@ -22,6 +22,7 @@ install_peers() {
     command -v nginx >/dev/null || missing+=(nginx)
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v wrk >/dev/null || missing+=(wrk)
+    command -v redis-server >/dev/null || missing+=(redis-server) # txgate-shared-hit
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v cmake >/dev/null || missing+=(cmake) # pingora's build needs it
     command -v python3 >/dev/null || missing+=(python3 python3-pip)
