@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::{HttpPeer, ProxyHttp, Session};
-use pingora::proxy::FailToProxy;
+use pingora::proxy::{FailToProxy, ProxyWarnLogContext};
 use pingora::{Error as PingoraError, ErrorSource, ErrorType};
 
 use crate::admission::{self, Admitted, Request, purge};
@@ -198,7 +198,7 @@ impl ProxyHttp for Gateway {
                 // upstream_peer and upstream_request_filter again (now with the fresh token).
                 ctx.token_retried = true;
                 let mut e = PingoraError::explain(
-                    ErrorType::Custom("upstream rejected the token"),
+                    ErrorType::Custom(TOKEN_REJECTED),
                     format!("upstream answered {status}; retrying with a fresh token"),
                 );
                 e.set_retry(true);
@@ -217,6 +217,19 @@ impl ProxyHttp for Gateway {
             response.insert_header(forward::WIRE_X_REQUEST_ID, id.clone())?;
         }
         Ok(())
+    }
+
+    /// pingora warns "Fail to proxy" before each retry; a purge-and-retry is not a failure
+    /// (it is counted in `txgate_upstream_token_purges_total`), so that one warning is left out.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        e: &PingoraError,
+        context: ProxyWarnLogContext,
+    ) -> bool {
+        matches!(context, ProxyWarnLogContext::UpstreamRetry)
+            && e.etype() == &ErrorType::Custom(TOKEN_REJECTED)
     }
 
     async fn fail_to_proxy(
@@ -254,6 +267,9 @@ impl ProxyHttp for Gateway {
         record::record(session, e, ctx);
     }
 }
+
+/// The error that makes pingora send a request again after the upstream rejected its token.
+const TOKEN_REJECTED: &str = "upstream rejected the token";
 
 /// Which [`ProxyFailure`] a pingora error after admission is.
 fn classify(e: &PingoraError) -> ProxyFailure {

@@ -57,6 +57,12 @@ pub async fn after_upstream(
     } else {
         false
     };
+    tracing::debug!(
+        route,
+        status,
+        retried,
+        "the upstream rejected the exchanged token; dropped from the cache"
+    );
     state
         .metrics
         .upstream_token_purges
