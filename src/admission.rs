@@ -50,7 +50,7 @@ pub struct Admitted {
 pub struct Refusal {
     pub error: GatewayError,
     pub route: Option<usize>,
-    pub caller: Option<std::sync::Arc<str>>,
+    pub caller: Option<crate::token::CallerToken>,
     /// How the token cache answered, when it was asked.
     pub cache: Option<CacheUse>,
 }

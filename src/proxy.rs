@@ -47,7 +47,7 @@ pub struct RequestCtx {
     route: Option<usize>,
     /// The caller's bearer token once read, also for refused requests (its fingerprint is
     /// logged).
-    caller: Option<Arc<str>>,
+    caller: Option<crate::token::CallerToken>,
     /// How the token cache answered, also for refused requests.
     cache: Option<admission::CacheUse>,
     admitted: Option<Admitted>,

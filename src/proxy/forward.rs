@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 
 use http::{HeaderName, HeaderValue, header};
 use pingora::http::RequestHeader;
-use sha2::{Digest, Sha256};
 
 use crate::admission::{Admitted, Caller};
 use crate::redact;
@@ -215,10 +214,7 @@ pub fn request_id(request: &RequestHeader) -> HeaderValue {
 }
 
 /// A short fingerprint of a token for logs: 16 hex digits of its SHA-256.
-pub fn fingerprint(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    hex::encode(&digest[..8])
-}
+pub use crate::token::fingerprint;
 
 #[cfg(test)]
 mod tests {

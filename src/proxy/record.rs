@@ -5,8 +5,8 @@ use pingora::Error as PingoraError;
 use pingora::prelude::Session;
 
 use super::RequestCtx;
-use super::forward::fingerprint;
 use crate::redact;
+use crate::token::CallerToken;
 
 /// Records one finished request (pingora's `logging` phase).
 pub(super) fn record(session: &Session, e: Option<&PingoraError>, ctx: &RequestCtx) {
@@ -50,7 +50,7 @@ pub(super) fn record(session: &Session, e: Option<&PingoraError>, ctx: &RequestC
     if !tracing::enabled!(target: "txgate::access", tracing::Level::INFO) {
         return;
     }
-    let caller = ctx.caller.as_deref().map(fingerprint);
+    let caller = ctx.caller.as_ref().map(CallerToken::fingerprint);
     let request = session.req_header();
     let presented = redact::presented(&request.uri, &request.headers);
     tracing::info!(
