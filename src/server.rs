@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -181,6 +182,15 @@ fn build_server(
         Gateway::new(current.clone()),
         "txgate proxy",
     );
+    if settings.h2c
+        && let Some(app) = proxy.app_logic_mut()
+    {
+        // pingora peeks at each new plain connection for the HTTP/2 preface (RFC 9113 §3.4)
+        // and serves HTTP/1.1 when it is absent; TLS listeners negotiate by ALPN regardless.
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
     let mut proxy_sockets = Vec::new();
     for (addr, socket) in listeners.proxy {
         proxy.add_tcp(&addr.to_string());
