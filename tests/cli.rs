@@ -81,6 +81,10 @@ const INVALID: &[(&str, &str)] = &[
         r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
     ),
     (
+        "h2_to_http_peers.yaml",
+        "routes[0].upstream.protocol: h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
+    ),
+    (
         "leeway_above_a_day.yaml",
         "routes[0].inbound.jwt.leeway: 1day 1h is more than a day, the most allowed: clocks that far apart \
          are a misconfiguration, and a token that expired that long ago would still be accepted",

@@ -607,6 +607,86 @@ mod tests {
     }
 
     #[test]
+    fn the_protocol_sets_each_peers_versions_and_must_fit_the_scheme() {
+        // (upstream, ALPN (max, min) version, streams per connection)
+        for (written, versions, streams) in [
+            ("\"http://127.0.0.1:9001\"", (1, 1), 1),
+            ("\"https://127.0.0.1:9443\"", (2, 1), 100),
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: auto }",
+                (1, 1),
+                1,
+            ),
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: http1 }",
+                (1, 1),
+                1,
+            ),
+            (
+                "{ peers: [\"https://127.0.0.1:1\"], protocol: http1 }",
+                (1, 1),
+                1,
+            ),
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: h2c }",
+                (2, 2),
+                100,
+            ),
+            (
+                "{ peers: [\"https://127.0.0.1:1\"], protocol: h2 }",
+                (2, 2),
+                100,
+            ),
+        ] {
+            let c = config(written).unwrap();
+            let options = &c.routes[0].upstream.peers[0].1.options;
+            assert_eq!(
+                (
+                    options.alpn.get_max_http_version(),
+                    options.alpn.get_min_http_version()
+                ),
+                versions,
+                "{written}"
+            );
+            assert_eq!(options.max_h2_streams, streams, "{written}");
+        }
+        for (written, message) in [
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: h2 }",
+                "h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
+            ),
+            (
+                "{ peers: [\"https://127.0.0.1:1\"], protocol: h2c }",
+                "h2c is HTTP/2 without TLS and the peers are https://; use h2 for HTTP/2 over TLS",
+            ),
+        ] {
+            let err = config(written).unwrap_err();
+            assert_eq!(err.path, "routes[0].upstream.protocol", "{written}");
+            assert_eq!(err.message, message, "{written}");
+        }
+        let err = config("{ peers: [\"http://127.0.0.1:1\"], protocol: http2 }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.protocol");
+    }
+
+    #[test]
+    fn only_auto_peers_are_pinned_to_http1_for_an_upgrade() {
+        for (written, pinned) in [
+            ("\"https://127.0.0.1:9443\"", true),
+            ("{ peers: [\"https://127.0.0.1:1\"], protocol: h2 }", false),
+        ] {
+            let c = config(written).unwrap();
+            let upstream = &c.routes[0].upstream;
+            let (_, mut peer) = upstream.select(None).unwrap();
+            upstream.pin_http1_for_upgrade(&mut peer);
+            assert_eq!(
+                peer.options.alpn.get_max_http_version() == 1,
+                pinned,
+                "{written}"
+            );
+        }
+    }
+
+    #[test]
     fn peer_lists_are_checked() {
         let err =
             config("{ peers: [\"http://127.0.0.1:1\", \"https://127.0.0.1:2\"] }").unwrap_err();
