@@ -103,6 +103,7 @@ impl ProxyHttp for Gateway {
             ctx.deadline = grpc::timeout(&header.headers).and_then(|t| ctx.started.checked_add(t));
         }
         let request = Request {
+            method: &header.method,
             uri: &header.uri,
             headers: &header.headers,
         };
@@ -238,7 +239,7 @@ impl ProxyHttp for Gateway {
         let presented = crate::redact::presented(&request.uri, &request.headers);
         format!(
             "{} {}",
-            request.method,
+            crate::redact::method(request.method.as_str(), &presented),
             crate::redact::path(request.uri.path(), &presented)
         )
     }
@@ -329,6 +330,7 @@ routes:
         let session = parsed(raw).await;
         let header = session.req_header();
         let request = Request {
+            method: &header.method,
             uri: &header.uri,
             headers: &header.headers,
         };
@@ -416,6 +418,7 @@ routes:
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::HOST, HeaderValue::from_static("gw"));
         let request = Request {
+            method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
         };
@@ -435,6 +438,7 @@ routes:
         let admitted = {
             let header = session.req_header();
             let request = Request {
+                method: &header.method,
                 uri: &header.uri,
                 headers: &header.headers,
             };

@@ -56,7 +56,7 @@ pub(super) fn record(session: &Session, e: Option<&PingoraError>, ctx: &RequestC
     tracing::info!(
         target: "txgate::access",
         route = label,
-        method = request.method.as_str(),
+        method = redact::method(request.method.as_str(), &presented),
         path = redact::path(request.uri.path(), &presented).as_ref(),
         status,
         outcome,
