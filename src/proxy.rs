@@ -61,6 +61,9 @@ pub struct RequestCtx {
     grpc: bool,
     /// The caller's gRPC deadline (`grpc-timeout`), counted from the request's arrival.
     deadline: Option<Instant>,
+    /// The HTTP status of the answer the gateway wrote itself. A gRPC caller receives it as a
+    /// `grpc-status` in a 200, but metrics and the access log count what it stands for.
+    answered: Option<u16>,
 }
 
 impl RequestCtx {
@@ -88,6 +91,7 @@ impl ProxyHttp for Gateway {
             retried: false,
             grpc: false,
             deadline: None,
+            answered: None,
         }
     }
 
@@ -123,6 +127,7 @@ impl ProxyHttp for Gateway {
                 let route = ctx.route().map_or("", |r| r.name.as_str());
                 refusal.error.log(route);
                 let reply = Reply::from_error(&refusal.error);
+                ctx.answered = Some(refusal.error.status());
                 ctx.error = Some(refusal.error);
                 reply
                     .send(session, ctx.request_id.as_ref(), ctx.grpc)
@@ -220,10 +225,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let failure = classify(e);
-        if let Some(reply) = Reply::from_proxy_failure(failure)
-            && let Err(write) = reply.send(session, ctx.request_id.as_ref(), ctx.grpc).await
-        {
-            tracing::debug!(error = %write, "cannot send the error response downstream");
+        if let Some(reply) = Reply::from_proxy_failure(failure) {
+            match reply.send(session, ctx.request_id.as_ref(), ctx.grpc).await {
+                Ok(()) => ctx.answered = failure.status(),
+                Err(write) => {
+                    tracing::debug!(error = %write, "cannot send the error response downstream");
+                }
+            }
         }
         FailToProxy {
             // pingora: 0 = no response was sent.

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::grpc::{
-    Bare, EchoRequest, GrpcUpstream, checksum, h2c_channel, payload, request, say, say_bare,
-    stream, tls_channel,
+    Bare, EchoRequest, GrpcUpstream, checksum, collect, h2c_channel, payload, request, say,
+    say_bare, stream, tls_channel,
 };
 use common::tls::{TestCa, dead_addr};
 use common::yaml::{Exchange, GatewayYaml, Route, TokenService, Upstream};
@@ -42,6 +42,7 @@ async fn parts(protocol: &str, sts_behavior: Behavior) -> Parts {
         peers = peers.tls(serde_json::json!({ "ca_file": ca.ca_file }));
     }
     let yaml = GatewayYaml::new()
+        .admin()
         .server("h2c", true)
         .tls(&cert.cert_file, &cert.key_file, Duration::from_secs(10))
         .token_service(TokenService::at(&sts).timeout(Duration::from_secs(1)))
@@ -160,6 +161,17 @@ async fn a_call_without_a_token_is_unauthenticated_and_keeps_the_challenge() {
     }
     assert!(parts.upstream.seen().is_empty());
     assert_eq!(parts.sts.calls(), 0);
+    // Counted by what the answers stand for, not by the 200 that carried them.
+    let metrics = common::get(
+        &format!("http://{}/metrics", parts.gw.admin_addr.unwrap()),
+        None,
+    )
+    .await
+    .body;
+    for (status, count) in [("401", 2), ("400", 2), ("200", 0)] {
+        let line = format!("txgate_requests_total{{route=\"echo\",status=\"{status}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,6 +327,30 @@ async fn streamed_replies_are_forwarded_as_they_come() {
         rest.push(reply.index);
     }
     assert_eq!(rest, [1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_requests_are_forwarded_as_they_come() {
+    let parts = parts("h2c", Behavior::issue()).await;
+    let channel = parts.h2c().await;
+    let (send, receive) = tokio::sync::mpsc::channel::<EchoRequest>(1);
+    let messages =
+        futures::stream::unfold(
+            receive,
+            |mut r| async move { r.recv().await.map(|m| (m, r)) },
+        );
+    let token = caller_token();
+    let call = tokio::spawn(async move { collect(&channel, messages, &token).await });
+    send.send(ask("first")).await.unwrap();
+    // The request stream is still open: a gateway that buffered it would deliver nothing yet.
+    common::eventually("the first message reaches the upstream", WITHIN, || async {
+        parts.upstream.collected() == ["first"]
+    })
+    .await;
+    send.send(ask("second")).await.unwrap();
+    drop(send);
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.get_ref().message, "first,second");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
 //! records the metadata (every header and pseudo-header) of each call it gets:
 //! - `/echo.Echo/Say` (unary) answers with the request's message (with `hold`, only after
 //!   [`GrpcUpstream::release`]);
+//! - `/echo.Echo/Collect` (client streaming) records each message as it arrives
+//!   ([`GrpcUpstream::collected`]) and answers with all of them joined by `,`;
 //! - `/echo.Echo/Stream` (server streaming) answers `count` replies of `size` payload bytes
 //!   each, then ends with the status the request asks for, carrying an `x-checksum` trailer
 //!   (the SHA-256 of every payload sent) so a client can tell the stream arrived whole. With
@@ -91,6 +93,8 @@ pub struct GrpcSeen {
 struct UpstreamState {
     seen: Mutex<Vec<GrpcSeen>>,
     release: Notify,
+    /// The messages of client-streaming calls, as they arrive.
+    collected: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 /// A gRPC server on `127.0.0.1:0`; stopped on drop.
@@ -125,6 +129,7 @@ impl GrpcUpstream {
         let state = Arc::new(UpstreamState {
             seen: Mutex::new(Vec::new()),
             release: Notify::new(),
+            collected: tokio::sync::watch::Sender::new(Vec::new()),
         });
         let is_tls = tls.is_some();
         let task = tokio::spawn(accept(listener, tls, state.clone()));
@@ -144,6 +149,11 @@ impl GrpcUpstream {
 
     pub fn seen(&self) -> Vec<GrpcSeen> {
         self.state.seen.lock().unwrap().clone()
+    }
+
+    /// The messages client-streaming calls have delivered so far.
+    pub fn collected(&self) -> Vec<String> {
+        self.state.collected.borrow().clone()
     }
 
     /// Lets held streams send the rest of their replies.
@@ -242,6 +252,28 @@ async fn route(
                 }
             });
             grpc.server_streaming(stream, request).await
+        }
+        "/echo.Echo/Collect" => {
+            let collect =
+                tower::service_fn(move |call: tonic::Request<tonic::Streaming<EchoRequest>>| {
+                    let state = state.clone();
+                    async move {
+                        let mut messages = call.into_inner();
+                        let mut all = Vec::new();
+                        while let Some(message) = messages.message().await? {
+                            state
+                                .collected
+                                .send_modify(|c| c.push(message.message.clone()));
+                            all.push(message.message);
+                        }
+                        Ok::<_, Status>(tonic::Response::new(EchoReply {
+                            message: all.join(","),
+                            index: 0,
+                            payload: Vec::new(),
+                        }))
+                    }
+                });
+            grpc.client_streaming(collect, request).await
         }
         _ => Status::unimplemented("no such method").into_http(),
     }
@@ -427,6 +459,28 @@ pub async fn stream(
     grpc.server_streaming(
         request,
         PathAndQuery::from_static("/echo.Echo/Stream"),
+        ProstCodec::<EchoRequest, EchoReply>::default(),
+    )
+    .await
+}
+
+/// A client-streaming `Collect` call whose messages are what `messages` yields.
+pub async fn collect(
+    channel: &Channel,
+    messages: impl futures::Stream<Item = EchoRequest> + Send + 'static,
+    token: &str,
+) -> Result<tonic::Response<EchoReply>, Status> {
+    let mut request = tonic::Request::new(messages);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    grpc.client_streaming(
+        request,
+        PathAndQuery::from_static("/echo.Echo/Collect"),
         ProstCodec::<EchoRequest, EchoReply>::default(),
     )
     .await
