@@ -433,6 +433,38 @@ async fn http1_and_http2_share_the_h2c_listener() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_too_slow_to_show_its_protocol_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = RecordingUpstream::start().await;
+    let yaml = GatewayYaml::new()
+        .server("h2c", true)
+        .route(Route::new("public", "/public", upstream.url()).exchange(Exchange::none()))
+        .to_yaml();
+    let gw = gateway(&yaml).await;
+    // Fewer bytes than the HTTP/2 preface, then nothing: without a bound the gateway would
+    // wait for the rest as long as the client keeps the connection open.
+    let mut slow = tokio::net::TcpStream::connect(gw.proxy_addrs[0])
+        .await
+        .unwrap();
+    slow.write_all(b"GET /public").await.unwrap();
+    let started = std::time::Instant::now();
+    let limit = txgate::server::PREFACE_TIMEOUT + WITHIN;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(limit, slow.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes the connection");
+    assert!(read.is_ok_and(|n| n == 0), "closed without an answer");
+    assert!(started.elapsed() >= txgate::server::PREFACE_TIMEOUT - Duration::from_secs(1));
+    // A client that sends its request at once is served meanwhile and after.
+    let response = client()
+        .get(format!("{}/public", gw.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_use_the_upstreams_protocol() {
     // An h2-only upstream answers an HTTP/1.1 health check with a broken connection; over
     // h2c the check reaches the server (which answers the unknown path with a gRPC status in
