@@ -467,29 +467,35 @@ async fn a_connection_too_slow_to_show_its_protocol_is_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_use_the_upstreams_protocol() {
     // An h2-only upstream answers an HTTP/1.1 health check with a broken connection; over
-    // h2c the check reaches the server (which answers the unknown path with a gRPC status in
-    // a 200, healthy by the 2xx rule).
-    let upstream = GrpcUpstream::h2c().await;
-    let yaml = GatewayYaml::new()
-        .route(
-            Route::new(
-                "echo",
-                "/echo.Echo",
-                Upstream::peers(&[upstream.url()])
-                    .set("protocol", "h2c")
-                    .health_check("/healthz", Duration::from_millis(100), 1, 1),
-            )
-            .exchange(Exchange::none()),
-        )
-        .to_yaml();
-    let _gw = gateway(&yaml).await;
-    let check = common::eventually("an h2c health check", WITHIN, || async {
-        upstream
-            .seen()
-            .into_iter()
-            .find(|s| s.request.uri.ends_with("/healthz"))
-    })
-    .await;
-    assert_eq!(check.version, http::Version::HTTP_2);
-    assert_eq!(check.request.uri, "http://127.0.0.1/healthz");
+    // HTTP/2 the check reaches the server (which answers the unknown path with a gRPC status
+    // in a 200, healthy by the 2xx rule).
+    let ca = TestCa::new("health");
+    for (protocol, upstream, uri) in [
+        ("h2c", GrpcUpstream::h2c().await, "http://127.0.0.1/healthz"),
+        (
+            "h2",
+            GrpcUpstream::h2(&ca).await,
+            "https://127.0.0.1/healthz",
+        ),
+    ] {
+        let mut peers = Upstream::peers(&[upstream.url()])
+            .set("protocol", protocol)
+            .health_check("/healthz", Duration::from_millis(100), 1, 1);
+        if protocol == "h2" {
+            peers = peers.tls(serde_json::json!({ "ca_file": ca.ca_file }));
+        }
+        let yaml = GatewayYaml::new()
+            .route(Route::new("echo", "/echo.Echo", peers).exchange(Exchange::none()))
+            .to_yaml();
+        let _gw = gateway(&yaml).await;
+        let check = common::eventually(&format!("an {protocol} health check"), WITHIN, || async {
+            upstream
+                .seen()
+                .into_iter()
+                .find(|s| s.request.uri.ends_with("/healthz"))
+        })
+        .await;
+        assert_eq!(check.version, http::Version::HTTP_2, "{protocol}");
+        assert_eq!(check.request.uri, uri, "{protocol}");
+    }
 }

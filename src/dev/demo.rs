@@ -205,8 +205,12 @@ fn banner(
                 )
             }
         };
+        let over = match route.upstream.protocol {
+            crate::config::upstream::UpstreamProtocol::Auto => String::new(),
+            protocol => format!(" over {}", protocol.as_str()),
+        };
         out.push_str(&format!(
-            "    {:<12} {:<14} -> {}  ({what})\n",
+            "    {:<12} {:<14} -> {}{over}  ({what})\n",
             route.name, route.path_prefix, route.upstream.display
         ));
     }
