@@ -355,6 +355,7 @@ async fn send_h2(addr: SocketAddr, fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Answ
     const SETTINGS: u8 = 4;
     const PING: u8 = 6;
     const GOAWAY: u8 = 7;
+    const CONTINUATION: u8 = 9;
     const END_STREAM: u8 = 0x1;
     const ACK: u8 = 0x1;
     const END_HEADERS: u8 = 0x4;
@@ -364,7 +365,21 @@ async fn send_h2(addr: SocketAddr, fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Answ
             .encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         out.extend(frame(SETTINGS, 0, 0, &[]));
-        out.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
+        // A block over the default maximum frame size (16 KiB) continues in CONTINUATION
+        // frames (§6.10); the last fragment ends the header block.
+        let fragments: Vec<&[u8]> = block.chunks(16_384).collect();
+        for (i, fragment) in fragments.iter().enumerate() {
+            let last = if i + 1 == fragments.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            out.extend(if i == 0 {
+                frame(HEADERS, last | END_STREAM, 1, fragment)
+            } else {
+                frame(CONTINUATION, last, 1, fragment)
+            });
+        }
         stream.write_all(&out).await.ok()?;
         let mut decoder = loona_hpack::Decoder::new();
         let mut headers: Option<Vec<(String, String)>> = None;
@@ -2600,6 +2615,12 @@ fn h2_rows() -> Vec<Row> {
         )
         .carrying(&t[12])
         .hiding(&t[13]),
+        Row::h2(
+            "h2: a gRPC call with headers over the configured limit",
+            "/open/echo.Echo/Say",
+            &[grpc, ("x-padding", "p".repeat(40 * 1024).as_bytes())],
+            Expect::GrpcRefused("8", Challenge::Absent, 0),
+        ),
         Row::h2(
             "h2: a gRPC call to no route",
             "/nowhere.Service/Call",
