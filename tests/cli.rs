@@ -31,7 +31,7 @@ fn the_shipped_gateway_yaml_passes_check() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "gateway.yaml: ok: 3 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
+        "gateway.yaml: ok: 4 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
     );
 }
 
@@ -79,6 +79,10 @@ const INVALID: &[(&str, &str)] = &[
     (
         "duplicate_route_name.yaml",
         r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
+    ),
+    (
+        "h2_to_http_peers.yaml",
+        "routes[0].upstream.protocol: h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
     ),
     (
         "leeway_above_a_day.yaml",
@@ -227,15 +231,18 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
         }
         if in_try {
             let trimmed = line.trim();
-            if trimmed.starts_with("curl") || trimmed.starts_with("TOKEN=") {
+            if trimmed.starts_with("curl")
+                || trimmed.starts_with("TOKEN=")
+                || trimmed.starts_with("printf")
+            {
                 commands.push(trimmed.to_string());
             }
-            if trimmed.starts_with("curl -s -H") {
+            if trimmed.starts_with("printf") {
                 break;
             }
         }
     }
-    assert_eq!(commands.len(), 3, "{commands:?}");
+    assert_eq!(commands.len(), 4, "{commands:?}");
 
     let shell = |script: &str| {
         let output = Command::new("sh").arg("-c").arg(script).output().unwrap();
@@ -271,6 +278,30 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
     );
     assert_eq!(echoed["token"]["claims"]["sub"], "alice");
     assert_eq!(echoed["token"]["claims"]["scope"], "orders:read");
+
+    // The gRPC call: over h2c to the gRPC echo, the exchanged token in its metadata, the
+    // status in the trailers (which the command shows on stderr).
+    let script = format!("{}\n{}\necho\necho \"$TOKEN\"\n", commands[1], commands[3]);
+    let output = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(output.status.success(), "{script}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("HTTP/2 200"), "{stderr}");
+    assert!(stderr.contains("grpc-status: 0"), "{stderr}");
+    let mut lines = stdout.lines().filter(|l| !l.is_empty());
+    let echoed: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let caller = lines.next().unwrap();
+    assert!(
+        !echoed.to_string().contains(caller),
+        "the caller's token reached the gRPC backend"
+    );
+    assert_eq!(echoed["path"], "/echo.Echo/Say");
+    assert_eq!(
+        echoed["headers"]["content-type"][0],
+        "application/grpc+json"
+    );
+    assert_eq!(echoed["token"]["claims"]["aud"], "https://echo.example.com");
+    assert_eq!(echoed["token"]["claims"]["sub"], "alice");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

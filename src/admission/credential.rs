@@ -108,8 +108,8 @@ pub fn read(state: &GatewayState, request: Request<'_>, target: &Target) -> Resu
 }
 
 /// Whether a caller token appears in the path (as sent, percent-decoded, or normalised), the
-/// query that will be forwarded (as sent or decoded), or the host: a backend that decodes any
-/// of them would hold the caller's token.
+/// query that will be forwarded (as sent or decoded), the host or the method: a backend that
+/// decodes any of them would hold the caller's token.
 fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
     if caller.guarded.is_empty() {
         return false;
@@ -133,6 +133,7 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
             caller.is_carried_by(part.as_bytes()) || caller.is_carried_by(&decoded)
         }
     }) || host.is_some_and(|h| caller.is_carried_by(h))
+        || caller.is_carried_by(request.method.as_str().as_bytes())
 }
 
 /// Whether `haystack` contains `needle`. Most of what is searched (a path, a header value) is

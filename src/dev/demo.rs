@@ -205,8 +205,12 @@ fn banner(
                 )
             }
         };
+        let over = match route.upstream.protocol {
+            crate::config::upstream::UpstreamProtocol::Auto => String::new(),
+            protocol => format!(" over {}", protocol.as_str()),
+        };
         out.push_str(&format!(
-            "    {:<12} {:<14} -> {}  ({what})\n",
+            "    {:<12} {:<14} -> {}{over}  ({what})\n",
             route.name, route.path_prefix, route.upstream.display
         ));
     }
@@ -230,9 +234,39 @@ fn banner(
         out.push_str(&format!(
             "  curl -s -H \"Authorization: Bearer $TOKEN\" {url}\n"
         ));
+        if let Some(grpc) = grpc_route(config, scheme) {
+            out.push_str(&format!(
+                "\n  # 4. gRPC over h2c: a call to the echo service of route {}. Its one message is JSON\n  \
+                 #    (what it received, the exchanged token decoded); the headers and the trailers\n  \
+                 #    (grpc-status: 0) go to stderr. Without the token: grpc-status: 16.\n",
+                grpc.name
+            ));
+            out.push_str(&format!(
+                "  printf '\\0\\0\\0\\0\\2{{}}' | curl -s --http2-prior-knowledge -D /dev/stderr \
+                 -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/grpc+json' \
+                 -H 'te: trailers' --data-binary @- {proxy}{}/Say | tail -c +6\n",
+                grpc.path_prefix
+            ));
+        }
     }
     out.push('\n');
     out
+}
+
+/// A route that exchanges tokens for an h2c upstream, when the plain listener takes h2c: the
+/// demo's gRPC call goes there.
+fn grpc_route<'a>(config: &'a Config, scheme: &str) -> Option<&'a crate::config::Route> {
+    if scheme != "http" || !config.server.h2c {
+        return None;
+    }
+    config
+        .routes
+        .iter()
+        .find(|r| {
+            matches!(r.exchange, Exchange::Token(_))
+                && r.upstream.protocol == crate::config::upstream::UpstreamProtocol::H2c
+        })
+        .map(|r| r.as_ref())
 }
 
 #[cfg(test)]

@@ -48,7 +48,16 @@ pub fn rewrite(
 ) -> Result<(), UnbuildableUri> {
     // `remove_header` drops every value of the name at once.
     upstream.remove_header(&header::AUTHORIZATION);
-    remove_hop_by_hop(upstream, hop.upgrade);
+    // pingora has set the version the upstream speaks. HTTP/2 has no upgrade (RFC 9113 §8.6)
+    // and no connection-specific headers (§8.2.2) but one: `te: trailers`, which gRPC sends to
+    // find proxies that would drop its trailers, and which therefore passes to an HTTP/2
+    // upstream when the caller sent it.
+    let h2 = upstream.version == http::Version::HTTP_2;
+    let trailers = h2 && accepts_trailers(upstream);
+    remove_hop_by_hop(upstream, hop.upgrade && !h2);
+    if trailers {
+        let _ = upstream.insert_header(header::TE, HeaderValue::from_static("trailers"));
+    }
     let rules = &admitted.target.route.headers;
     for name in &rules.remove {
         upstream.remove_header(name);
@@ -140,6 +149,21 @@ fn ip_header_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
     write!(cursor, "{ip}").ok()?;
     let len = usize::try_from(cursor.position()).ok()?;
     HeaderValue::from_bytes(&buf[..len]).ok()
+}
+
+/// Whether the request's `TE` lists `trailers` (RFC 9110 §10.1.4).
+fn accepts_trailers(request: &RequestHeader) -> bool {
+    request
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
 }
 
 /// RFC 9110 §7.6.1: connection-specific headers are not forwarded. For an upgrade (WebSocket)
