@@ -212,7 +212,8 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if let Some(id) = &ctx.request_id {
+        let wanted = ctx.route().is_none_or(|r| r.headers.request_id);
+        if let Some(id) = ctx.request_id.as_ref().filter(|_| wanted) {
             response.insert_header(forward::WIRE_X_REQUEST_ID, id.clone())?;
         }
         Ok(())

@@ -128,3 +128,10 @@ pub const CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// `cache.refresh_ahead`: once an entry has lived 80% of its lifetime, a hit re-exchanges it in
 /// the background, so busy callers never wait for an expiry.
 pub const CACHE_REFRESH_AHEAD: f64 = 0.8;
+
+/// `routes[].headers.forwarded`: the upstream learns the caller's address, scheme and host from
+/// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`, as behind any reverse proxy.
+pub const FORWARDED_HEADERS: bool = true;
+/// `routes[].headers.request_id`: the request id (the caller's when it is clean, else a fresh
+/// one) goes upstream and back in `X-Request-Id`, so both sides can be matched with the log.
+pub const REQUEST_ID_HEADER: bool = true;

@@ -401,6 +401,14 @@ pub struct HeadersFile {
     pub remove: Vec<String>,
     #[serde(default)]
     pub set: BTreeMap<String, String>,
+    /// `X-Forwarded-For`, `-Proto`, `-Host` to the upstream;
+    /// [`super::defaults::FORWARDED_HEADERS`] when absent.
+    #[serde(default)]
+    pub forwarded: Option<bool>,
+    /// `X-Request-Id` to the upstream and on the response;
+    /// [`super::defaults::REQUEST_ID_HEADER`] when absent.
+    #[serde(default)]
+    pub request_id: Option<bool>,
 }
 
 /// `routes[].match:`

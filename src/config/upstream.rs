@@ -124,6 +124,10 @@ impl Upstream {
 pub struct HeaderRules {
     pub remove: Vec<HeaderName>,
     pub set: Vec<(HeaderName, HeaderValue)>,
+    /// The gateway sets `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
+    pub forwarded: bool,
+    /// The gateway sends `X-Request-Id` upstream and returns it on the response.
+    pub request_id: bool,
 }
 
 pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstream> {
@@ -522,7 +526,12 @@ const RESERVED: &[&str] = &[
 ];
 
 pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult<HeaderRules> {
-    let HeadersFile { remove, set } = raw.unwrap_or_default();
+    let HeadersFile {
+        remove,
+        set,
+        forwarded,
+        request_id,
+    } = raw.unwrap_or_default();
     let name = |key: String, text: &str| -> BuildResult<HeaderName> {
         let name = HeaderName::try_from(text).map_err(|_| {
             ConfigProblem::new(key.clone(), format!("invalid header name \"{text}\""))
@@ -551,7 +560,12 @@ pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult
             Ok((header, value))
         })
         .collect::<BuildResult<Vec<_>>>()?;
-    Ok(HeaderRules { remove, set })
+    Ok(HeaderRules {
+        remove,
+        set,
+        forwarded: forwarded.unwrap_or(defaults::FORWARDED_HEADERS),
+        request_id: request_id.unwrap_or(defaults::REQUEST_ID_HEADER),
+    })
 }
 
 #[cfg(test)]

@@ -70,6 +70,21 @@ pub fn rewrite(
     for (name, value) in &rules.set {
         let _ = upstream.insert_header(name.clone(), value.clone());
     }
+    if rules.forwarded {
+        forwarded(upstream, admitted, hop);
+    }
+    if let Some(id) = hop.request_id.filter(|_| rules.request_id) {
+        let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
+    }
+    if let Some(authorization) = &admitted.upstream.authorization {
+        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
+    }
+    Ok(())
+}
+
+/// `X-Forwarded-Host`, `X-Forwarded-For` (appended to what a proxy before us wrote) and
+/// `X-Forwarded-Proto`.
+fn forwarded(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>) {
     if let Some(host) = &admitted.target.host {
         let _ = upstream.insert_header(WIRE_X_FORWARDED_HOST, host.clone());
     }
@@ -88,13 +103,6 @@ pub fn rewrite(
     }
     let proto = if hop.over_tls { "https" } else { "http" };
     let _ = upstream.insert_header(WIRE_X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(id) = hop.request_id {
-        let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
-    }
-    if let Some(authorization) = &admitted.upstream.authorization {
-        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
-    }
-    Ok(())
 }
 
 /// The URI the upstream receives when it differs from the request's: the normalised path and
