@@ -38,13 +38,18 @@ TARGETS = [
     "direct",
     "pingora-bare",
     "txgate-hit",
+    "txgate-hit-log",
     "txgate-hit-validated",
     "txgate-10k-users",
     "nginx",
     "haproxy",
     "envoy",
 ]
-TXGATE_TARGETS = {"txgate-hit", "txgate-hit-validated", "txgate-10k-users"}
+TXGATE_TARGETS = {"txgate-hit", "txgate-hit-log", "txgate-hit-validated", "txgate-10k-users"}
+# Targets measured under callgrind by the profile phase (txgate-10k-users is left out: warming
+# 10,000 callers under valgrind takes longer than the rest of the run, and what it adds over
+# txgate-hit is cache misses of the CPU, not instructions).
+PROFILE_TARGETS = ["pingora-bare", "txgate-hit", "txgate-hit-log", "txgate-hit-validated"]
 # The gRPC phase's targets, each measured with h2load over h2c (bench/README.md, "gRPC").
 GRPC_TARGETS = ["grpc-direct", "grpc-txgate", "grpc-envoy"]
 # The gRPC method every call names, and the route txgate matches it on.
@@ -130,7 +135,8 @@ class Settings:
 
 # Port offsets from BASE_PORT. GRPC_UPSTREAM: the upstream's h2c server (the gRPC phase).
 (UPSTREAM, STS, PASSTHROUGH, GATEWAY, GATEWAY_ADMIN, NGINX, HAPROXY, ENVOY, ENVOY_ADMIN,
- GRPC_UPSTREAM) = range(10)
+ GRPC_UPSTREAM, GATEWAY_LOG, GATEWAY_LOG_ADMIN) = range(12)
+# GATEWAY_LOG: a second gateway, as shipped (access log at info), for txgate-hit-log.
 
 
 def log(message):
@@ -532,19 +538,22 @@ class Bench:
         wait_http(proc, self.port(STS), "/jwks")
         return proc
 
-    def start_gateway(self, workers, cpus, name, max_entries):
+    def start_gateway(self, workers, cpus, name, max_entries, as_shipped=False):
+        port, admin = (GATEWAY_LOG, GATEWAY_LOG_ADMIN) if as_shipped else (GATEWAY, GATEWAY_ADMIN)
         conf = render("txgate.yaml", self.s.run_dir, f"{name}.yaml", {
-            "PORT": self.port(GATEWAY), "ADMIN_PORT": self.port(GATEWAY_ADMIN),
+            "PORT": self.port(port), "ADMIN_PORT": self.port(admin),
             "WORKERS": workers, "STS_PORT": self.port(STS),
             "UPSTREAM_PORT": self.port(UPSTREAM), "MAX_ENTRIES": max_entries,
         })
         # TXGATE_LOG=warn: the per-request access log (info) stays off during load, as the
-        # other proxies run with their access logs off.
+        # other proxies run with their access logs off; `as_shipped` keeps the default (info),
+        # one access line per request to stderr (a file in the run directory).
         proc = self.procs.start(
             name, [self.s.txgate, "run", "--config", conf], cpus, self.s.run_dir,
-            env={"TXGATE_CLIENT_SECRET": self.s.secret, "TXGATE_LOG": "warn"},
+            env={"TXGATE_CLIENT_SECRET": self.s.secret,
+                 "TXGATE_LOG": "info" if as_shipped else "warn"},
         )
-        wait_http(proc, self.port(GATEWAY_ADMIN), "/readyz")
+        wait_http(proc, self.port(admin), "/readyz")
         return proc
 
     def start_proxies(self, workers):
@@ -563,9 +572,12 @@ class Bench:
             )
             wait_http(proc, self.port(PASSTHROUGH), "/")
             started["pingora-bare"] = proc
-        if wanted & TXGATE_TARGETS:
+        if wanted & (TXGATE_TARGETS - {"txgate-hit-log"}):
             started["txgate"] = self.start_gateway(
                 workers, cpus, f"txgate-w{workers}", max(self.s.users * 4, 100000))
+        if "txgate-hit-log" in wanted:
+            started["txgate-log"] = self.start_gateway(
+                workers, cpus, f"txgate-log-w{workers}", 100000, as_shipped=True)
         if "nginx" in wanted:
             conf = render("nginx.conf", run_dir, f"nginx-w{workers}.conf", {
                 "RUN_DIR": run_dir, "WORKERS": workers, "PORT": self.port(NGINX),
@@ -653,6 +665,11 @@ class Bench:
                 if name == "txgate-hit":
                     return (f"http://127.0.0.1:{gateway_port}/hit/resource", auth,
                             "report.lua", None, started["txgate"].tree())
+                if name == "txgate-hit-log":
+                    token = sets["hit-log"].tokens[0]
+                    return (f"http://127.0.0.1:{self.port(GATEWAY_LOG)}/hit/resource",
+                            [f"Authorization: Bearer {token}"], "report.lua", None,
+                            started["txgate-log"].tree())
                 if name == "txgate-hit-validated":
                     token = sets["validated"].tokens[0]
                     return (f"http://127.0.0.1:{gateway_port}/validated/resource",
@@ -669,6 +686,8 @@ class Bench:
                 """Warm caches the target relies on, renewing them when they could expire."""
                 if name == "txgate-hit":
                     sets["hit"].ensure(self, gateway_port, seconds)
+                elif name == "txgate-hit-log":
+                    sets["hit-log"].ensure(self, self.port(GATEWAY_LOG), seconds)
                 elif name == "txgate-hit-validated":
                     sets["validated"].ensure(self, gateway_port, seconds)
                 elif name == "txgate-10k-users":
@@ -700,7 +719,8 @@ class Bench:
                     prepare(name, self.s.duration)
                     place_upstream(name)
                     url, headers, script, env, pids = target_spec(name)
-                    before = scrape(self.port(GATEWAY_ADMIN)) if name in TXGATE_TARGETS else None
+                    admin = self.port(GATEWAY_LOG_ADMIN if name == "txgate-hit-log" else GATEWAY_ADMIN)
+                    before = scrape(admin) if name in TXGATE_TARGETS else None
                     cpu0 = cpu_seconds(pids)
                     result = self.wrk(url, self.s.duration, self.s.load_cpus[workers], headers,
                                       script, env, tag=f"{name} w{workers} rep{rep + 1}")
@@ -721,7 +741,7 @@ class Bench:
                         "cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, result["requests"]),
                     }
                     if before is not None:
-                        after = scrape(self.port(GATEWAY_ADMIN))
+                        after = scrape(admin)
                         record["sts_calls"] = int(
                             metric_sum(after, "txgate_token_exchanges_total")
                             - metric_sum(before, "txgate_token_exchanges_total"))
@@ -858,7 +878,8 @@ class Bench:
             f"the {token_bytes:.0f}-byte token")
 
     def profile_phase(self):
-        """Instructions per request, counted by callgrind, for pingora-bare and txgate-hit.
+        """Instructions per request, counted by callgrind, for pingora-bare and the txgate rows
+        of PROFILE_TARGETS (pingora-bare and txgate-hit always, the others when in TARGETS).
 
         Each runs alone under valgrind with one worker; after a warm-up the counters are
         zeroed, wrk runs PROFILE_SECONDS, and the counters are dumped. Instruction counts do
@@ -869,7 +890,9 @@ class Bench:
         out_dir = os.path.join(self.s.results_dir, "profile")
         os.makedirs(out_dir, exist_ok=True)
         self.profile = {}
-        for name in ("pingora-bare", "txgate-hit"):
+        names = [n for n in PROFILE_TARGETS
+                 if n in ("pingora-bare", "txgate-hit") or n in self.s.targets]
+        for name in names:
             out_file = os.path.join(self.s.run_dir, f"callgrind.{name}.out")
             valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
             cpus = self.s.proxy_cpus[1]
@@ -888,12 +911,15 @@ class Bench:
                     "WORKERS": 1, "STS_PORT": self.port(STS),
                     "UPSTREAM_PORT": self.port(UPSTREAM), "MAX_ENTRIES": 100000,
                 })
+                # As in the throughput phase: the access log off, except for txgate-hit-log.
+                level = "info" if name == "txgate-hit-log" else "warn"
                 proc = self.procs.start(
-                    "profile-txgate", valgrind + [self.s.txgate, "run", "--config", conf],
+                    f"profile-{name}", valgrind + [self.s.txgate, "run", "--config", conf],
                     cpus, self.s.run_dir,
-                    env={"TXGATE_CLIENT_SECRET": self.s.secret, "TXGATE_LOG": "warn"})
+                    env={"TXGATE_CLIENT_SECRET": self.s.secret, "TXGATE_LOG": level})
                 wait_http(proc, self.port(GATEWAY_ADMIN), "/readyz", timeout=300)
-                url = f"http://127.0.0.1:{self.port(GATEWAY)}/hit/resource"
+                path = "/validated/resource" if name == "txgate-hit-validated" else "/hit/resource"
+                url = f"http://127.0.0.1:{self.port(GATEWAY)}{path}"
             try:
                 saved = self.s.connections
                 # Few connections: under valgrind a request takes ~50× longer.
@@ -1097,6 +1123,7 @@ class Bench:
         self.fixed_token = json.loads(body)["access_token"]
         sets = {
             "hit": WarmSet("hit", "/hit/resource", 1),
+            "hit-log": WarmSet("hit-log", "/hit/resource", 1),
             "validated": WarmSet("validated", "/validated/resource", 1),
             "users": WarmSet("user", "/users/resource", s.users),
         }
@@ -1219,9 +1246,24 @@ def fmt_ratio(x):
     return "—" if x != x else f"{x:.2f}×"
 
 
-def checks(rows, settings, miss, memory):
-    """The issue's targets: (what, measured, pass?)."""
+def checks(rows, settings, miss, memory, profile=None):
+    """The targets: (what, measured, pass?). Efficiency is CPU per request against
+    pingora-bare's (pingora-bare's CPU µs/req ÷ the target's)."""
     out = []
+    bare1 = rows.get((1, "pingora-bare"))
+    for name, floor in (("txgate-hit-log", 0.90), ("txgate-hit", 0.95),
+                        ("txgate-10k-users", 0.85), ("txgate-hit-validated", 0.85)):
+        row = rows.get((1, name))
+        if row and bare1:
+            e = ratio(bare1["cpu_us_per_req"], row["cpu_us_per_req"])
+            what = "access log on, as shipped" if name == "txgate-hit-log" else ""
+            out.append((f"w1: {name} ≥ {floor:.2f}× pingora-bare's efficiency"
+                        + (f" ({what})" if what else ""), fmt_ratio(e), e >= floor))
+    if profile and {"pingora-bare", "txgate-hit"} <= set(profile):
+        r = ratio(profile["txgate-hit"]["ir_per_request"],
+                  profile["pingora-bare"]["ir_per_request"])
+        out.append(("txgate-hit instructions/request ≤ 1.15× pingora-bare's (callgrind)",
+                    fmt_ratio(r), r <= 1.15))
     for w in settings.workers:
         hit = rows.get((w, "txgate-hit"))
         bare = rows.get((w, "pingora-bare"))
@@ -1232,7 +1274,7 @@ def checks(rows, settings, miss, memory):
             r = ratio(hit["rps"], bare["rps"])
             out.append((f"w{w}: txgate-hit ≥ 0.90× pingora-bare req/s", fmt_ratio(r), r >= 0.90))
             r = ratio(hit["p99_us"], bare["p99_us"])
-            out.append((f"w{w}: txgate-hit p99 ≤ 1.25× pingora-bare", fmt_ratio(r), r <= 1.25))
+            out.append((f"w{w}: txgate-hit p99 ≤ 1.2× pingora-bare", fmt_ratio(r), r <= 1.2))
         if hit and ngx:
             r = ratio(hit["rps"], ngx["rps"])
             out.append((f"w{w}: txgate-hit ≥ 1.2× nginx req/s", fmt_ratio(r), r >= 1.2))
@@ -1301,7 +1343,9 @@ def report(bench, started_at):
         f"round(s) alternating the targets (medians shown), {s.connections} keep-alive "
         f"connections, wrk with {s.wrk_threads} thread(s), {s.warmup:g} s warm-up per target.",
         "txgate runs with `TXGATE_LOG=warn` (its per-request access log, written at info, is "
-        "off, as the other proxies' access logs are).",
+        "off, as the other proxies' access logs are), except `txgate-hit-log`: the same "
+        "requests as `txgate-hit` on a second gateway as shipped, access log at info to stderr "
+        "(a file).",
         "Cores: with 1 worker each proxy is pinned to core 0 and wrk, the upstream and the STS "
         "to core 1 (`direct` pins the upstream to core 0); with 2 workers everything shares "
         "both cores.",
@@ -1315,17 +1359,21 @@ def report(bench, started_at):
         lines += [
             f"## {w} worker(s)",
             "",
-            "| target | req/s | p50 ms | p99 ms | CPU µs/req | req/s ÷ pingora-bare "
+            "| target | req/s | p50 ms | p99 ms | CPU µs/req | instr/req | req/s ÷ pingora-bare "
             "| p99 ÷ pingora-bare | req/s ÷ nginx | errors | STS calls |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        profile = bench.profile or {}
         for name in s.targets:
             r = rows.get((w, name))
             if not r:
                 continue
+            instr = (f"{profile[name]['ir_per_request']:,.0f}" if name in profile and w == 1
+                     else "—")
             lines.append(
                 f"| {name} | {r['rps']:,.0f} | {r['p50_us'] / 1000:.2f} | {r['p99_us'] / 1000:.2f} "
                 f"| {r['cpu_us_per_req']:.1f} "
+                f"| {instr} "
                 f"| {fmt_ratio(ratio(r['rps'], bare['rps']) if bare else float('nan'))} "
                 f"| {fmt_ratio(ratio(r['p99_us'], bare['p99_us']) if bare else float('nan'))} "
                 f"| {fmt_ratio(ratio(r['rps'], ngx['rps']) if ngx else float('nan'))} "
@@ -1338,7 +1386,8 @@ def report(bench, started_at):
             "workers) during the measurement, divided by the requests wrk completed; for "
             "`direct` it is the upstream's. errors: wrk's connect/read/write/timeout errors "
             "plus non-2xx answers. STS calls: token exchanges the gateway made during the "
-            "measurements (0 means every request was a cache hit).",
+            "measurements (0 means every request was a cache hit). instr/req: instructions "
+            "per request counted by callgrind in the profile phase (one worker; see below).",
             "",
         ]
     grpc_rows = summarize_grpc(bench.grpc_runs, s)
@@ -1435,7 +1484,7 @@ def report(bench, started_at):
             "exchanges that filled the cache.",
             "",
         ]
-    if bench.profile and len(bench.profile) == 2:
+    if bench.profile and {"pingora-bare", "txgate-hit"} <= set(bench.profile):
         bare, gw = bench.profile["pingora-bare"], bench.profile["txgate-hit"]
         lines += [
             "## Where txgate's per-request cost goes (callgrind)",
@@ -1486,7 +1535,7 @@ def report(bench, started_at):
             short = short.replace("|", "\\|")
             lines.append(f"| `{short}` | {g:,.0f} | {b:,.0f} | {g - b:+,.0f} |")
         lines.append("")
-    targets = checks(rows, s, bench.miss, bench.memory)
+    targets = checks(rows, s, bench.miss, bench.memory, bench.profile)
     if targets:
         lines += ["## Targets", "", "| target | measured | |", "|---|---:|---|"]
     for what, measured, ok in targets:
