@@ -7,7 +7,8 @@
 #   DURATION=3 REPEAT=1 bench/run.sh      a short check that everything works end to end
 #
 # Other settings (environment): WORKERS, CONNECTIONS, WRK_THREADS, WARMUP, TARGETS, PHASES,
-# USERS, MISS_N, MEM_ENTRIES, BASE_PORT, NO_INSTALL=1, NO_BUILD=1 — see bench/README.md.
+# GRPC_TARGETS, GRPC_STREAMS, USERS, MISS_N, MEM_ENTRIES, BASE_PORT, NO_INSTALL=1, NO_BUILD=1 —
+# see bench/README.md.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +24,7 @@ install_peers() {
     command -v haproxy >/dev/null || missing+=(haproxy)
     command -v wrk >/dev/null || missing+=(wrk)
     command -v redis-server >/dev/null || missing+=(redis-server) # txgate-shared-hit
+    command -v h2load >/dev/null || missing+=(nghttp2-client) # the gRPC phase's load
     command -v taskset >/dev/null || missing+=(util-linux)
     command -v cmake >/dev/null || missing+=(cmake) # pingora's build needs it
     command -v python3 >/dev/null || missing+=(python3 python3-pip)

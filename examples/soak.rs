@@ -23,6 +23,7 @@
 //! | `SOAK_SLOW_MS` | 200 | extra STS latency while `slow` |
 //! | `SOAK_DOWN_MODE` | `refuse` | `refuse` (listener closed) or `503` while `down` |
 //! | `SOAK_STS_TIMEOUT` | `1s` | the token service's `timeout` |
+//! | `SOAK_OPEN_FOR` | `5s` | the token service's `circuit_breaker.open_for` |
 //! | `SOAK_TOKEN_TTL` | 20 | `expires_in` of minted tokens, seconds (cached for 1 s less) |
 //! | `SOAK_WARMUP` | `SOAK_REQUESTS / 10` | requests before the first RSS sample |
 //! | `SOAK_THREADS` | 2 | gateway worker threads |
@@ -115,6 +116,8 @@ struct Settings {
     slow: Duration,
     down_refuses: bool,
     sts_timeout: String,
+    /// `circuit_breaker.open_for` of the token service.
+    open_for: String,
     token_ttl: u64,
     warmup: u64,
     threads: usize,
@@ -151,6 +154,7 @@ impl Settings {
                 other => panic!("SOAK_DOWN_MODE={other:?}: expected refuse or 503"),
             },
             sts_timeout: env_or("SOAK_STS_TIMEOUT", "1s".to_string()),
+            open_for: env_or("SOAK_OPEN_FOR", "5s".to_string()),
             token_ttl: env_or("SOAK_TOKEN_TTL", 20),
             warmup: env_or("SOAK_WARMUP", requests / 10),
             threads: env_or("SOAK_THREADS", 2),
@@ -390,6 +394,7 @@ token_services:
     client_secret: "${{SOAK_CLIENT_SECRET}}"
     timeout: {timeout}
     connect_timeout: 500ms
+    circuit_breaker: {{ open_for: {open_for} }}
 cache:
   max_entries: 200000
   expiry_skew: 1s
@@ -397,6 +402,7 @@ routes:
 "#,
         threads = s.threads,
         timeout = s.sts_timeout,
+        open_for = s.open_for,
     );
     for r in 0..s.routes {
         yaml.push_str(&format!(
@@ -452,6 +458,11 @@ struct Load {
     unexpected: AtomicU64,
     transport_errors: AtomicU64,
     examples: Mutex<Vec<String>>,
+    /// When the load began; the times below count from it.
+    started: Instant,
+    /// When the last 503 of a request sent in a normal phase arrived, in µs: the gateway still
+    /// failing fast after the STS came back (its breaker's `open_for`).
+    last_normal_503_us: AtomicU64,
 }
 
 impl Load {
@@ -511,6 +522,10 @@ async fn load_task(
                     load.note(format!(
                         "request {i} in {phase}: status {status} (Retry-After: {retry_after})"
                     ));
+                }
+                if status == 503 && phase == "normal" {
+                    let at = load.started.elapsed().as_micros() as u64;
+                    load.last_normal_503_us.fetch_max(at, Ordering::Relaxed);
                 }
                 latencies
                     .entry(phase.clone())
@@ -632,8 +647,10 @@ async fn main() {
         unexpected: AtomicU64::new(0),
         transport_errors: AtomicU64::new(0),
         examples: Mutex::new(Vec::new()),
+        started: Instant::now(),
+        last_normal_503_us: AtomicU64::new(0),
     });
-    let started = Instant::now();
+    let started = load.started;
     let base = format!("http://127.0.0.1:{listen}");
     let tasks: Vec<_> = (0..s.concurrency)
         .map(|_| {
@@ -845,6 +862,21 @@ async fn main() {
         println!(
             "  {what:<34} from {:.1} s (request {}) to {to}",
             f.from.0, f.from.1
+        );
+    }
+    // How long callers kept getting 503 after the STS was back: the breaker waits out its
+    // `open_for` before the probe that closes it.
+    if let Some(back) = injected
+        .iter()
+        .rev()
+        .find(|f| f.fault == Fault::Down)
+        .and_then(|f| f.to)
+    {
+        let last_503 = load.last_normal_503_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let recovery = (last_503 - back.0).max(0.0);
+        println!(
+            "recovery        503s for {recovery:.1} s after the STS came back at {:.1} s (circuit_breaker.open_for {})",
+            back.0, s.open_for
         );
     }
     println!(

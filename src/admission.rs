@@ -20,7 +20,7 @@ pub mod route;
 pub mod upstream_token;
 pub mod validation;
 
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, Method, Uri};
 
 use crate::error::GatewayError;
 use crate::state::GatewayState;
@@ -36,6 +36,9 @@ pub use upstream_token::{CacheUse, UpstreamToken};
 /// What admission reads of a request, whichever front door received it.
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
+    /// Checked for the caller's token too: an extension method is any token of the grammar
+    /// (RFC 9110 §9.1), and the upstream receives it as sent.
+    pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
 }
@@ -54,7 +57,7 @@ pub struct Admitted {
 pub struct Refusal {
     pub error: GatewayError,
     pub route: Option<usize>,
-    pub caller: Option<std::sync::Arc<str>>,
+    pub caller: Option<crate::token::CallerToken>,
     /// How the token cache answered, when it was asked.
     pub cache: Option<CacheUse>,
 }

@@ -31,10 +31,33 @@ use crate::config::{CacheSettings, ConfigProblem, ExchangeSettings};
 use crate::exchange::actor::Actor;
 use crate::exchange::{ExchangeError, ExchangedToken, OAuthErrorCode};
 use crate::metrics::Metrics;
+use crate::token::TokenDigest;
 use shared::{Found, Lease, SharedCache};
 
-/// A cache key: a digest, never a token.
-pub type CacheKey = [u8; 32];
+/// A cache key: digests only, never a token. Compared whole (moka checks equality after its
+/// hash), so two requests share an entry only when profile, subject token and actor are the
+/// same, short of a SHA-256 collision; and building one hashes nothing beyond the token's own
+/// digest, which the request computes once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    /// The exchange profile's digest ([`ExchangeSettings::key_prefix`]).
+    profile: [u8; 32],
+    /// SHA-256 of the subject token; zero for a profile's own token.
+    subject: TokenDigest,
+    /// SHA-256 of the actor's identity; zero without an actor.
+    actor: [u8; 32],
+}
+
+impl CacheKey {
+    /// One digest of the whole key, for forms stored outside this process.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.profile);
+        h.update(self.subject);
+        h.update(self.actor);
+        h.finalize().into()
+    }
+}
 
 /// A cached exchange result, ready to forward.
 pub struct CachedToken {
@@ -187,31 +210,29 @@ impl TokenCache {
         self.shared.as_ref().map(|s| s.status())
     }
 
-    /// The key for `subject_token` under `profile`, with an optional actor identity.
-    pub fn key(profile: &ExchangeSettings, subject_token: &str, actor: Option<&[u8]>) -> CacheKey {
-        if subject_token.is_empty() && actor.is_none() {
-            return Self::machine_key(profile);
+    /// The key for a subject token, given as its SHA-256 (`crate::token::digest`, computed
+    /// once per request), under `profile`, with the digest of an actor's identity.
+    pub fn key(
+        profile: &ExchangeSettings,
+        subject: &TokenDigest,
+        actor: Option<&[u8; 32]>,
+    ) -> CacheKey {
+        CacheKey {
+            profile: profile.key_prefix,
+            subject: *subject,
+            actor: actor.copied().unwrap_or([0; 32]),
         }
-        let mut h = Sha256::new();
-        h.update(profile.key_prefix);
-        h.update((subject_token.len() as u64).to_be_bytes());
-        h.update(subject_token.as_bytes());
-        match actor {
-            Some(actor) => {
-                h.update([1]);
-                h.update((actor.len() as u64).to_be_bytes());
-                h.update(actor);
-            }
-            None => h.update([0]),
-        }
-        h.finalize().into()
     }
 
     /// The key of a profile's own token (client credentials: no subject, no actor): the
     /// profile's digest itself, computed at load, so machine routes and delegation actors hash
     /// nothing per request.
     pub fn machine_key(profile: &ExchangeSettings) -> CacheKey {
-        profile.key_prefix
+        CacheKey {
+            profile: profile.key_prefix,
+            subject: [0; 32],
+            actor: [0; 32],
+        }
     }
 
     /// Returns the cached token (or remembered rejection) for `key`, or runs `exchange` (once
@@ -627,7 +648,11 @@ mod tests {
     #[tokio::test]
     async fn refused_sts_answers_are_never_cached() {
         let cache = cache(60, 600);
-        let key = [7u8; 32];
+        let key = CacheKey {
+            profile: [7; 32],
+            subject: [8; 32],
+            actor: [0; 32],
+        };
         for refused in [
             ExchangeError::EchoedInputToken,
             ExchangeError::UnexpectedTokenType {

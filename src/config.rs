@@ -183,6 +183,8 @@ pub struct ServerSettings {
     pub max_token_bytes: usize,
     /// How request paths are normalised before routing.
     pub paths: crate::path::PathRules,
+    /// The plain listeners also accept HTTP/2 with prior knowledge (`server.h2c`).
+    pub h2c: bool,
 }
 
 /// `server.tls:` after validation: the files are readable and hold a usable key pair.
@@ -532,6 +534,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         normalize_path,
         merge_slashes,
         path_with_escaped_slashes_action,
+        h2c,
     } = raw;
     let paths = {
         use crate::path::{EscapedSlashes, PathRules};
@@ -630,6 +633,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         shutdown_timeout: shutdown_timeout.unwrap_or(defaults::SHUTDOWN_TIMEOUT),
         max_token_bytes,
         paths,
+        h2c: h2c.unwrap_or(defaults::H2C),
     })
 }
 

@@ -291,13 +291,23 @@ impl ProxyFailure {
 
     /// The JSON body: `{"error": ..., "error_description": ...}`.
     pub fn body(self) -> String {
-        let (code, description) = match self.status() {
-            Some(502) => ("bad_gateway", "the upstream is unavailable"),
-            Some(504) => ("gateway_timeout", "the upstream did not answer in time"),
-            Some(400..=499) => ("invalid_request", "the request could not be read"),
-            _ => ("internal_error", "the gateway failed to proxy the request"),
+        let code = match self.status() {
+            Some(502) => "bad_gateway",
+            Some(504) => "gateway_timeout",
+            Some(400..=499) => "invalid_request",
+            _ => "internal_error",
         };
-        serde_json::json!({"error": code, "error_description": description}).to_string()
+        serde_json::json!({"error": code, "error_description": self.description()}).to_string()
+    }
+
+    /// The public description of the failure.
+    pub fn description(self) -> &'static str {
+        match self.status() {
+            Some(502) => "the upstream is unavailable",
+            Some(504) => "the upstream did not answer in time",
+            Some(400..=499) => "the request could not be read",
+            _ => "the gateway failed to proxy the request",
+        }
     }
 }
 

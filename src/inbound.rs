@@ -26,7 +26,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use moka::Expiry;
 use moka::future::Cache;
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 pub use introspection::IntrospectionValidator;
 pub use jwt::{JwtSettings, JwtValidator, RefresherGuard};
@@ -130,11 +129,7 @@ impl ValidatedToken {
 }
 
 /// SHA-256 of a token: the only form in which tokens are used as cache keys.
-type TokenDigest = [u8; 32];
-
-fn token_digest(token: &str) -> TokenDigest {
-    Sha256::digest(token.as_bytes()).into()
-}
+use crate::token::TokenDigest;
 
 fn check_size(token: &str) -> Result<(), InboundError> {
     if token.is_empty() {

@@ -4,6 +4,7 @@
 //! (`request_filter` and `fail_to_proxy`).
 
 pub mod forward;
+pub mod grpc;
 mod record;
 mod reply;
 
@@ -47,7 +48,7 @@ pub struct RequestCtx {
     route: Option<usize>,
     /// The caller's bearer token once read, also for refused requests (its fingerprint is
     /// logged).
-    caller: Option<Arc<str>>,
+    caller: Option<crate::token::CallerToken>,
     /// How the token cache answered, also for refused requests.
     cache: Option<admission::CacheUse>,
     admitted: Option<Admitted>,
@@ -58,6 +59,13 @@ pub struct RequestCtx {
     retried: bool,
     /// The request was sent again with a fresh token after the upstream rejected one.
     token_retried: bool,
+    /// The caller speaks gRPC: the gateway's own answers are gRPC statuses.
+    grpc: bool,
+    /// The caller's gRPC deadline (`grpc-timeout`), counted from the request's arrival.
+    deadline: Option<Instant>,
+    /// The HTTP status of the answer the gateway wrote itself. A gRPC caller receives it as a
+    /// `grpc-status` in a 200, but metrics and the access log count what it stands for.
+    answered: Option<u16>,
 }
 
 impl RequestCtx {
@@ -84,6 +92,9 @@ impl ProxyHttp for Gateway {
             failed_peer: None,
             retried: false,
             token_retried: false,
+            grpc: false,
+            deadline: None,
+            answered: None,
         }
     }
 
@@ -94,7 +105,12 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<bool> {
         let header = session.req_header();
         ctx.request_id = Some(forward::request_id(header));
+        ctx.grpc = grpc::is_grpc(&header.headers);
+        if ctx.grpc {
+            ctx.deadline = grpc::timeout(&header.headers).and_then(|t| ctx.started.checked_add(t));
+        }
         let request = Request {
+            method: &header.method,
             uri: &header.uri,
             headers: &header.headers,
         };
@@ -114,8 +130,11 @@ impl ProxyHttp for Gateway {
                 let route = ctx.route().map_or("", |r| r.name.as_str());
                 refusal.error.log(route);
                 let reply = Reply::from_error(&refusal.error);
+                ctx.answered = Some(refusal.error.status());
                 ctx.error = Some(refusal.error);
-                reply.send(session, ctx.request_id.as_ref()).await?;
+                reply
+                    .send(session, ctx.request_id.as_ref(), ctx.grpc)
+                    .await?;
                 // pingora: `true` = a response was sent, stop here.
                 Ok(true)
             }
@@ -124,15 +143,21 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         let route = ctx
             .route()
             .ok_or_else(|| PingoraError::explain(ErrorType::InternalError, "no route selected"))?;
-        let (addr, peer) = route.upstream.select(ctx.failed_peer).ok_or_else(|| {
+        let (addr, mut peer) = route.upstream.select(ctx.failed_peer).ok_or_else(|| {
             PingoraError::explain(ErrorType::ConnectNoRoute, "no upstream peer is available")
         })?;
+        if session.is_upgrade_req() {
+            route.upstream.pin_http1_for_upgrade(&mut peer);
+        }
+        if let Some(deadline) = ctx.deadline {
+            bound_by_deadline(&mut peer, deadline)?;
+        }
         ctx.upstream_addr = Some(addr);
         Ok(Box::new(peer))
     }
@@ -175,7 +200,13 @@ impl ProxyHttp for Gateway {
         // A request whose decided path cannot be written is not forwarded (500), never sent
         // with the path as the caller wrote it.
         forward::rewrite(upstream, admitted, &hop)
-            .map_err(|e| PingoraError::because(ErrorType::InternalError, "forwarding", e))
+            .map_err(|e| PingoraError::because(ErrorType::InternalError, "forwarding", e))?;
+        if let Some(deadline) = ctx.deadline {
+            // The upstream gets what is left of the caller's deadline, as gRPC proxies pass it.
+            let left = deadline.saturating_duration_since(Instant::now());
+            upstream.insert_header("grpc-timeout", grpc::timeout_value(left))?;
+        }
+        Ok(())
     }
 
     async fn upstream_response_filter(
@@ -213,7 +244,8 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if let Some(id) = &ctx.request_id {
+        let wanted = ctx.route().is_none_or(|r| r.headers.request_id);
+        if let Some(id) = ctx.request_id.as_ref().filter(|_| wanted) {
             response.insert_header(forward::WIRE_X_REQUEST_ID, id.clone())?;
         }
         Ok(())
@@ -239,10 +271,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let failure = classify(e);
-        if let Some(reply) = Reply::from_proxy_failure(failure)
-            && let Err(write) = reply.send(session, ctx.request_id.as_ref()).await
-        {
-            tracing::debug!(error = %write, "cannot send the error response downstream");
+        if let Some(reply) = Reply::from_proxy_failure(failure) {
+            match reply.send(session, ctx.request_id.as_ref(), ctx.grpc).await {
+                Ok(()) => ctx.answered = failure.status(),
+                Err(write) => {
+                    tracing::debug!(error = %write, "cannot send the error response downstream");
+                }
+            }
         }
         FailToProxy {
             // pingora: 0 = no response was sent.
@@ -258,7 +293,7 @@ impl ProxyHttp for Gateway {
         let presented = crate::redact::presented(&request.uri, &request.headers);
         format!(
             "{} {}",
-            request.method,
+            crate::redact::method(request.method.as_str(), &presented),
             crate::redact::path(request.uri.path(), &presented)
         )
     }
@@ -270,6 +305,23 @@ impl ProxyHttp for Gateway {
 
 /// The error that makes pingora send a request again after the upstream rejected its token.
 const TOKEN_REJECTED: &str = "upstream rejected the token";
+/// Shortens the peer's connect and read timeouts to what is left of a gRPC caller's deadline,
+/// so a call the caller has given up on does not hold an upstream connection; a deadline
+/// already past (the exchange took it) is an upstream timeout without connecting.
+fn bound_by_deadline(peer: &mut HttpPeer, deadline: Instant) -> pingora::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(PingoraError::explain(
+            ErrorType::ConnectTimedout,
+            "the caller's gRPC deadline passed before the upstream was called",
+        )
+        .into_up());
+    }
+    let options = &mut peer.options;
+    options.connection_timeout = Some(options.connection_timeout.map_or(left, |t| t.min(left)));
+    options.read_timeout = Some(options.read_timeout.map_or(left, |t| t.min(left)));
+    Ok(())
+}
 
 /// Which [`ProxyFailure`] a pingora error after admission is.
 fn classify(e: &PingoraError) -> ProxyFailure {
@@ -334,6 +386,7 @@ routes:
         let session = parsed(raw).await;
         let header = session.req_header();
         let request = Request {
+            method: &header.method,
             uri: &header.uri,
             headers: &header.headers,
         };
@@ -421,6 +474,7 @@ routes:
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::HOST, HeaderValue::from_static("gw"));
         let request = Request {
+            method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
         };
@@ -440,6 +494,7 @@ routes:
         let admitted = {
             let header = session.req_header();
             let request = Request {
+                method: &header.method,
                 uri: &header.uri,
                 headers: &header.headers,
             };

@@ -67,6 +67,17 @@ pub fn path<'a>(path: &'a str, presented: &[Cow<'_, [u8]>]) -> Cow<'a, str> {
     Cow::Owned(mask_jwt_runs(&text))
 }
 
+/// A request method as it may be logged: as sent, or masked whole when it carries a presented
+/// credential or is JWT-shaped (an extension method is any token of the grammar, RFC 9110
+/// §9.1, so a caller's token fits).
+pub fn method<'a>(method: &'a str, presented: &[Cow<'_, [u8]>]) -> &'a str {
+    if is_clean(method.as_bytes(), presented) {
+        method
+    } else {
+        TOKEN_MASK
+    }
+}
+
 /// Whether logged text that a caller chose (a request id) may be logged and echoed as it is:
 /// it carries none of the presented credentials and nothing JWT-shaped.
 pub fn is_clean(text: &[u8], presented: &[Cow<'_, [u8]>]) -> bool {

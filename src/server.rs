@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+use pingora::apps::{HttpServerOptions, ServerApp};
+use pingora::protocols::Stream;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
     ListenFds, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -147,6 +149,45 @@ impl<S: Service> Service for Prebound<S> {
     }
 }
 
+/// How long a new plain connection has to send its first 24 bytes when `server.h2c` is on.
+/// pingora reads that many (the length of the HTTP/2 preface) to tell HTTP/2 from HTTP/1.1,
+/// with no time limit of its own: a client that sends fewer and waits would hold the connection
+/// for as long as it likes. A real client sends its whole first request at once.
+pub const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The proxy application behind a bound on the wait for a plain connection's first bytes
+/// ([`PREFACE_TIMEOUT`]), when pingora is going to wait for them (`within`: h2c is on).
+struct PrefaceDeadline<A> {
+    inner: Arc<A>,
+    within: Option<Duration>,
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for PrefaceDeadline<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if let Some(within) = self.within
+            && stream.get_ssl_digest().is_none()
+        {
+            // The bytes peeked are put back: pingora's own peek then finds them at once.
+            let mut preface = [0u8; 24];
+            match tokio::time::timeout(within, stream.try_peek(&mut preface)).await {
+                Ok(Ok(_)) => {}
+                // Too slow, or closed before 24 bytes: nothing to answer.
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}
+
 /// Builds the pingora server for `config` on already-bound sockets.
 pub fn build(config: &Config, listeners: BoundListeners) -> Result<(Server, Reloader), StartError> {
     build_server(config, listeners, Runtime::AsConfigured)
@@ -190,10 +231,20 @@ fn build_server(
         requests: reload_tx,
     };
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(current.clone()),
-        "txgate proxy",
+    let mut app = pingora::proxy::http_proxy(&server.configuration, Gateway::new(current.clone()));
+    if settings.h2c {
+        // pingora peeks at each new plain connection for the HTTP/2 preface (RFC 9113 §3.4)
+        // and serves HTTP/1.1 when it is absent; TLS listeners negotiate by ALPN regardless.
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
+    let mut proxy = ListeningService::new(
+        "txgate proxy".to_string(),
+        PrefaceDeadline {
+            inner: Arc::new(app),
+            within: settings.h2c.then_some(PREFACE_TIMEOUT),
+        },
     );
     let mut proxy_sockets = Vec::new();
     for (addr, socket) in listeners.proxy {

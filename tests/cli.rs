@@ -31,7 +31,7 @@ fn the_shipped_gateway_yaml_passes_check() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "gateway.yaml: ok: 3 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
+        "gateway.yaml: ok: 4 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
     );
 }
 
@@ -79,6 +79,10 @@ const INVALID: &[(&str, &str)] = &[
     (
         "duplicate_route_name.yaml",
         r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
+    ),
+    (
+        "h2_to_http_peers.yaml",
+        "routes[0].upstream.protocol: h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
     ),
     (
         "leeway_above_a_day.yaml",
@@ -166,20 +170,6 @@ fn version_prints_the_crate_version() {
     );
 }
 
-/// A port nothing listens on right now. The demo prints the gateway's and the admin listener's
-/// addresses as bound, so those listen on port 0; but it starts the development STS and the
-/// echo backend at the addresses the configuration's token endpoint and upstream name, which
-/// the gateway then calls, so those two need a port chosen in advance. Binding and releasing
-/// one races with other processes in principle; for addresses a configuration must name
-/// before anything binds them there is no better way.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Demo(std::process::Child);
 
 impl Drop for Demo {
@@ -194,11 +184,13 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
     let shipped =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.yaml"))
             .unwrap();
+    // Every address on port 0: the demo binds the STS and the echo backend itself and prints
+    // where everything listens; no port is picked in advance.
     let yaml = shipped
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("127.0.0.1:9090", "127.0.0.1:0")
-        .replace("127.0.0.1:9400", &format!("127.0.0.1:{}", free_port()))
-        .replace("127.0.0.1:9001", &format!("127.0.0.1:{}", free_port()));
+        .replace("127.0.0.1:9400", "127.0.0.1:0")
+        .replace("127.0.0.1:9001", "127.0.0.1:0");
     let dir = std::env::temp_dir().join(format!("txgate-demo-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("gateway.yaml");
@@ -227,15 +219,18 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
         }
         if in_try {
             let trimmed = line.trim();
-            if trimmed.starts_with("curl") || trimmed.starts_with("TOKEN=") {
+            if trimmed.starts_with("curl")
+                || trimmed.starts_with("TOKEN=")
+                || trimmed.starts_with("printf")
+            {
                 commands.push(trimmed.to_string());
             }
-            if trimmed.starts_with("curl -s -H") {
+            if trimmed.starts_with("printf") {
                 break;
             }
         }
     }
-    assert_eq!(commands.len(), 3, "{commands:?}");
+    assert_eq!(commands.len(), 4, "{commands:?}");
 
     let shell = |script: &str| {
         let output = Command::new("sh").arg("-c").arg(script).output().unwrap();
@@ -271,6 +266,30 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
     );
     assert_eq!(echoed["token"]["claims"]["sub"], "alice");
     assert_eq!(echoed["token"]["claims"]["scope"], "orders:read");
+
+    // The gRPC call: over h2c to the gRPC echo, the exchanged token in its metadata, the
+    // status in the trailers (which the command shows on stderr).
+    let script = format!("{}\n{}\necho\necho \"$TOKEN\"\n", commands[1], commands[3]);
+    let output = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    assert!(output.status.success(), "{script}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("HTTP/2 200"), "{stderr}");
+    assert!(stderr.contains("grpc-status: 0"), "{stderr}");
+    let mut lines = stdout.lines().filter(|l| !l.is_empty());
+    let echoed: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let caller = lines.next().unwrap();
+    assert!(
+        !echoed.to_string().contains(caller),
+        "the caller's token reached the gRPC backend"
+    );
+    assert_eq!(echoed["path"], "/echo.Echo/Say");
+    assert_eq!(
+        echoed["headers"]["content-type"][0],
+        "application/grpc+json"
+    );
+    assert_eq!(echoed["token"]["claims"]["aud"], "https://echo.example.com");
+    assert_eq!(echoed["token"]["claims"]["sub"], "alice");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

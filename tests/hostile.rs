@@ -7,7 +7,7 @@
 //! token never reaches the upstream, raw or percent-encoded. Requests go out as raw bytes over a
 //! `TcpStream`, because HTTP client libraries refuse to send most of these.
 //!
-//! One configuration ([`Parts::yaml`]) serves every table, with one route per kind of route:
+//! One configuration ([`Parts::yaml_with`]) serves every table, with one route per kind of route:
 //! - `/open`: impersonation of any syntactically valid token (no inbound validation), with a
 //!   `headers.set` entry; `/jwt` and `/orders`: impersonation of callers' JWTs, validated
 //!   against a [`TestIssuer`]'s JWKS first (by their token service); `/public`: `mode: none`;
@@ -16,6 +16,9 @@
 //!   with `caller: anonymous`;
 //! - `/tls/...`: one HTTPS upstream whose certificate the gateway does not trust, written as a
 //!   bare URL, as a peer list without `tls:`, and with `tls: { verify: false }`.
+//!
+//! The HTTP/2 table ([`h2_rows`]) sends its requests as raw frames over h2c to a gateway with
+//! `server.h2c`, both in process and against the binary.
 //!
 //! Every table runs in process (a [`RunningGateway`]), and all of them again against the
 //! `txgate` binary started on the same configuration with trace logging, whose whole output is
@@ -132,6 +135,10 @@ enum Expect {
     /// Answered by txgate with some 4xx and a JSON `error`, which one not being the point of
     /// the row; the STS and the upstream are not called.
     NotForwarded,
+    /// Answered by txgate to a gRPC caller: HTTP 200, `content-type: application/grpc` and
+    /// this `grpc-status`, with the challenge, after this many STS calls; the upstream is not
+    /// called.
+    GrpcRefused(&'static str, Challenge, usize),
 }
 
 /// Forwarded with a token exchanged for the caller.
@@ -168,6 +175,8 @@ struct Row {
     upstream: Vec<Check>,
     /// The answer must come within this time.
     within: Option<Duration>,
+    /// Sent as this HTTP/2 header block (pseudo-headers first) over h2c instead of `bytes`.
+    h2: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl Row {
@@ -182,7 +191,36 @@ impl Row {
             sts: None,
             upstream: Vec::new(),
             within: None,
+            h2: None,
         }
+    }
+
+    /// An HTTP/2 request (h2c, prior knowledge) of exactly these header fields, in order and
+    /// as written (names are not lower-cased): `GET`, `http`, `:authority: gateway.test` and
+    /// `path`, then `headers`. Any pseudo-header in `headers` replaces the default one.
+    fn h2(name: impl Into<String>, path: &str, headers: &[(&str, &[u8])], expect: Expect) -> Row {
+        let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (pseudo, value) in [
+            (":method", &b"GET"[..]),
+            (":scheme", b"http"),
+            (":authority", b"gateway.test"),
+            (":path", path.as_bytes()),
+        ] {
+            let value = headers
+                .iter()
+                .find(|(h, _)| *h == pseudo)
+                .map_or(value, |(_, v)| *v);
+            fields.push((pseudo.as_bytes().to_vec(), value.to_vec()));
+        }
+        fields.extend(
+            headers
+                .iter()
+                .filter(|(h, _)| !h.starts_with(':'))
+                .map(|(h, v)| (h.as_bytes().to_vec(), v.to_vec())),
+        );
+        let mut row = Row::raw(name, Vec::new(), expect);
+        row.h2 = Some(fields);
+        row
     }
 
     /// `GET path` with these extra header lines (name, raw value), and `Host: gateway.test`
@@ -298,6 +336,116 @@ async fn send_raw(addr: SocketAddr, request: &[u8]) -> Option<Answer> {
         .expect("the gateway answers or closes within 10 s")
 }
 
+/// Sends one HTTP/2 request with prior knowledge, written frame by frame (RFC 9113 §3.4, §6):
+/// the preface, empty SETTINGS, and `fields` HPACK-encoded in one HEADERS frame that ends the
+/// stream. Reads until stream 1 ends. `None` when the gateway refused the stream or the
+/// connection (RST_STREAM, GOAWAY) or closed without an answer. Raw frames, because an HTTP/2
+/// client library refuses to send the malformed requests these rows are made of.
+async fn send_h2(addr: SocketAddr, fields: &[(Vec<u8>, Vec<u8>)]) -> Option<Answer> {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const PING: u8 = 6;
+    const GOAWAY: u8 = 7;
+    const CONTINUATION: u8 = 9;
+    const END_STREAM: u8 = 0x1;
+    const ACK: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let block = loona_hpack::Encoder::new()
+            .encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        // A block over the default maximum frame size (16 KiB) continues in CONTINUATION
+        // frames (§6.10); the last fragment ends the header block.
+        let fragments: Vec<&[u8]> = block.chunks(16_384).collect();
+        for (i, fragment) in fragments.iter().enumerate() {
+            let last = if i + 1 == fragments.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            out.extend(if i == 0 {
+                frame(HEADERS, last | END_STREAM, 1, fragment)
+            } else {
+                frame(CONTINUATION, last, 1, fragment)
+            });
+        }
+        stream.write_all(&out).await.ok()?;
+        let mut decoder = loona_hpack::Decoder::new();
+        let mut headers: Option<Vec<(String, String)>> = None;
+        let mut body = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            if stream.read_exact(&mut head).await.is_err() {
+                break;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            if stream.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            match (kind, id) {
+                (SETTINGS, 0) if flags & ACK == 0 => {
+                    stream.write_all(&frame(SETTINGS, ACK, 0, &[])).await.ok()?;
+                }
+                (PING, 0) if flags & ACK == 0 => {
+                    stream
+                        .write_all(&frame(PING, ACK, 0, &payload))
+                        .await
+                        .ok()?;
+                }
+                (HEADERS, 1) => {
+                    // Neither padded nor prioritised: the gateway sends neither.
+                    let decoded = decoder.decode(&payload).ok()?;
+                    let fields = decoded.into_iter().map(|(n, v)| {
+                        (
+                            String::from_utf8_lossy(&n).into_owned(),
+                            String::from_utf8_lossy(&v).into_owned(),
+                        )
+                    });
+                    headers.get_or_insert_with(Vec::new).extend(fields);
+                    if flags & END_STREAM != 0 {
+                        break;
+                    }
+                }
+                (DATA, 1) => {
+                    body.extend_from_slice(&payload);
+                    if flags & END_STREAM != 0 {
+                        break;
+                    }
+                }
+                (RST_STREAM, 1) | (GOAWAY, 0) => break,
+                _ => {}
+            }
+        }
+        let headers = headers?;
+        let status = headers
+            .iter()
+            .find(|(k, _)| k == ":status")
+            .and_then(|(_, v)| v.parse().ok())?;
+        Some(Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the gateway answers or closes within 10 s")
+}
+
 /// Parses a response that ended with the connection (`Connection: close` was sent), honouring
 /// `Content-Length` when present.
 fn parse_answer(bytes: &[u8]) -> Option<Answer> {
@@ -350,14 +498,10 @@ impl Parts {
         }
     }
 
-    /// The one configuration of the hostile gateway, in process and as a binary. Two token
-    /// services at the same STS: `corp`, and `strict`, which validates callers' JWTs first
-    /// (one validator shared by `/jwt`, `/orders` and `/machine`).
-    fn yaml(&self) -> String {
-        self.yaml_with(&[])
-    }
-
-    /// [`Parts::yaml`] with more keys in its `server:` map.
+    /// The one configuration of the hostile gateway, in process and as a binary, with more
+    /// keys in its `server:` map. Two token services at the same STS: `corp`, and `strict`,
+    /// which validates callers' JWTs first (one validator shared by `/jwt`, `/orders` and
+    /// `/machine`).
     fn yaml_with(&self, server: &[(&str, Value)]) -> String {
         let up = self.upstream.url();
         let https = format!("https://localhost:{}", self.tls.addr.port());
@@ -467,10 +611,10 @@ impl Harness {
     /// The `txgate` binary on the same configuration, logging at trace level in `format`.
     /// Ready once it has logged its listen address and that it loaded the JWKS (the debug
     /// event `JWKS refreshed`; the configuration has one validator).
-    async fn start_binary(format: &'static str) -> Harness {
+    async fn start_binary(format: &'static str, server: &[(&str, Value)]) -> Harness {
         count_panics();
         let parts = Parts::start().await;
-        let binary = TxgateProcess::run(&parts.yaml())
+        let binary = TxgateProcess::run(&parts.yaml_with(server))
             .log_level("trace")
             .log_format(format)
             .start()
@@ -571,7 +715,10 @@ impl Harness {
         let plain_before = self.parts.upstream.seen().len();
         let tls_before = self.parts.tls.seen().len();
         let started = Instant::now();
-        let answer = send_raw(self.addr, &row.bytes).await;
+        let answer = match &row.h2 {
+            Some(fields) => send_h2(self.addr, fields).await,
+            None => send_raw(self.addr, &row.bytes).await,
+        };
         let took = started.elapsed();
         if row.sts.is_some() {
             sts.set(Behavior::issue());
@@ -627,6 +774,10 @@ impl Harness {
                 if (400..500).contains(&a.status) && a.error_code().is_some() =>
             {
                 Some(0)
+            }
+            (Expect::GrpcRefused(code, challenge, calls), Some(a)) => {
+                failures.extend(grpc_refusal_mismatch(a, code, challenge));
+                Some(calls)
             }
             (_, answer) => {
                 failures.push(format!("expected {:?}, got {answer:?}", row.expect));
@@ -767,6 +918,37 @@ fn refusal_mismatch(a: &Answer, status: u16, code: &str, challenge: Challenge) -
         failures.push(format!(
             "WWW-Authenticate {found:?}, expected {challenge:?}"
         ));
+    }
+    failures
+}
+
+/// How a gRPC answer differs from a refusal with `grpc-status: code` and `challenge`.
+fn grpc_refusal_mismatch(a: &Answer, code: &str, challenge: Challenge) -> Vec<String> {
+    let mut failures = Vec::new();
+    if a.status != 200 || !a.body.is_empty() {
+        failures.push(format!("expected a Trailers-Only 200, got {a:?}"));
+    }
+    if a.header("content-type") != Some("application/grpc") {
+        failures.push(format!("content-type {:?}", a.header("content-type")));
+    }
+    if a.header("grpc-status") != Some(code) {
+        failures.push(format!(
+            "grpc-status {:?} instead of {code}",
+            a.header("grpc-status")
+        ));
+    }
+    if a.header("grpc-message").is_none_or(str::is_empty) {
+        failures.push("no grpc-message".into());
+    }
+    let www = a.header("www-authenticate");
+    let challenge_ok = match challenge {
+        Challenge::Absent => www.is_none(),
+        Challenge::Bare => www == Some("Bearer realm=\"txgate\""),
+        Challenge::WithError => www.is_some_and(|w| w.contains("error=")),
+        Challenge::Unspecified => true,
+    };
+    if !challenge_ok {
+        failures.push(format!("WWW-Authenticate {www:?}, expected {challenge:?}"));
     }
     failures
 }
@@ -1952,6 +2134,19 @@ fn url_token_rows(parts: &Parts, kind: &Kind) -> Vec<Row> {
             .carrying(&t),
         );
     }
+    // An extension method is any token of the grammar (RFC 9110 §9.1): a caller token fits.
+    let t = good();
+    rows.push(
+        Row::raw(
+            format!("{k}: token as the method"),
+            format!(
+                "{t} {p}/items HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"
+            )
+            .into_bytes(),
+            INVALID_REQUEST,
+        )
+        .carrying(&t),
+    );
     rows
 }
 
@@ -2277,6 +2472,212 @@ fn unrouted_rows(parts: &Parts) -> Vec<Row> {
 // Every row again, through the binary, and nothing of any token in its output.
 
 /// Every table of this file, in order.
+/// HTTP/2 requests (h2c) with the caller's token where HTTP/2 can put it: in other metadata,
+/// in a pseudo-header, next to a second host; and the requests RFC 9113 §8.2 calls malformed
+/// (connection-specific headers, upper-case names), which the HTTP/2 layer refuses before
+/// txgate reads them.
+fn h2_rows() -> Vec<Row> {
+    let t: Vec<String> = (0..17).map(|_| caller_token()).collect();
+    let grpc = ("content-type", &b"application/grpc"[..]);
+    let rows = vec![
+        Row::h2(
+            "h2: a plain request",
+            "/open/a",
+            &[("authorization", &bearer(&t[0]))],
+            FORWARDED,
+        )
+        .carrying(&t[0])
+        .arriving_as("/open/a")
+        .upstream_has("host", "gateway.test"),
+        Row::h2(
+            "h2: the token copied into other metadata",
+            "/open/b",
+            &[
+                ("authorization", &bearer(&t[1])),
+                grpc,
+                ("x-forwarded-access-token", t[1].as_bytes()),
+                ("x-user", format!("{{\"token\":\"{}\"}}", t[1]).as_bytes()),
+            ],
+            FORWARDED,
+        )
+        .carrying(&t[1])
+        .upstream_lacks("x-forwarded-access-token")
+        .upstream_lacks("x-user"),
+        Row::h2(
+            "h2: the token in :path",
+            &format!("/open/{}", t[2]),
+            &[("authorization", &bearer(&t[2]))],
+            INVALID_REQUEST,
+        )
+        .carrying(&t[2]),
+        Row::h2(
+            "h2: the token percent-encoded in :path",
+            &format!("/open/{}", encode_upper(&t[3])),
+            &[("authorization", &bearer(&t[3]))],
+            INVALID_REQUEST,
+        )
+        .carrying(&t[3]),
+        Row::h2(
+            "h2: the token in the query of :path",
+            &format!("/open/c?q={}", t[4]),
+            &[("authorization", &bearer(&t[4]))],
+            INVALID_REQUEST,
+        )
+        .carrying(&t[4]),
+        Row::h2(
+            "h2: the token in :authority",
+            "/open/d",
+            &[
+                ("authorization", &bearer(&t[5])),
+                (":authority", format!("{}.gateway.test", t[5]).as_bytes()),
+            ],
+            INVALID_REQUEST,
+        )
+        .carrying(&t[5]),
+        // pingora refuses these itself (its own 400) before txgate's host rule would.
+        Row::h2(
+            "h2: :authority and host name different hosts",
+            "/open/e",
+            &[("authorization", &bearer(&t[6])), ("host", b"other.test")],
+            Expect::ParserOrRefused(400, "invalid_request", Challenge::Unspecified),
+        )
+        .carrying(&t[6]),
+        Row::h2(
+            "h2: :authority and host agree",
+            "/open/f",
+            &[("authorization", &bearer(&t[7])), ("host", b"gateway.test")],
+            FORWARDED,
+        )
+        .carrying(&t[7])
+        .upstream_has("host", "gateway.test"),
+        Row::h2(
+            "h2: two authorization fields",
+            "/open/g",
+            &[
+                ("authorization", &bearer(&t[8])),
+                ("authorization", &bearer(&t[9])),
+            ],
+            BAD_REQUEST,
+        )
+        .carrying(&t[8])
+        .hiding(&t[9]),
+        Row::h2(
+            "h2: te: trailers (allowed, not passed to an HTTP/1.1 upstream)",
+            "/open/h",
+            &[
+                ("authorization", &bearer(&t[10])),
+                grpc,
+                ("te", b"trailers"),
+            ],
+            FORWARDED,
+        )
+        .carrying(&t[10])
+        .upstream_lacks("te"),
+        Row::h2(
+            "h2: no token on a public route",
+            "/public/i",
+            &[],
+            Expect::Forwarded(Sent::Nothing),
+        ),
+        Row::h2("h2: no token", "/open/j", &[], NO_CREDENTIAL),
+        Row::h2(
+            "h2: the token as :method",
+            "/open/k",
+            &[
+                ("authorization", &bearer(&t[16])),
+                (":method", t[16].as_bytes()),
+            ],
+            INVALID_REQUEST,
+        )
+        .carrying(&t[16]),
+        Row::h2(
+            "h2: a gRPC call without a token",
+            "/open/echo.Echo/Say",
+            &[grpc],
+            Expect::GrpcRefused("16", Challenge::Bare, 0),
+        ),
+        Row::h2(
+            "h2: a gRPC call with the token in :path",
+            &format!("/open/echo.Echo/{}", t[11]),
+            &[("authorization", &bearer(&t[11])), grpc],
+            Expect::GrpcRefused("3", Challenge::WithError, 0),
+        )
+        .carrying(&t[11]),
+        Row::h2(
+            "h2: a gRPC call with two authorization fields",
+            "/open/echo.Echo/Say",
+            &[
+                ("authorization", &bearer(&t[12])),
+                ("authorization", &bearer(&t[13])),
+                ("content-type", b"application/grpc+proto"),
+            ],
+            Expect::GrpcRefused("3", Challenge::WithError, 0),
+        )
+        .carrying(&t[12])
+        .hiding(&t[13]),
+        Row::h2(
+            "h2: a gRPC call with headers over the configured limit",
+            "/open/echo.Echo/Say",
+            &[grpc, ("x-padding", "p".repeat(40 * 1024).as_bytes())],
+            Expect::GrpcRefused("8", Challenge::Absent, 0),
+        ),
+        Row::h2(
+            "h2: a gRPC call to no route",
+            "/nowhere.Service/Call",
+            &[("authorization", &bearer(&t[14])), grpc],
+            Expect::GrpcRefused("12", Challenge::Absent, 0),
+        )
+        .carrying(&t[14]),
+        Row::h2(
+            "h2: a gRPC call the STS cannot serve",
+            "/open/echo.Echo/Say",
+            &[("authorization", &bearer(&t[15])), grpc],
+            // One call and the token service's one retry (`retries: 1`).
+            Expect::GrpcRefused("14", Challenge::Absent, 2),
+        )
+        .carrying(&t[15])
+        .scripted(Behavior::error(503, "temporarily_unavailable")),
+    ];
+    let mut rows = rows;
+    // Malformed in HTTP/2, each carrying a token: never forwarded, whatever answers.
+    for (i, (what, name, value)) in [
+        ("a connection header", "connection", &b"keep-alive"[..]),
+        ("a keep-alive header", "keep-alive", b"timeout=5"),
+        (
+            "a transfer-encoding header",
+            "transfer-encoding",
+            b"chunked",
+        ),
+        ("an upgrade header", "upgrade", b"websocket"),
+        ("a proxy-connection header", "proxy-connection", b"close"),
+        ("te other than trailers", "te", b"gzip"),
+        ("an upper-case header name", "X-Token", b"copy"),
+        ("an upper-case authorization", "Authorization", b"Bearer x"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let token = caller_token();
+        rows.push(
+            Row::h2(
+                format!("h2: {what} (RFC 9113 §8.2)"),
+                &format!("/open/m{i}"),
+                &[("authorization", &bearer(&token)), (name, value)],
+                Expect::ParserRefused,
+            )
+            .carrying(&token),
+        );
+    }
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_requests_keep_every_rule() {
+    let h = Harness::start_with(&[("h2c", json!(true))]).await;
+    let rows = h2_rows();
+    assert_table(h.run(rows).await);
+}
+
 async fn every_row(parts: &Parts) -> Vec<Row> {
     let mut rows = malformed_credential_rows();
     rows.extend(parser_refused_rows());
@@ -2346,8 +2747,13 @@ fn shown(text: &str, secrets: &[(String, String)]) -> Vec<String> {
 /// Runs every table through the binary logging at trace level in `format`, stops it with
 /// SIGTERM, and returns the failed row checks and each token its output shows.
 async fn replay_through_the_binary(format: &'static str) -> Vec<String> {
-    let mut h = Harness::start_binary(format).await;
+    let h = Harness::start_binary(format, &[]).await;
     let rows = every_row(&h.parts).await;
+    replay(h, rows).await
+}
+
+/// Runs `rows` through the binary `h` started, then stops it and searches its output.
+async fn replay(mut h: Harness, rows: Vec<Row>) -> Vec<String> {
     let mut secrets: Vec<(String, String)> = rows
         .iter()
         .flat_map(|row| {
@@ -2394,4 +2800,13 @@ async fn the_binary_logs_no_caller_token_in_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_logs_no_caller_token_in_text() {
     assert_table(replay_through_the_binary("text").await);
+}
+
+/// The HTTP/2 rows through a binary whose plain listener accepts h2c. (Not every table: with
+/// `server.h2c` a plain connection's first 24 bytes are read to tell HTTP/2 from HTTP/1.1, and
+/// the parser table holds a shorter request.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_no_caller_token_from_h2_requests() {
+    let h = Harness::start_binary("json", &[("h2c", json!(true))]).await;
+    assert_table(replay(h, h2_rows()).await);
 }

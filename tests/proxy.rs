@@ -809,6 +809,53 @@ async fn forwarding_headers_name_the_client_host_proto_and_request_id() {
     assert_eq!(seen[2].header("x-request-id"), Some(longest_kept.as_str()));
 }
 
+/// `headers.forwarded: false` and `headers.request_id: false` turn each family off on their
+/// route: the gateway neither sets nor answers with them, and what the caller sent passes as
+/// sent; the route beside keeps both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_header_families_can_be_turned_off_per_route() {
+    let upstream = RecordingUpstream::start().await;
+    let config = base(None)
+        .route(Route::new("quiet", "/quiet", upstream.url()).set(
+            "headers",
+            serde_json::json!({ "forwarded": false, "request_id": false }),
+        ))
+        .route(Route::new("public", "/", upstream.url()));
+    let gw = gateway(&config.to_yaml()).await;
+
+    let quiet = client()
+        .get(format!("{}/quiet/x", gw.url()))
+        .header("x-forwarded-proto", "gopher")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(quiet.status(), 200);
+    assert!(
+        quiet.headers().get("x-request-id").is_none(),
+        "no request id on the response of a route without it"
+    );
+    let loud = client()
+        .get(format!("{}/loud", gw.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(loud.status(), 200);
+    assert!(loud.headers().get("x-request-id").is_some());
+
+    let seen = upstream.seen();
+    assert_eq!(seen[0].header("x-forwarded-for"), None);
+    assert_eq!(seen[0].header("x-forwarded-host"), None);
+    assert_eq!(
+        seen[0].header("x-forwarded-proto"),
+        Some("gopher"),
+        "the caller's value passes as sent"
+    );
+    assert_eq!(seen[0].header("x-request-id"), None);
+    assert_eq!(seen[1].header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen[1].header("x-forwarded-proto"), Some("http"));
+    assert!(seen[1].header("x-request-id").is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_request_headers_get_431_with_the_documented_body() {
     let ca = TestCa::new("limits");

@@ -82,7 +82,11 @@ async fn get_ok(gw: &RunningGateway, token: &str) {
 fn key_of(gw: &RunningGateway, caller: &str) -> String {
     let state = gw.state();
     let profile = state.profile(0).expect("route 0 exchanges");
-    redis_key("txgate:", &TokenCache::key(&profile.settings, caller, None))
+    let subject = txgate::token::digest(caller);
+    redis_key(
+        "txgate:",
+        &TokenCache::key(&profile.settings, &subject, None),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,6 +5,7 @@
 //! value still counts as the caller's token for the URL check and the leak guard. These rules
 //! hold for every route kind: a public route reads the same credential, it just needs none.
 
+use crate::token::CallerToken;
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -26,7 +27,7 @@ pub use crate::exchange::MIN_GUARDED_TOKEN_BYTES;
 pub struct Caller {
     /// The bearer token, when one was presented to a route that uses it (on routes that need
     /// none, a malformed credential is the same as none).
-    pub token: Option<Arc<str>>,
+    pub token: Option<CallerToken>,
     /// What no upstream header may contain: the bearer token and the `access_token` values,
     /// each at least [`MIN_GUARDED_TOKEN_BYTES`] long.
     pub guarded: Vec<Arc<str>>,
@@ -47,7 +48,7 @@ impl Caller {
 #[derive(Debug)]
 pub struct Unread {
     pub error: GatewayError,
-    pub token: Option<Arc<str>>,
+    pub token: Option<CallerToken>,
 }
 
 impl From<GatewayError> for Unread {
@@ -89,7 +90,10 @@ pub fn read(state: &GatewayState, request: Request<'_>, target: &Target) -> Resu
                 caller.guarded.push(token.clone());
             }
             // A `none` route is not the caller's token's business: it is only guarded.
-            caller.token = target.route.uses_caller_token().then_some(token);
+            caller.token = target
+                .route
+                .uses_caller_token()
+                .then(|| CallerToken::new(token));
         }
         Err(e) if target.route.needs_caller_token() => return Err(e.into()),
         Err(_) => {}
@@ -104,8 +108,8 @@ pub fn read(state: &GatewayState, request: Request<'_>, target: &Target) -> Resu
 }
 
 /// Whether a caller token appears in the path (as sent, percent-decoded, or normalised), the
-/// query that will be forwarded (as sent or decoded), or the host: a backend that decodes any
-/// of them would hold the caller's token.
+/// query that will be forwarded (as sent or decoded), the host or the method: a backend that
+/// decodes any of them would hold the caller's token.
 fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
     if caller.guarded.is_empty() {
         return false;
@@ -129,6 +133,7 @@ fn in_url(request: Request<'_>, target: &Target, caller: &Caller) -> bool {
             caller.is_carried_by(part.as_bytes()) || caller.is_carried_by(&decoded)
         }
     }) || host.is_some_and(|h| caller.is_carried_by(h))
+        || caller.is_carried_by(request.method.as_str().as_bytes())
 }
 
 /// Whether `haystack` contains `needle`. Most of what is searched (a path, a header value) is

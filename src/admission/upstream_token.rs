@@ -15,6 +15,7 @@ use crate::exchange::{self, ActorSource, ExchangeProfile, Mode, Tokens};
 use crate::inbound::ValidatedToken;
 use crate::metrics::Metrics;
 use crate::state::GatewayState;
+use crate::token::CallerToken;
 
 /// What goes upstream in `Authorization`, and how the cache answered.
 #[derive(Debug, Default)]
@@ -60,10 +61,18 @@ pub async fn obtain(
         return Ok(UpstreamToken::default());
     };
     let profile = profile.clone();
-    let subject = caller.token.as_deref().unwrap_or_default();
+    let subject = caller.token.as_ref().map_or("", CallerToken::as_str);
+    // Impersonation and delegation always have a caller token (admission required one).
+    let digest = || {
+        caller
+            .token
+            .as_ref()
+            .map(CallerToken::digest)
+            .ok_or(Unobtained::from(GatewayError::MissingToken))
+    };
     let waited = Instant::now();
     let (key, actor) = match &profile.mode {
-        Mode::Impersonation => (TokenCache::key(&profile.settings, subject, None), None),
+        Mode::Impersonation => (TokenCache::key(&profile.settings, digest()?, None), None),
         Mode::Delegation {
             actor,
             require_may_act,
@@ -78,7 +87,7 @@ pub async fn obtain(
                     return Err(GatewayError::MayActDenied.into());
                 }
             }
-            let key = TokenCache::key(&profile.settings, subject, Some(actor.identity.as_bytes()));
+            let key = TokenCache::key(&profile.settings, digest()?, Some(&actor.identity_digest));
             (key, Some(actor))
         }
         // One machine token per profile, shared by every caller.

@@ -7,6 +7,7 @@ use super::{Caller, Target};
 use crate::error::GatewayError;
 use crate::inbound::{Inbound, ValidatedToken};
 use crate::state::GatewayState;
+use crate::token::CallerToken;
 
 /// Validates the caller's token where the route needs one and has validation configured;
 /// `None` when there is nothing to validate.
@@ -26,12 +27,17 @@ pub async fn check(
 
 /// A JWT goes to the JWT validator; anything else to introspection when configured (opaque
 /// tokens), else to the JWT validator, which refuses it.
-async fn validate(inbound: &Inbound, token: &str) -> Result<Arc<ValidatedToken>, GatewayError> {
+async fn validate(
+    inbound: &Inbound,
+    caller: &CallerToken,
+) -> Result<Arc<ValidatedToken>, GatewayError> {
+    let token = caller.as_str();
+    let digest = caller.digest();
     let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
     let result = match (&inbound.jwt, &inbound.introspection) {
-        (Some(jwt), _) if looks_like_jwt => jwt.validate(token).await,
-        (_, Some(introspection)) => introspection.validate(token).await,
-        (Some(jwt), None) => jwt.validate(token).await,
+        (Some(jwt), _) if looks_like_jwt => jwt.validate_digested(token, digest).await,
+        (_, Some(introspection)) => introspection.validate_digested(token, digest).await,
+        (Some(jwt), None) => jwt.validate_digested(token, digest).await,
         (None, None) => return Err(GatewayError::InvalidToken("no validator".into())),
     };
     result.map_err(GatewayError::from)

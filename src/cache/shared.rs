@@ -46,14 +46,14 @@ const MAX_POLL: Duration = Duration::from_millis(50);
 /// another replica is not removed by the late first holder.
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
-/// The Redis key of a cache key: the prefix and the digest in hex. Never a token.
+/// The Redis key of a cache key: the prefix and the key's one digest in hex. Never a token.
 pub fn redis_key(prefix: &str, key: &CacheKey) -> String {
-    format!("{prefix}{}", hex::encode(key))
+    format!("{prefix}{}", hex::encode(key.digest()))
 }
 
 /// The Redis key of the lease on a cache key.
 pub fn lease_key(prefix: &str, key: &CacheKey) -> String {
-    format!("{prefix}lease:{}", hex::encode(key))
+    format!("{prefix}lease:{}", hex::encode(key.digest()))
 }
 
 /// What the shared level holds for a key, opened.
@@ -665,11 +665,14 @@ mod tests {
 
     #[test]
     fn keys_are_digests_under_the_prefix() {
-        let key = [0xabu8; 32];
-        assert_eq!(
-            redis_key("txgate:", &key),
-            format!("txgate:{}", "ab".repeat(32))
-        );
+        let key = CacheKey {
+            profile: [0xab; 32],
+            subject: [0xcd; 32],
+            actor: [0; 32],
+        };
+        let rkey = redis_key("txgate:", &key);
+        assert_eq!(rkey, format!("txgate:{}", hex::encode(key.digest())));
+        assert_eq!(rkey.len(), "txgate:".len() + 64);
         assert!(lease_key("txgate:", &key).starts_with("txgate:lease:"));
         assert!(is_token_text("xt-1"));
         assert!(!is_token_text("a b"));

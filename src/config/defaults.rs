@@ -21,6 +21,10 @@ pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
 /// `server.shutdown_timeout`: the hard stop 5 s after the grace period, so a stuck connection
 /// cannot hold a shutdown or an upgrade forever.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// `server.h2c`: off. A plain listener speaks HTTP/1.1 unless told that its clients (a mesh
+/// sidecar, gRPC services inside a cluster) send HTTP/2 with prior knowledge; TLS listeners
+/// negotiate HTTP/2 by ALPN whatever this says.
+pub const H2C: bool = false;
 /// `server.max_token_bytes`: 8 KiB. RFC 6750 sets no limit; real JWTs stay well below it, and
 /// anything larger is refused before it is parsed or sent anywhere.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
@@ -96,6 +100,10 @@ pub const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// `routes[].upstream.health_check.unhealthy_after` and `healthy_after`: 2 checks in a row, so
 /// one lost probe neither removes a peer nor brings a flapping one back.
 pub const HEALTH_CHECK_THRESHOLD: usize = 2;
+/// Most concurrent streams the gateway opens on one HTTP/2 connection to a peer (pingora's
+/// own default is 1, a connection per request in flight). 100 is the minimum RFC 9113 §6.5.2
+/// asks a server to allow; a peer that allows fewer makes the gateway open more connections.
+pub const UPSTREAM_H2_STREAMS: usize = 100;
 /// `routes[].upstream.tls.verify`: every `https` peer's certificate and host name are verified;
 /// turning it off is for tests and is warned about.
 pub const UPSTREAM_TLS_VERIFY: bool = true;
@@ -120,6 +128,13 @@ pub const CACHE_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// `cache.refresh_ahead`: once an entry has lived 80% of its lifetime, a hit re-exchanges it in
 /// the background, so busy callers never wait for an expiry.
 pub const CACHE_REFRESH_AHEAD: f64 = 0.8;
+
+/// `routes[].headers.forwarded`: the upstream learns the caller's address, scheme and host from
+/// `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`, as behind any reverse proxy.
+pub const FORWARDED_HEADERS: bool = true;
+/// `routes[].headers.request_id`: the request id (the caller's when it is clean, else a fresh
+/// one) goes upstream and back in `X-Request-Id`, so both sides can be matched with the log.
+pub const REQUEST_ID_HEADER: bool = true;
 
 // --- cache.shared ---------------------------------------------------------------------------
 

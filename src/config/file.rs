@@ -95,6 +95,9 @@ pub struct ServerFile {
     /// `%2F`, `%5C` and `\` in paths; default `reject_request`.
     #[serde(default)]
     pub path_with_escaped_slashes_action: Option<EscapedSlashesFile>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners too; default false.
+    #[serde(default)]
+    pub h2c: Option<bool>,
 }
 
 /// `server.path_with_escaped_slashes_action:`
@@ -346,6 +349,19 @@ pub struct UpstreamPeersFile {
     pub read_timeout: Option<Duration>,
     #[serde(default)]
     pub health_check: Option<HealthCheckFile>,
+    /// The HTTP version spoken to the peers; `auto` when absent.
+    #[serde(default)]
+    pub protocol: Option<UpstreamProtocolFile>,
+}
+
+/// `routes[].upstream.protocol:`
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocolFile {
+    Http1,
+    H2,
+    H2c,
+    Auto,
 }
 
 /// `routes[].upstream.tls:`
@@ -385,6 +401,14 @@ pub struct HeadersFile {
     pub remove: Vec<String>,
     #[serde(default)]
     pub set: BTreeMap<String, String>,
+    /// `X-Forwarded-For`, `-Proto`, `-Host` to the upstream;
+    /// [`super::defaults::FORWARDED_HEADERS`] when absent.
+    #[serde(default)]
+    pub forwarded: Option<bool>,
+    /// `X-Request-Id` to the upstream and on the response;
+    /// [`super::defaults::REQUEST_ID_HEADER`] when absent.
+    #[serde(default)]
+    pub request_id: Option<bool>,
 }
 
 /// `routes[].match:`

@@ -1,5 +1,6 @@
-//! Upstreams: peers resolved at load, TLS material parsed and checked once, pingora's round-robin
-//! load balancer with an optional HTTP health check, and per-route header rules.
+//! Upstreams: peers resolved at load, TLS material parsed and checked once, the HTTP version
+//! spoken to them, pingora's round-robin load balancer with an optional HTTP health check, and
+//! per-route header rules.
 //!
 //! Everything that can be wrong with certificate files or addresses is found here, at load, as
 //! a config error; pingora's own TLS code assumes well-formed material and would panic on it.
@@ -17,7 +18,10 @@ use pingora::utils::tls::{CertKey, WrappedX509, parse_x509};
 use url::Url;
 
 use super::defaults;
-use super::file::{HeadersFile, HealthCheckFile, UpstreamFile, UpstreamPeersFile, UpstreamTlsFile};
+use super::file::{
+    HeadersFile, HealthCheckFile, UpstreamFile, UpstreamPeersFile, UpstreamProtocolFile,
+    UpstreamTlsFile,
+};
 use super::{BuildResult, ConfigProblem, http_url, positive};
 use crate::tls::{read_certs, read_key};
 
@@ -34,6 +38,43 @@ pub struct Upstream {
     /// `tls.verify: false` on https:// peers: the certificate and host name are not checked.
     /// Reported by [`crate::config::Config::warnings`].
     pub unverified_tls: bool,
+    /// The HTTP version the peers are spoken to in (`protocol`, `auto` by default).
+    pub protocol: UpstreamProtocol,
+}
+
+/// `routes[].upstream.protocol`: the HTTP version spoken to a route's peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 only, over TLS or not.
+    Http1,
+    /// HTTP/2 over TLS, required by ALPN (gRPC behind TLS).
+    H2,
+    /// HTTP/2 with prior knowledge over plain TCP (RFC 9113 §3.3; gRPC inside a cluster).
+    H2c,
+    /// `https://` peers: HTTP/2 or HTTP/1.1, as ALPN decides; `http://` peers: HTTP/1.1.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Auto => "auto",
+        }
+    }
+
+    /// pingora's (max, min) HTTP version for a peer; over TLS it becomes the ALPN offer, over
+    /// plain TCP a minimum of 2 is how pingora speaks h2c.
+    fn versions(self, tls: bool) -> (u8, u8) {
+        match self {
+            UpstreamProtocol::Http1 => (1, 1),
+            UpstreamProtocol::H2 | UpstreamProtocol::H2c => (2, 2),
+            UpstreamProtocol::Auto if tls => (2, 1),
+            UpstreamProtocol::Auto => (1, 1),
+        }
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -67,6 +108,15 @@ impl Upstream {
             .find(|(a, _)| *a == addr)
             .map(|(a, peer)| (*a, peer.clone()))
     }
+
+    /// Whether an HTTP/1.1 upgrade (WebSocket) can still be sent to `peer` by falling back to
+    /// HTTP/1.1: only when the version was left to ALPN. An upgrade does not exist in HTTP/2
+    /// (RFC 9113 §8.6), so such a request must not be negotiated onto it.
+    pub fn pin_http1_for_upgrade(&self, peer: &mut HttpPeer) {
+        if self.protocol == UpstreamProtocol::Auto {
+            peer.options.set_http_version(1, 1);
+        }
+    }
 }
 
 /// Header rules of a route, parsed once.
@@ -74,6 +124,10 @@ impl Upstream {
 pub struct HeaderRules {
     pub remove: Vec<HeaderName>,
     pub set: Vec<(HeaderName, HeaderValue)>,
+    /// The gateway sets `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Forwarded-Host`.
+    pub forwarded: bool,
+    /// The gateway sends `X-Request-Id` upstream and returns it on the response.
+    pub request_id: bool,
 }
 
 pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstream> {
@@ -86,6 +140,7 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
             connect_timeout: None,
             read_timeout: None,
             health_check: None,
+            protocol: None,
         },
         UpstreamFile::Peers(p) => *p,
     };
@@ -95,7 +150,14 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         connect_timeout,
         read_timeout,
         health_check,
+        protocol,
     } = raw;
+    let protocol = match protocol {
+        None | Some(UpstreamProtocolFile::Auto) => UpstreamProtocol::Auto,
+        Some(UpstreamProtocolFile::Http1) => UpstreamProtocol::Http1,
+        Some(UpstreamProtocolFile::H2) => UpstreamProtocol::H2,
+        Some(UpstreamProtocolFile::H2c) => UpstreamProtocol::H2c,
+    };
     if peers.is_empty() {
         return Err(ConfigProblem::new(
             format!("{path}.peers"),
@@ -151,6 +213,11 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         };
         peer.options.connection_timeout = Some(connect_timeout);
         peer.options.read_timeout = read_timeout;
+        let (max, min) = protocol.versions(tls);
+        peer.options.set_http_version(max, min);
+        if max == 2 {
+            peer.options.max_h2_streams = defaults::UPSTREAM_H2_STREAMS;
+        }
         if tls {
             peer.options.ca = material.ca.clone();
             peer.options.verify_cert = material.verify;
@@ -168,6 +235,21 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
             format!("{path}.tls"),
             "the peers are http://; tls applies to https:// peers",
         ));
+    }
+    match (protocol, tls) {
+        (UpstreamProtocol::H2, false) => {
+            return Err(ConfigProblem::new(
+                format!("{path}.protocol"),
+                "h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
+            ));
+        }
+        (UpstreamProtocol::H2c, true) => {
+            return Err(ConfigProblem::new(
+                format!("{path}.protocol"),
+                "h2c is HTTP/2 without TLS and the peers are https://; use h2 for HTTP/2 over TLS",
+            ));
+        }
+        _ => {}
     }
 
     let addrs: Vec<SocketAddr> = built.iter().map(|(a, _)| *a).collect();
@@ -208,11 +290,19 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         let mut check = HttpHealthCheck::new(&host, tls);
         check.consecutive_failure = threshold("unhealthy_after", unhealthy_after)?;
         check.consecutive_success = threshold("healthy_after", healthy_after)?;
+        // The check goes over the peers' own protocol (the peer template below carries it).
+        // pingora fills an HTTP/2 request's `:authority` from `Host` but always writes
+        // `:scheme: https`; an h2c check names its scheme itself.
         check.req = pingora::http::RequestHeader::build("GET", check_path.as_bytes(), None)
             .map_err(|e| ConfigProblem::new(format!("{hc_key}.path"), e.to_string()))?;
+        if protocol == UpstreamProtocol::H2c {
+            let uri = http::Uri::try_from(format!("http://{}{check_path}", authority(&host)))
+                .map_err(|e| ConfigProblem::new(format!("{hc_key}.path"), e.to_string()))?;
+            check.req.set_uri(uri);
+        }
         check
             .req
-            .insert_header(http::header::HOST, host.as_str())
+            .insert_header(http::header::HOST, authority(&host))
             .map_err(|e| ConfigProblem::new(format!("{hc_key}.path"), e.to_string()))?;
         check
             .req
@@ -244,7 +334,17 @@ pub(super) fn build_upstream(path: &str, raw: UpstreamFile) -> BuildResult<Upstr
         balancer: Arc::new(balancer),
         health_check_interval,
         unverified_tls: tls && !material.verify,
+        protocol,
     })
+}
+
+/// A host name or address as the authority of a URI (IPv6 in brackets).
+fn authority(host: &str) -> String {
+    if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
 }
 
 fn peer_address(path: &str, text: &str) -> BuildResult<(Url, SocketAddr)> {
@@ -426,7 +526,12 @@ const RESERVED: &[&str] = &[
 ];
 
 pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult<HeaderRules> {
-    let HeadersFile { remove, set } = raw.unwrap_or_default();
+    let HeadersFile {
+        remove,
+        set,
+        forwarded,
+        request_id,
+    } = raw.unwrap_or_default();
     let name = |key: String, text: &str| -> BuildResult<HeaderName> {
         let name = HeaderName::try_from(text).map_err(|_| {
             ConfigProblem::new(key.clone(), format!("invalid header name \"{text}\""))
@@ -455,7 +560,12 @@ pub(super) fn build_headers(path: &str, raw: Option<HeadersFile>) -> BuildResult
             Ok((header, value))
         })
         .collect::<BuildResult<Vec<_>>>()?;
-    Ok(HeaderRules { remove, set })
+    Ok(HeaderRules {
+        remove,
+        set,
+        forwarded: forwarded.unwrap_or(defaults::FORWARDED_HEADERS),
+        request_id: request_id.unwrap_or(defaults::REQUEST_ID_HEADER),
+    })
 }
 
 #[cfg(test)]
@@ -508,6 +618,86 @@ mod tests {
                 .upstream
                 .unverified_tls
         );
+    }
+
+    #[test]
+    fn the_protocol_sets_each_peers_versions_and_must_fit_the_scheme() {
+        // (upstream, ALPN (max, min) version, streams per connection)
+        for (written, versions, streams) in [
+            ("\"http://127.0.0.1:9001\"", (1, 1), 1),
+            ("\"https://127.0.0.1:9443\"", (2, 1), 100),
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: auto }",
+                (1, 1),
+                1,
+            ),
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: http1 }",
+                (1, 1),
+                1,
+            ),
+            (
+                "{ peers: [\"https://127.0.0.1:1\"], protocol: http1 }",
+                (1, 1),
+                1,
+            ),
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: h2c }",
+                (2, 2),
+                100,
+            ),
+            (
+                "{ peers: [\"https://127.0.0.1:1\"], protocol: h2 }",
+                (2, 2),
+                100,
+            ),
+        ] {
+            let c = config(written).unwrap();
+            let options = &c.routes[0].upstream.peers[0].1.options;
+            assert_eq!(
+                (
+                    options.alpn.get_max_http_version(),
+                    options.alpn.get_min_http_version()
+                ),
+                versions,
+                "{written}"
+            );
+            assert_eq!(options.max_h2_streams, streams, "{written}");
+        }
+        for (written, message) in [
+            (
+                "{ peers: [\"http://127.0.0.1:1\"], protocol: h2 }",
+                "h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
+            ),
+            (
+                "{ peers: [\"https://127.0.0.1:1\"], protocol: h2c }",
+                "h2c is HTTP/2 without TLS and the peers are https://; use h2 for HTTP/2 over TLS",
+            ),
+        ] {
+            let err = config(written).unwrap_err();
+            assert_eq!(err.path, "routes[0].upstream.protocol", "{written}");
+            assert_eq!(err.message, message, "{written}");
+        }
+        let err = config("{ peers: [\"http://127.0.0.1:1\"], protocol: http2 }").unwrap_err();
+        assert_eq!(err.path, "routes[0].upstream.protocol");
+    }
+
+    #[test]
+    fn only_auto_peers_are_pinned_to_http1_for_an_upgrade() {
+        for (written, pinned) in [
+            ("\"https://127.0.0.1:9443\"", true),
+            ("{ peers: [\"https://127.0.0.1:1\"], protocol: h2 }", false),
+        ] {
+            let c = config(written).unwrap();
+            let upstream = &c.routes[0].upstream;
+            let (_, mut peer) = upstream.select(None).unwrap();
+            upstream.pin_http1_for_upgrade(&mut peer);
+            assert_eq!(
+                peer.options.alpn.get_max_http_version() == 1,
+                pinned,
+                "{written}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! comes from `TXGATE_CLIENT_SECRET` when set; otherwise a random one is generated for this run
 //! and given to both the STS and the gateway, so no secret is ever written down.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 
@@ -45,6 +45,9 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
             std::env::var(name).ok()
         }
     };
+    // Port 0 in the STS's or an echo backend's address: bind now, and run the configuration
+    // with the ports the system chose.
+    let (text, mut prebound) = assign_ports(&text, &source)?;
     let config = Config::from_yaml(&text, &source, &env)?;
 
     let sts_addr = sts_address(&config)?;
@@ -70,10 +73,14 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
     ))
     .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
 
-    let sts_socket = bind(sts_addr, "development STS")?;
+    let mut take = |addr: SocketAddr, what: &str| match prebound.remove(&addr) {
+        Some(socket) => Ok(socket),
+        None => bind(addr, what),
+    };
+    let sts_socket = take(sts_addr, "development STS")?;
     let backend_sockets = backends
         .iter()
-        .map(|a| bind(*a, "echo backend"))
+        .map(|a| take(*a, "echo backend"))
         .collect::<Result<Vec<_>, _>>()?;
     let gateway =
         BoundListeners::bind(&config.server).map_err(|e| DemoError::Setup(e.to_string()))?;
@@ -101,6 +108,106 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
     server::run_until_signal(&config, gateway).map_err(|e| DemoError::Setup(e.to_string()))?;
     runtime.shutdown_background();
     Ok(())
+}
+
+/// Binds the development STS and the echo backend on a port of the system's choosing where the
+/// configuration names a loopback URL with port 0 — any URL of a token service or of a route's
+/// `inbound` block (the STS), any upstream URL or peer (the echo backend) — and returns the
+/// configuration text with those ports filled in, and the bound sockets by address. One STS
+/// serves all such URLs, one echo backend all such upstreams. Text without port 0 comes back
+/// unchanged.
+fn assign_ports(
+    text: &str,
+    source: &str,
+) -> Result<(String, BTreeMap<SocketAddr, TcpListener>), DemoError> {
+    use serde_yaml::Value;
+    let Ok(mut tree) = serde_yaml::from_str::<Value>(text) else {
+        // Not YAML: the loader reports it properly.
+        return Ok((text.to_string(), BTreeMap::new()));
+    };
+    let mut sts = Chosen::new("development STS", source);
+    let mut echo = Chosen::new("echo backend", source);
+    if let Some(services) = tree.get_mut("token_services") {
+        sts.fill(services)?;
+    }
+    if let Some(Value::Sequence(routes)) = tree.get_mut("routes") {
+        for route in routes {
+            if let Some(upstream) = route.get_mut("upstream") {
+                echo.fill(upstream)?;
+            }
+            if let Some(inbound) = route.get_mut("inbound") {
+                sts.fill(inbound)?;
+            }
+        }
+    }
+    let bound: BTreeMap<SocketAddr, TcpListener> =
+        sts.socket.into_iter().chain(echo.socket).collect();
+    if bound.is_empty() {
+        return Ok((text.to_string(), bound));
+    }
+    let text =
+        serde_yaml::to_string(&tree).map_err(|e| DemoError::Setup(format!("{source}: {e}")))?;
+    Ok((text, bound))
+}
+
+/// One demo service's port, bound the first time a URL asks for port 0.
+struct Chosen<'a> {
+    what: &'static str,
+    source: &'a str,
+    socket: Option<(SocketAddr, TcpListener)>,
+}
+
+impl<'a> Chosen<'a> {
+    fn new(what: &'static str, source: &'a str) -> Chosen<'a> {
+        Chosen {
+            what,
+            source,
+            socket: None,
+        }
+    }
+
+    /// Rewrites every loopback URL with port 0 under `value` to this service's port.
+    fn fill(&mut self, value: &mut serde_yaml::Value) -> Result<(), DemoError> {
+        use serde_yaml::Value;
+        match value {
+            Value::Sequence(items) => items.iter_mut().try_for_each(|v| self.fill(v)),
+            Value::Mapping(map) => map.iter_mut().try_for_each(|(_, v)| self.fill(v)),
+            Value::String(text) => {
+                let Ok(mut url) = url::Url::parse(text) else {
+                    return Ok(());
+                };
+                let loopback = url.host_str().is_some_and(|h| {
+                    h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                });
+                if !loopback || url.port() != Some(0) {
+                    return Ok(());
+                }
+                let port = self.port()?;
+                let _ = url.set_host(Some("127.0.0.1"));
+                let _ = url.set_port(Some(port));
+                let mut written = url.to_string();
+                // `Url` adds the root path to a bare origin; upstreams are written without.
+                if !text.ends_with('/') && url.path() == "/" {
+                    written.pop();
+                }
+                *text = written;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn port(&mut self) -> Result<u16, DemoError> {
+        if let Some((addr, _)) = &self.socket {
+            return Ok(addr.port());
+        }
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0)), self.what)?;
+        let addr = socket
+            .local_addr()
+            .map_err(|e| DemoError::Setup(format!("{}: {}: {e}", self.source, self.what)))?;
+        self.socket = Some((addr, socket));
+        Ok(addr.port())
+    }
 }
 
 fn dedup(mut clients: Vec<DevClient>) -> Vec<DevClient> {
@@ -205,8 +312,12 @@ fn banner(
                 )
             }
         };
+        let over = match route.upstream.protocol {
+            crate::config::upstream::UpstreamProtocol::Auto => String::new(),
+            protocol => format!(" over {}", protocol.as_str()),
+        };
         out.push_str(&format!(
-            "    {:<12} {:<14} -> {}  ({what})\n",
+            "    {:<12} {:<14} -> {}{over}  ({what})\n",
             route.name, route.path_prefix, route.upstream.display
         ));
     }
@@ -230,9 +341,39 @@ fn banner(
         out.push_str(&format!(
             "  curl -s -H \"Authorization: Bearer $TOKEN\" {url}\n"
         ));
+        if let Some(grpc) = grpc_route(config, scheme) {
+            out.push_str(&format!(
+                "\n  # 4. gRPC over h2c: a call to the echo service of route {}. Its one message is JSON\n  \
+                 #    (what it received, the exchanged token decoded); the headers and the trailers\n  \
+                 #    (grpc-status: 0) go to stderr. Without the token: grpc-status: 16.\n",
+                grpc.name
+            ));
+            out.push_str(&format!(
+                "  printf '\\0\\0\\0\\0\\2{{}}' | curl -s --http2-prior-knowledge -D /dev/stderr \
+                 -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/grpc+json' \
+                 -H 'te: trailers' --data-binary @- {proxy}{}/Say | tail -c +6\n",
+                grpc.path_prefix
+            ));
+        }
     }
     out.push('\n');
     out
+}
+
+/// A route that exchanges tokens for an h2c upstream, when the plain listener takes h2c: the
+/// demo's gRPC call goes there.
+fn grpc_route<'a>(config: &'a Config, scheme: &str) -> Option<&'a crate::config::Route> {
+    if scheme != "http" || !config.server.h2c {
+        return None;
+    }
+    config
+        .routes
+        .iter()
+        .find(|r| {
+            matches!(r.exchange, Exchange::Token(_))
+                && r.upstream.protocol == crate::config::upstream::UpstreamProtocol::H2c
+        })
+        .map(|r| r.as_ref())
 }
 
 #[cfg(test)]

@@ -4,6 +4,12 @@
 //! gateway forwarded and which token it put in `Authorization` after the exchange. The token is
 //! decoded **without verifying its signature**: this backend only shows what arrived, it makes
 //! no trust decisions and must never be used as a real service.
+//!
+//! It speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port, and answers a
+//! gRPC call (`content-type: application/grpc*`, any method) as a gRPC echo service would:
+//! one message holding the same JSON description (the `application/grpc+json` codec), then
+//! `grpc-status: 0` in the trailers. So the demo's gRPC route shows the same thing through a
+//! real gRPC exchange, with a `curl --http2-prior-knowledge` command.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -43,7 +49,11 @@ pub async fn serve(
 
 async fn echo(request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    let grpc = is_grpc(&parts.headers);
     if axum::body::to_bytes(body, MAX_BODY_BYTES).await.is_err() {
+        if grpc {
+            return grpc_reply(None, "8", "request larger than 1 MiB or unreadable");
+        }
         return (
             StatusCode::PAYLOAD_TOO_LARGE,
             Json(json!({ "error": "request body larger than 1 MiB or unreadable" })),
@@ -58,14 +68,79 @@ async fn echo(request: Request) -> Response {
             .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     let token = bearer_token(&parts.headers).map(describe_token);
-    Json(json!({
+    let described = json!({
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
         "query": parts.uri.query(),
         "headers": headers,
         "token": token,
-    }))
-    .into_response()
+    });
+    if grpc {
+        return grpc_reply(Some(described.to_string().into()), "0", "");
+    }
+    Json(described).into_response()
+}
+
+/// `application/grpc`, `application/grpc+<codec>` or `application/grpc;...`.
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+}
+
+/// A gRPC answer: HTTP 200, then `message` as one length-prefixed message (uncompressed), then
+/// the status in the trailers (gRPC's PROTOCOL-HTTP2.md).
+fn grpc_reply(
+    message: Option<axum::body::Bytes>,
+    status: &'static str,
+    text: &'static str,
+) -> Response {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", axum::http::HeaderValue::from_static(status));
+    if !text.is_empty() {
+        trailers.insert("grpc-message", axum::http::HeaderValue::from_static(text));
+    }
+    let framed = message.map(|m| {
+        let mut framed = Vec::with_capacity(5 + m.len());
+        framed.push(0);
+        // The body is at most `MAX_BODY_BYTES` plus its description: far below 4 GiB.
+        framed.extend_from_slice(&u32::try_from(m.len()).unwrap_or(u32::MAX).to_be_bytes());
+        framed.extend_from_slice(&m);
+        axum::body::Bytes::from(framed)
+    });
+    let body = GrpcBody {
+        message: framed,
+        trailers: Some(trailers),
+    };
+    (
+        [(header::CONTENT_TYPE, "application/grpc+json")],
+        axum::body::Body::new(body),
+    )
+        .into_response()
+}
+
+/// One data frame, then the trailers.
+struct GrpcBody {
+    message: Option<axum::body::Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl http_body::Body for GrpcBody {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = match self.message.take() {
+            Some(message) => Some(http_body::Frame::data(message)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
 }
 
 /// The credentials of the first `Authorization: Bearer <token>` header, if any.

@@ -31,6 +31,8 @@ pub struct Actor {
     /// What identifies the actor in cache keys: its issuer and `sub` (or `client_id`), else a
     /// digest of the token. Never the raw token.
     pub identity: String,
+    /// SHA-256 of `identity`, the actor's part of cache keys.
+    pub identity_digest: [u8; 32],
 }
 
 impl Actor {
@@ -45,10 +47,12 @@ impl Actor {
                 .map(|sub| format!("{iss}\u{0}{sub}"))
         });
         let identity = named.unwrap_or_else(|| hex::encode(Sha256::digest(token.as_bytes())));
+        let identity_digest = Sha256::digest(identity.as_bytes()).into();
         Actor {
             token,
             claims,
             identity,
+            identity_digest,
         }
     }
 }

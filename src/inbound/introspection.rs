@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 
 use super::{
     BodyError, Cached, InboundError, TokenDigest, ValidatedToken, check_size, invalid, new_cache,
-    now_secs, numeric_date, read_capped, token_digest, ttl_until,
+    now_secs, numeric_date, read_capped, ttl_until,
 };
 
 pub use crate::config::inbound::{IntrospectionAuth, IntrospectionSettings};
@@ -85,8 +85,18 @@ impl IntrospectionValidator {
     /// `negative_cache_ttl`; failures are not cached. Concurrent calls with the same token
     /// share one request.
     pub async fn validate(&self, token: &str) -> Result<Arc<ValidatedToken>, InboundError> {
+        self.validate_digested(token, &crate::token::digest(token))
+            .await
+    }
+
+    /// [`IntrospectionValidator::validate`] for a token whose SHA-256 the caller already has.
+    pub async fn validate_digested(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+    ) -> Result<Arc<ValidatedToken>, InboundError> {
         check_size(token)?;
-        let digest = token_digest(token);
+        let digest = *digest;
         if let Some(refused) = &self.refused
             && let Some(reason) = refused.get(&digest).await
         {

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::jwks::{self, KeySet, Selection};
 use super::{
     Cached, InboundError, TokenDigest, ValidatedToken, check_size, invalid, new_cache, now_secs,
-    numeric_date, redacted, token_digest, ttl_until,
+    numeric_date, redacted, ttl_until,
 };
 
 pub use crate::config::inbound::JwtSettings;
@@ -229,8 +229,18 @@ impl JwtValidator {
     /// a day, bounded by `max_cached`); failures are not cached. A cached result stops being
     /// served as soon as a JWKS refresh drops any key.
     pub async fn validate(&self, token: &str) -> Result<Arc<ValidatedToken>, InboundError> {
+        self.validate_digested(token, &crate::token::digest(token))
+            .await
+    }
+
+    /// [`JwtValidator::validate`] for a token whose SHA-256 the caller already has.
+    pub async fn validate_digested(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+    ) -> Result<Arc<ValidatedToken>, InboundError> {
         check_size(token)?;
-        let digest = token_digest(token);
+        let digest = *digest;
         if let Some(hit) = self.cache.get(&digest).await {
             if hit.epoch == self.key_removals.load(Ordering::SeqCst)
                 && hit.token.exp.is_some_and(|exp| exp > now_secs())

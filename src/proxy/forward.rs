@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 
 use http::{HeaderName, HeaderValue, header};
 use pingora::http::RequestHeader;
-use sha2::{Digest, Sha256};
 
 use crate::admission::{Admitted, Caller};
 use crate::redact;
@@ -49,7 +48,16 @@ pub fn rewrite(
 ) -> Result<(), UnbuildableUri> {
     // `remove_header` drops every value of the name at once.
     upstream.remove_header(&header::AUTHORIZATION);
-    remove_hop_by_hop(upstream, hop.upgrade);
+    // pingora has set the version the upstream speaks. HTTP/2 has no upgrade (RFC 9113 §8.6)
+    // and no connection-specific headers (§8.2.2) but one: `te: trailers`, which gRPC sends to
+    // find proxies that would drop its trailers, and which therefore passes to an HTTP/2
+    // upstream when the caller sent it.
+    let h2 = upstream.version == http::Version::HTTP_2;
+    let trailers = h2 && accepts_trailers(upstream);
+    remove_hop_by_hop(upstream, hop.upgrade && !h2);
+    if trailers {
+        let _ = upstream.insert_header(header::TE, HeaderValue::from_static("trailers"));
+    }
     let rules = &admitted.target.route.headers;
     for name in &rules.remove {
         upstream.remove_header(name);
@@ -62,6 +70,21 @@ pub fn rewrite(
     for (name, value) in &rules.set {
         let _ = upstream.insert_header(name.clone(), value.clone());
     }
+    if rules.forwarded {
+        forwarded(upstream, admitted, hop);
+    }
+    if let Some(id) = hop.request_id.filter(|_| rules.request_id) {
+        let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
+    }
+    if let Some(authorization) = &admitted.upstream.authorization {
+        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
+    }
+    Ok(())
+}
+
+/// `X-Forwarded-Host`, `X-Forwarded-For` (appended to what a proxy before us wrote) and
+/// `X-Forwarded-Proto`.
+fn forwarded(upstream: &mut RequestHeader, admitted: &Admitted, hop: &Hop<'_>) {
     if let Some(host) = &admitted.target.host {
         let _ = upstream.insert_header(WIRE_X_FORWARDED_HOST, host.clone());
     }
@@ -80,13 +103,6 @@ pub fn rewrite(
     }
     let proto = if hop.over_tls { "https" } else { "http" };
     let _ = upstream.insert_header(WIRE_X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    if let Some(id) = hop.request_id {
-        let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
-    }
-    if let Some(authorization) = &admitted.upstream.authorization {
-        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
-    }
-    Ok(())
 }
 
 /// The URI the upstream receives when it differs from the request's: the normalised path and
@@ -141,6 +157,21 @@ fn ip_header_value(ip: std::net::IpAddr) -> Option<HeaderValue> {
     write!(cursor, "{ip}").ok()?;
     let len = usize::try_from(cursor.position()).ok()?;
     HeaderValue::from_bytes(&buf[..len]).ok()
+}
+
+/// Whether the request's `TE` lists `trailers` (RFC 9110 §10.1.4).
+fn accepts_trailers(request: &RequestHeader) -> bool {
+    request
+        .headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
 }
 
 /// RFC 9110 §7.6.1: connection-specific headers are not forwarded. For an upgrade (WebSocket)
@@ -215,10 +246,7 @@ pub fn request_id(request: &RequestHeader) -> HeaderValue {
 }
 
 /// A short fingerprint of a token for logs: 16 hex digits of its SHA-256.
-pub fn fingerprint(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    hex::encode(&digest[..8])
-}
+pub use crate::token::fingerprint;
 
 #[cfg(test)]
 mod tests {

@@ -5,13 +5,19 @@ use pingora::Error as PingoraError;
 use pingora::prelude::Session;
 
 use super::RequestCtx;
-use super::forward::fingerprint;
 use crate::redact;
+use crate::token::CallerToken;
 
 /// Records one finished request (pingora's `logging` phase).
 pub(super) fn record(session: &Session, e: Option<&PingoraError>, ctx: &RequestCtx) {
     let state = &ctx.state;
-    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    // The gateway's own answer counts as its HTTP status also when a gRPC caller got it as a
+    // `grpc-status` in a 200; nothing written at all is 0.
+    let written = session.response_written().map(|r| r.status.as_u16());
+    let status = match (ctx.answered, written) {
+        (Some(answered), Some(_)) => answered,
+        (_, written) => written.unwrap_or(0),
+    };
     let route = ctx.route().map_or("", |r| r.name.as_str());
     let label = if route.is_empty() { "_none" } else { route };
     let code = http::StatusCode::from_u16(status).ok();
@@ -50,13 +56,13 @@ pub(super) fn record(session: &Session, e: Option<&PingoraError>, ctx: &RequestC
     if !tracing::enabled!(target: "txgate::access", tracing::Level::INFO) {
         return;
     }
-    let caller = ctx.caller.as_deref().map(fingerprint);
+    let caller = ctx.caller.as_ref().map(CallerToken::fingerprint);
     let request = session.req_header();
     let presented = redact::presented(&request.uri, &request.headers);
     tracing::info!(
         target: "txgate::access",
         route = label,
-        method = request.method.as_str(),
+        method = redact::method(request.method.as_str(), &presented),
         path = redact::path(request.uri.path(), &presented).as_ref(),
         status,
         outcome,
