@@ -258,9 +258,10 @@ impl TokenCache {
             ran.store(true, Ordering::Relaxed);
             match &self.shared {
                 None => self.value_of(exchange.await, subject_exp),
+                // Boxed: the Redis round trips' state is large, and inline it would grow the
+                // future of every request, hits included, which pingora moves on each poll.
                 Some(shared) => {
-                    self.through_shared(shared, key, lease, subject_exp, exchange)
-                        .await
+                    Box::pin(self.through_shared(shared, key, lease, subject_exp, exchange)).await
                 }
             }
         };

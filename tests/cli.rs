@@ -170,15 +170,6 @@ fn version_prints_the_crate_version() {
     );
 }
 
-struct Demo(std::process::Child);
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
     let shipped =
@@ -206,7 +197,7 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _demo = Demo(child);
+    let _demo = Killed(child);
 
     // The banner is printed once every listener is bound: read it up to its end.
     let mut commands = Vec::new();
