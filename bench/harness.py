@@ -149,6 +149,22 @@ def log(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def log_run(record):
+    """One measurement's line in the progress log (throughput and gRPC phases)."""
+    log(f"  {record['target']:22} w{record['workers']} rep{record['rep']}: "
+        f"{record['rps']:9.0f} req/s  "
+        f"p50 {record['p50_us'] / 1000:6.2f} ms  p99 {record['p99_us'] / 1000:6.2f} ms"
+        f"  cpu {record['cpu_us_per_req']:5.1f} us/req"
+        + (f"  sts {record['sts_calls']}" if "sts_calls" in record else "")
+        + ("" if not any(record["errors"].values()) else f"  ERRORS {record['errors']}"))
+
+
+def sts_calls(before, after):
+    """Token exchanges between two scrapes of a gateway's /metrics."""
+    return int(metric_sum(after, "txgate_token_exchanges_total")
+               - metric_sum(before, "txgate_token_exchanges_total"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Processes
 
@@ -816,17 +832,9 @@ class Bench:
                         "cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, result["requests"]),
                     }
                     if before is not None:
-                        after = scrape(self.port(admin))
-                        record["sts_calls"] = int(
-                            metric_sum(after, "txgate_token_exchanges_total")
-                            - metric_sum(before, "txgate_token_exchanges_total"))
+                        record["sts_calls"] = sts_calls(before, scrape(self.port(admin)))
                     self.runs.append(record)
-                    log(f"  {name:22} w{workers} rep{rep + 1}: {record['rps']:9.0f} req/s  "
-                        f"p50 {record['p50_us'] / 1000:6.2f} ms  p99 {record['p99_us'] / 1000:6.2f} ms"
-                        f"  cpu {record['cpu_us_per_req']:5.1f} us/req"
-                        + (f"  sts {record['sts_calls']}" if "sts_calls" in record else "")
-                        + ("" if not any(result["errors"].values())
-                           else f"  ERRORS {result['errors']}"))
+                    log_run(record)
         finally:
             upstream.pin(self.s.load_cpus[1])
             for proc in started.values():
@@ -1160,17 +1168,9 @@ class Bench:
                         "cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, result["requests"]),
                     }
                     if before is not None:
-                        after = scrape(self.port(GATEWAY_ADMIN))
-                        record["sts_calls"] = int(
-                            metric_sum(after, "txgate_token_exchanges_total")
-                            - metric_sum(before, "txgate_token_exchanges_total"))
+                        record["sts_calls"] = sts_calls(before, scrape(self.port(GATEWAY_ADMIN)))
                     self.grpc_runs.append(record)
-                    log(f"  {name:22} w{workers} rep{rep + 1}: {record['rps']:9.0f} req/s  "
-                        f"p50 {record['p50_us'] / 1000:6.2f} ms  p99 {record['p99_us'] / 1000:6.2f} ms"
-                        f"  cpu {record['cpu_us_per_req']:5.1f} us/req"
-                        + (f"  sts {record['sts_calls']}" if "sts_calls" in record else "")
-                        + ("" if not any(result["errors"].values())
-                           else f"  ERRORS {result['errors']}"))
+                    log_run(record)
         finally:
             upstream.pin(self.s.load_cpus[1])
             for proc in started.values():
