@@ -50,6 +50,8 @@ const OUTCOME_ORDER: &[&str] = &[
 /// The admin HTTP application.
 pub struct AdminApp {
     current: CurrentState,
+    /// The ext_authz listeners, shown with their Check counts.
+    ext_authz: crate::ext_authz::Listeners,
 }
 
 /// One admin answer before it becomes an HTTP response.
@@ -70,8 +72,8 @@ impl Answer {
 }
 
 impl AdminApp {
-    pub fn new(current: CurrentState) -> AdminApp {
-        AdminApp { current }
+    pub fn new(current: CurrentState, ext_authz: crate::ext_authz::Listeners) -> AdminApp {
+        AdminApp { current, ext_authz }
     }
 
     async fn answer(&self, method: &http::Method, path: &str) -> Answer {
@@ -84,7 +86,8 @@ impl AdminApp {
         }
         match path {
             "/" => {
-                let snapshot = Snapshot::take(&self.current.load_full()).await;
+                let mut snapshot = Snapshot::take(&self.current.load_full()).await;
+                snapshot.ext_authz = self.ext_authz;
                 Answer::ok(HTML, status_page(&snapshot))
             }
             "/metrics" => {
@@ -245,6 +248,9 @@ struct Snapshot {
     cache_entries: u64,
     /// The shared level (`cache.shared`): its state and its lookups by result.
     shared: Option<(crate::cache::shared::SharedStatus, BTreeMap<String, u64>)>,
+    /// The ext_authz listeners and their Checks by (transport, status).
+    ext_authz: crate::ext_authz::Listeners,
+    checks: BTreeMap<Vec<String>, u64>,
 }
 
 impl Snapshot {
@@ -307,6 +313,8 @@ impl Snapshot {
             lookups,
             services: services.into_values().collect(),
             cache_entries: state.cache.entry_count().await,
+            ext_authz: crate::ext_authz::Listeners::default(),
+            checks: sums(&metrics.ext_authz_checks, &["transport", "status"]),
             shared: state.cache.shared_status().map(|status| {
                 let mut counts: BTreeMap<String, u64> = sums(&metrics.shared_lookups, &["result"])
                     .into_iter()
@@ -528,8 +536,44 @@ fn status_page(s: &Snapshot) -> String {
             alone = count("wait alone"),
         );
     }
+    ext_authz_section(&mut out, s);
     out.push_str("</body></html>");
     out
+}
+
+/// The ext_authz listeners, each with its Checks by status (200: allowed).
+fn ext_authz_section(out: &mut String, s: &Snapshot) {
+    let listeners = [("grpc", s.ext_authz.grpc), ("http", s.ext_authz.http)];
+    if listeners.iter().all(|(_, addr)| addr.is_none()) {
+        return;
+    }
+    out.push_str(
+        "<h2>ext_authz</h2><table id=\"ext-authz\"><tr><th>transport</th><th>listening on</th>\
+         <th>checks</th><th>by status</th></tr>",
+    );
+    for (transport, addr) in listeners {
+        let Some(addr) = addr else { continue };
+        let by_status: Vec<(String, u64)> = s
+            .checks
+            .iter()
+            .filter(|(key, _)| key[0] == transport)
+            .map(|(key, n)| (key[1].clone(), *n))
+            .collect();
+        let total: u64 = by_status.iter().map(|(_, n)| n).sum();
+        let detail = by_status
+            .iter()
+            .map(|(status, n)| format!("{status}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            out,
+            "<tr><td>{transport}</td><td><code>{addr}</code></td><td class=\"n\">{total}</td>\
+             <td>{detail}</td></tr>",
+            addr = Esc(&addr.to_string()),
+            detail = Esc(&detail),
+        );
+    }
+    out.push_str("</table>");
 }
 
 #[cfg(test)]

@@ -185,6 +185,24 @@ pub struct ServerSettings {
     pub paths: crate::path::PathRules,
     /// The plain listeners also accept HTTP/2 with prior knowledge (`server.h2c`).
     pub h2c: bool,
+    /// `server.ext_authz`: the listeners Envoy asks about each request.
+    pub ext_authz: ExtAuthzSettings,
+}
+
+/// `server.ext_authz:` after validation; both `None` when the section is absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtAuthzSettings {
+    /// `envoy.service.auth.v3.Authorization/Check` over gRPC.
+    pub grpc_listen: Option<SocketAddr>,
+    /// Envoy's HTTP authorization service contract.
+    pub http_listen: Option<SocketAddr>,
+}
+
+impl ExtAuthzSettings {
+    /// Whether any ext_authz listener is configured.
+    pub fn is_set(&self) -> bool {
+        self.grpc_listen.is_some() || self.http_listen.is_some()
+    }
 }
 
 /// `server.tls:` after validation: the files are readable and hold a usable key pair.
@@ -535,6 +553,7 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         merge_slashes,
         path_with_escaped_slashes_action,
         h2c,
+        ext_authz,
     } = raw;
     let paths = {
         use crate::path::{EscapedSlashes, PathRules};
@@ -556,10 +575,11 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
     let watch_config = watch_config
         .map(|d| positive("server.watch_config", d))
         .transpose()?;
-    if listen.is_empty() && tls.is_none() {
+    let ext_authz = build_ext_authz(ext_authz)?;
+    if listen.is_empty() && tls.is_none() && !ext_authz.is_set() {
         return Err(ConfigProblem::new(
             "server.listen",
-            "at least one listen address is required",
+            "at least one listen address is required (server.listen, server.tls.listen or server.ext_authz)",
         ));
     }
     let listen = listen
@@ -634,6 +654,31 @@ fn build_server(raw: ServerFile) -> BuildResult<ServerSettings> {
         max_token_bytes,
         paths,
         h2c: h2c.unwrap_or(defaults::H2C),
+        ext_authz,
+    })
+}
+
+fn build_ext_authz(raw: Option<file::ExtAuthzFile>) -> BuildResult<ExtAuthzSettings> {
+    let Some(file::ExtAuthzFile {
+        grpc_listen,
+        http_listen,
+    }) = raw
+    else {
+        return Ok(ExtAuthzSettings::default());
+    };
+    if grpc_listen.is_none() && http_listen.is_none() {
+        return Err(ConfigProblem::new(
+            "server.ext_authz",
+            "set grpc_listen, http_listen or both (or remove the section)",
+        ));
+    }
+    Ok(ExtAuthzSettings {
+        grpc_listen: grpc_listen
+            .map(|a| socket_addr("server.ext_authz.grpc_listen", &a))
+            .transpose()?,
+        http_listen: http_listen
+            .map(|a| socket_addr("server.ext_authz.http_listen", &a))
+            .transpose()?,
     })
 }
 

@@ -45,6 +45,11 @@ pub enum GatewayError {
     /// Several `Host` headers, or a `Host` that differs from the URI's authority.
     #[error("ambiguous or unreadable host")]
     InvalidHost,
+    /// An ext_authz Check for a path that normalisation would change: the proxy in front
+    /// forwards the path as it is, so the route decided on the normalised one could differ from
+    /// what the upstream serves.
+    #[error("the path is not in normal form")]
+    PathNotNormalized,
     /// The caller's token failed local validation (signature, expiry, issuer, audience...).
     #[error("the bearer token failed local validation: {0}")]
     InvalidToken(String),
@@ -89,7 +94,8 @@ impl GatewayError {
             | GatewayError::TokenInUrl
             | GatewayError::TooManyQueryTokens
             | GatewayError::InvalidPath(_)
-            | GatewayError::InvalidHost => 400,
+            | GatewayError::InvalidHost
+            | GatewayError::PathNotNormalized => 400,
             GatewayError::Exchange(e) => match e {
                 ExchangeError::SubjectRejected { .. } => 401,
                 ExchangeError::Forbidden { .. } => 403,
@@ -117,6 +123,7 @@ impl GatewayError {
             GatewayError::TooManyQueryTokens => "too_many_query_tokens",
             GatewayError::InvalidPath(_) => "invalid_path",
             GatewayError::InvalidHost => "invalid_host",
+            GatewayError::PathNotNormalized => "path_not_normalized",
             GatewayError::InvalidToken(_) => "invalid_token",
             GatewayError::ValidatorUnavailable(_) => "validator_unavailable",
             GatewayError::ValidatorOverloaded => "validator_overloaded",
@@ -162,6 +169,9 @@ impl GatewayError {
                 "the request target must be an absolute path"
             }
             GatewayError::InvalidHost => "the request names more than one host",
+            GatewayError::PathNotNormalized => {
+                "the path has dot segments, repeated slashes or escapes the gateway would normalise"
+            }
             GatewayError::InvalidToken(_) => "the bearer token was rejected",
             GatewayError::ValidatorUnavailable(_) | GatewayError::ValidatorOverloaded => {
                 "the token cannot be validated right now; retry later"

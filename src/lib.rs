@@ -14,6 +14,7 @@ pub mod describe;
 pub mod dev;
 pub mod error;
 pub mod exchange;
+pub mod ext_authz;
 pub mod inbound;
 pub mod jwt;
 pub mod logging;

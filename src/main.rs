@@ -130,6 +130,8 @@ fn main() -> ExitCode {
             tracing::info!(
                 listen = ?listeners.proxy_addrs(),
                 admin = ?listeners.admin_addr(),
+                ext_authz_grpc = ?listeners.ext_authz_addrs().grpc,
+                ext_authz_http = ?listeners.ext_authz_addrs().http,
                 routes = config.routes.len(),
                 "txgate {} starting",
                 env!("CARGO_PKG_VERSION")

@@ -46,6 +46,12 @@ pub struct Metrics {
     /// `txgate_upstream_token_purges_total{route,retried}`: tokens dropped because the upstream
     /// answered a `purge_on_upstream_status`, and whether the request was sent again.
     pub upstream_token_purges: IntCounterVec,
+    /// `txgate_ext_authz_checks_total{route,status,transport}`: Checks answered by the
+    /// ext_authz front door (transport: grpc|http), by the HTTP status the caller gets (200:
+    /// allowed). Proxied requests are in `txgate_requests_total`, never here.
+    pub ext_authz_checks: IntCounterVec,
+    /// `txgate_ext_authz_check_duration_seconds{route,transport}`
+    pub ext_authz_check_duration: HistogramVec,
     /// `txgate_log_lines_dropped_total`: log lines dropped because the writer's queue was
     /// full (see [`crate::logging`]); brought up to date at each scrape.
     log_lines_dropped: IntCounter,
@@ -135,6 +141,21 @@ impl Metrics {
             ),
             &["route", "retried"],
         )?;
+        let ext_authz_checks = IntCounterVec::new(
+            Opts::new(
+                "txgate_ext_authz_checks_total",
+                "ext_authz Checks answered, by route, the HTTP status the caller gets (200: allowed) and transport (grpc, http).",
+            ),
+            &["route", "status", "transport"],
+        )?;
+        let ext_authz_check_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "txgate_ext_authz_check_duration_seconds",
+                "Time to answer an ext_authz Check, by route and transport (grpc, http).",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route", "transport"],
+        )?;
         let log_lines_dropped = IntCounter::new(
             "txgate_log_lines_dropped_total",
             "Log lines dropped because the log writer could not keep up (the request was never held up).",
@@ -161,6 +182,8 @@ impl Metrics {
         registry.register(Box::new(shared_errors.clone()))?;
         registry.register(Box::new(shared_circuit_open.clone()))?;
         registry.register(Box::new(upstream_token_purges.clone()))?;
+        registry.register(Box::new(ext_authz_checks.clone()))?;
+        registry.register(Box::new(ext_authz_check_duration.clone()))?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
         registry.register(Box::new(build_info))?;
         Ok(Metrics {
@@ -177,6 +200,8 @@ impl Metrics {
             shared_errors,
             shared_circuit_open,
             upstream_token_purges,
+            ext_authz_checks,
+            ext_authz_check_duration,
             log_lines_dropped,
         })
     }

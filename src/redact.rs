@@ -84,6 +84,23 @@ pub fn is_clean(text: &[u8], presented: &[Cow<'_, [u8]>]) -> bool {
     !has_jwt_run(text) && !presented.iter().any(|t| contains(text, t.as_ref()))
 }
 
+/// Longest `X-Request-Id` kept from a client.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The client's `X-Request-Id` when it may be kept, logged and echoed: short, plain (letters,
+/// digits, `-_.:`) and carrying no credential of the request; `None` otherwise (the front door
+/// then makes a new one, or logs none).
+pub fn kept_request_id<'a>(uri: &Uri, headers: &'a HeaderMap) -> Option<&'a http::HeaderValue> {
+    let value = headers.get("x-request-id")?;
+    let bytes = value.as_bytes();
+    let plain = !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    (plain && is_clean(bytes, &presented(uri, headers))).then_some(value)
+}
+
 /// Characters of a compact JWS/JWE: base64url and the dots between parts.
 fn is_jwt_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::admin::AdminApp;
 use crate::config::{Config, ServerSettings};
+use crate::ext_authz;
 use crate::proxy::Gateway;
 use crate::state::CurrentState;
 use crate::state::GatewayState;
@@ -58,6 +59,10 @@ pub struct BoundListeners {
     /// `server.tls.listen`
     pub tls: Vec<(SocketAddr, TcpListener)>,
     pub admin: Option<(SocketAddr, TcpListener)>,
+    /// `server.ext_authz.grpc_listen`
+    pub ext_authz_grpc: Option<(SocketAddr, TcpListener)>,
+    /// `server.ext_authz.http_listen`
+    pub ext_authz_http: Option<(SocketAddr, TcpListener)>,
 }
 
 impl BoundListeners {
@@ -78,7 +83,31 @@ impl BoundListeners {
             .admin_listen
             .map(|addr| bind_one(addr, "server.admin_listen"))
             .transpose()?;
-        Ok(BoundListeners { proxy, tls, admin })
+        let ext_authz_grpc = settings
+            .ext_authz
+            .grpc_listen
+            .map(|addr| bind_one(addr, "server.ext_authz.grpc_listen"))
+            .transpose()?;
+        let ext_authz_http = settings
+            .ext_authz
+            .http_listen
+            .map(|addr| bind_one(addr, "server.ext_authz.http_listen"))
+            .transpose()?;
+        Ok(BoundListeners {
+            proxy,
+            tls,
+            admin,
+            ext_authz_grpc,
+            ext_authz_http,
+        })
+    }
+
+    /// The bound ext_authz listeners.
+    pub fn ext_authz_addrs(&self) -> ext_authz::Listeners {
+        ext_authz::Listeners {
+            grpc: self.ext_authz_grpc.as_ref().map(|(a, _)| *a),
+            http: self.ext_authz_http.as_ref().map(|(a, _)| *a),
+        }
     }
 
     pub fn tls_addrs(&self) -> Vec<SocketAddr> {
@@ -146,6 +175,72 @@ impl<S: Service> Service for Prebound<S> {
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
         self.inner.listen_addresses()
+    }
+}
+
+/// The task of a front door served by tokio alone (the ext_authz listeners): given the
+/// server's shutdown watch, it serves until shutdown begins and then lets work in flight end.
+type FrontDoorTask = Box<
+    dyn FnOnce(ShutdownWatch) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// A front door that is not a pingora application, run as a pingora service so that it starts
+/// with the server, on a runtime of its own, and stops with its graceful shutdown.
+struct FrontDoor {
+    name: String,
+    threads: usize,
+    task: Option<FrontDoorTask>,
+}
+
+#[async_trait]
+impl Service for FrontDoor {
+    async fn start_service(
+        &mut self,
+        _fds: Option<ListenFds>,
+        shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        if let Some(task) = self.task.take() {
+            task(shutdown).await;
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.threads)
+    }
+}
+
+/// Resolves when `shutdown` says the server is stopping (or the server is gone).
+async fn shutting_down(mut shutdown: ShutdownWatch) {
+    while !*shutdown.borrow() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The ext_authz front door on `socket`: `router` serves each connection.
+fn ext_authz_service(
+    name: &'static str,
+    socket: TcpListener,
+    router: axum::Router,
+    threads: usize,
+) -> FrontDoor {
+    FrontDoor {
+        name: name.to_string(),
+        threads,
+        task: Some(Box::new(move |shutdown: ShutdownWatch| {
+            Box::pin(ext_authz::serve(
+                socket,
+                router,
+                name,
+                shutting_down(shutdown),
+            ))
+        })),
     }
 }
 
@@ -246,6 +341,7 @@ fn build_server(
             within: settings.h2c.then_some(PREFACE_TIMEOUT),
         },
     );
+    let ext_authz_listeners = listeners.ext_authz_addrs();
     let mut proxy_sockets = Vec::new();
     for (addr, socket) in listeners.proxy {
         proxy.add_tcp(&addr.to_string());
@@ -296,9 +392,28 @@ fn build_server(
         })),
     });
 
+    if let Some((_, socket)) = listeners.ext_authz_grpc {
+        server.add_service(ext_authz_service(
+            "txgate ext_authz grpc",
+            socket,
+            ext_authz::grpc::router(current.clone()),
+            settings.threads,
+        ));
+    }
+    if let Some((_, socket)) = listeners.ext_authz_http {
+        server.add_service(ext_authz_service(
+            "txgate ext_authz http",
+            socket,
+            ext_authz::http::router(current.clone()),
+            settings.threads,
+        ));
+    }
+
     if let Some((addr, socket)) = listeners.admin {
-        let mut admin =
-            ListeningService::new("txgate admin".to_string(), AdminApp::new(current.clone()));
+        let mut admin = ListeningService::new(
+            "txgate admin".to_string(),
+            AdminApp::new(current.clone(), ext_authz_listeners),
+        );
         admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
         server.add_service(Prebound {
@@ -465,6 +580,8 @@ pub struct RunningGateway {
     /// `server.tls.listen` addresses, bound.
     pub tls_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
+    /// `server.ext_authz` listeners, bound.
+    pub ext_authz: ext_authz::Listeners,
     reloader: Reloader,
     stop: Option<oneshot::Sender<ShutdownSignal>>,
     thread: Option<JoinHandle<()>>,
@@ -479,6 +596,7 @@ impl RunningGateway {
         let proxy_addrs = listeners.proxy_addrs();
         let tls_addrs = listeners.tls_addrs();
         let admin_addr = listeners.admin_addr();
+        let ext_authz = listeners.ext_authz_addrs();
         let (server, reloader) = build_server(config, listeners, Runtime::WorkStealing)?;
         let (stop, receiver) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -493,6 +611,7 @@ impl RunningGateway {
             proxy_addrs,
             tls_addrs,
             admin_addr,
+            ext_authz,
             reloader,
             stop: Some(stop),
             thread: Some(thread),

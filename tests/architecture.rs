@@ -9,7 +9,10 @@
 //! - `config` is data: it imports none of the runtime pieces or front doors;
 //! - `exchange`, `inbound` and `cache` import no front door (`admission`, `proxy`, `server`);
 //! - nothing in production imports `dev` (the development STS, echo backend and demo); only
-//!   `main.rs` does.
+//!   `main.rs` does;
+//! - the two front doors stand side by side: `proxy` does not import `ext_authz` nor the other
+//!   way round, and `ext_authz` does not use pingora at all (it proves the request-path stages
+//!   do not need it).
 //!
 //! The checker itself is tested on made-up graphs, so a rule that could never fail is caught.
 
@@ -24,7 +27,18 @@ const CONFIG: &[&str] = &["config"];
 /// Runtime pieces below the front doors.
 const RUNTIME: &[&str] = &["exchange", "inbound", "cache"];
 /// Front doors and what sits on top of them.
-const FRONT_DOORS: &[&str] = &["admission", "proxy", "server", "admin", "state"];
+const FRONT_DOORS: &[&str] = &[
+    "admission",
+    "proxy",
+    "ext_authz",
+    "server",
+    "admin",
+    "state",
+];
+/// The front doors that must not import each other.
+const SIDE_BY_SIDE: &[&str] = &["proxy", "ext_authz"];
+/// The front door that must not use pingora.
+const PINGORA_FREE: &str = "ext_authz";
 /// The development tools.
 const DEV: &str = "dev";
 
@@ -211,6 +225,15 @@ fn violations(graph: &Graph) -> Vec<String> {
             }
         }
     }
+    for from in SIDE_BY_SIDE {
+        for to in edges(from) {
+            if SIDE_BY_SIDE.contains(&to.as_str()) {
+                found.push(format!(
+                    "{from} is a front door but imports the front door {to}"
+                ));
+            }
+        }
+    }
     for (from, tos) in graph {
         if from != "main" && from != DEV && tos.contains(DEV) {
             found.push(format!("{from} is production code but imports {DEV}"));
@@ -265,6 +288,50 @@ fn circles(graph: &Graph) -> Vec<Vec<String>> {
     found
 }
 
+/// The production code of every file of the top-level module `module` under `src`, by path.
+fn module_code(src: &Path, module: &str) -> Vec<(String, String)> {
+    let mut files = vec![src.join(format!("{module}.rs"))];
+    let mut stack = vec![src.join(module)];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs")
+                && path.file_stem().is_none_or(|s| s != "tests")
+            {
+                files.push(path);
+            }
+        }
+    }
+    files
+        .into_iter()
+        .filter(|f| f.exists())
+        .map(|f| {
+            let text = std::fs::read_to_string(&f).expect("a readable source file");
+            (f.display().to_string(), production(&text))
+        })
+        .collect()
+}
+
+/// The files of `code` that name pingora (its crates are `pingora` and `pingora_*`).
+fn naming_pingora(code: &[(String, String)]) -> Vec<String> {
+    code.iter()
+        .filter(|(_, text)| {
+            text.match_indices("pingora").any(|(at, _)| {
+                let before = text[..at].chars().next_back();
+                let after = text[at + "pingora".len()..].chars().next();
+                !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+                    && matches!(after, Some(':') | Some('_'))
+            })
+        })
+        .map(|(file, _)| format!("{file} uses pingora"))
+        .collect()
+}
+
 #[test]
 fn the_layers_hold() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -273,7 +340,10 @@ fn the_layers_hold() {
         graph.contains_key("config") && graph.contains_key("proxy"),
         "the source was not read: {graph:?}"
     );
-    let found = violations(&graph);
+    let mut found = violations(&graph);
+    let code = module_code(&src, PINGORA_FREE);
+    assert!(!code.is_empty(), "src/{PINGORA_FREE}.rs was not read");
+    found.extend(naming_pingora(&code));
     assert!(found.is_empty(), "layering violations: {found:#?}");
 }
 
@@ -323,6 +393,28 @@ fn the_checker_finds_what_it_is_for() {
             "cache is production code but imports dev".to_string(),
         ]
     );
+    let doors = graph(&[
+        ("proxy", "ext_authz"),
+        ("ext_authz", "admission"),
+        ("config", "ext_authz"),
+    ]);
+    assert_eq!(
+        violations(&doors),
+        vec![
+            "config is data but imports ext_authz".to_string(),
+            "proxy is a front door but imports the front door ext_authz".to_string(),
+        ]
+    );
+    let files = |text: &str| vec![("f.rs".to_string(), production(text))];
+    assert_eq!(
+        naming_pingora(&files("use pingora::http::RequestHeader;")),
+        ["f.rs uses pingora"]
+    );
+    assert_eq!(
+        naming_pingora(&files("let r = pingora_prometheus::x();")),
+        ["f.rs uses pingora"]
+    );
+    assert!(naming_pingora(&files("// pingora::x in a comment\nfn no_pingora() {}")).is_empty());
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::token::CallerToken;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use http::{HeaderMap, header};
+use http::{HeaderMap, HeaderName, header};
 use memchr::memmem;
 
 use super::{Request, Target};
@@ -40,6 +40,23 @@ impl Caller {
     /// Whether `bytes` contains one of the caller's tokens.
     pub fn is_carried_by(&self, bytes: &[u8]) -> bool {
         self.guarded.iter().any(|t| contains(bytes, t.as_bytes()))
+    }
+
+    /// The names of the headers in `headers` whose value carries one of the caller's tokens
+    /// (each name once): what every front door drops before the upstream sees the request
+    /// (the leak guard). One pass over the header bytes per guarded token, and there are at
+    /// most five of those.
+    pub fn headers_carrying(&self, headers: &HeaderMap) -> Vec<HeaderName> {
+        if self.guarded.is_empty() {
+            return Vec::new();
+        }
+        let mut names: Vec<HeaderName> = Vec::new();
+        for (name, value) in headers {
+            if self.is_carried_by(value.as_bytes()) && !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        names
     }
 }
 

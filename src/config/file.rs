@@ -58,7 +58,9 @@ pub struct GatewayFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
-    /// Proxy listeners, `host:port`.
+    /// Proxy listeners, `host:port`; none when absent (then `server.tls` or `server.ext_authz`
+    /// must listen).
+    #[serde(default)]
     pub listen: Vec<String>,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`); none when absent.
     #[serde(default)]
@@ -98,6 +100,21 @@ pub struct ServerFile {
     /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners too; default false.
     #[serde(default)]
     pub h2c: Option<bool>,
+    /// The ext_authz front door for Envoy, Istio and Envoy Gateway; none when absent.
+    #[serde(default)]
+    pub ext_authz: Option<ExtAuthzFile>,
+}
+
+/// `server.ext_authz:`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtAuthzFile {
+    /// `envoy.service.auth.v3.Authorization/Check` over gRPC (h2c), `host:port`.
+    #[serde(default)]
+    pub grpc_listen: Option<String>,
+    /// Envoy's HTTP authorization service contract, `host:port`.
+    #[serde(default)]
+    pub http_listen: Option<String>,
 }
 
 /// `server.path_with_escaped_slashes_action:`

@@ -12,9 +12,6 @@ use pingora::http::RequestHeader;
 use crate::admission::{Admitted, Caller};
 use crate::redact;
 
-/// Longest `X-Request-Id` kept from a client.
-const MAX_REQUEST_ID: usize = 128;
-pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 // The same names as written on the wire. pingora's `insert_header` turns a custom `HeaderName`
 // into its wire spelling by copying it; a `&'static str` is used as it is.
@@ -133,16 +130,7 @@ fn upstream_uri(uri: &http::Uri, admitted: &Admitted) -> Result<Option<http::Uri
 /// `X-Forwarded-Access-Token` set by an edge proxy, a cookie). One pass over the header bytes
 /// per guarded token, and there are at most five of those.
 fn leak_guard(upstream: &mut RequestHeader, caller: &Caller) {
-    if caller.guarded.is_empty() {
-        return;
-    }
-    let leaking: Vec<HeaderName> = upstream
-        .headers
-        .iter()
-        .filter(|(_, value)| caller.is_carried_by(value.as_bytes()))
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in leaking {
+    for name in caller.headers_carrying(&upstream.headers) {
         tracing::debug!(header = %name, "dropped a header carrying the caller's token");
         upstream.remove_header(&name);
     }
@@ -221,19 +209,10 @@ fn remove_hop_by_hop(upstream: &mut RequestHeader, upgrade: bool) {
 }
 
 /// The client's `X-Request-Id` if it is short, plain and carries no credential of the request
-/// (it is logged and echoed), else a new random one.
+/// (it is logged and echoed; see [`redact::kept_request_id`]), else a new random one.
 pub fn request_id(request: &RequestHeader) -> HeaderValue {
-    if let Some(value) = request.headers.get(&X_REQUEST_ID) {
-        let bytes = value.as_bytes();
-        if !bytes.is_empty()
-            && bytes.len() <= MAX_REQUEST_ID
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-            && redact::is_clean(bytes, &redact::presented(&request.uri, &request.headers))
-        {
-            return value.clone();
-        }
+    if let Some(value) = redact::kept_request_id(&request.uri, &request.headers) {
+        return value.clone();
     }
     // 32 hex digits written on the stack: no formatting machinery on the hot path.
     const HEX: &[u8; 16] = b"0123456789abcdef";

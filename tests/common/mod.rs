@@ -552,6 +552,7 @@ pub fn private_key_pem(kind: &str) -> (std::path::PathBuf, Vec<u8>) {
     (path, public)
 }
 
+pub mod envoy;
 pub mod grpc;
 pub mod process;
 pub mod redis_server;

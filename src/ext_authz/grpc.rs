@@ -1,0 +1,189 @@
+//! `envoy.service.auth.v3.Authorization/Check` over gRPC (h2c): a Check in, a
+//! [`Verdict`](super::Verdict) out as a `CheckResponse`. Envoy applies an `OkHttpResponse`'s
+//! header and query mutations to the upstream request and sends a `DeniedHttpResponse` to the
+//! caller as it is (status, headers, body).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use tonic::Status;
+use tonic_prost::ProstCodec;
+
+use super::proto::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, HeaderValue as ProtoHeader, HeaderValueOption,
+    HttpRequest, HttpResponse, HttpStatus, OVERWRITE_IF_EXISTS_OR_ADD, OkHttpResponse, RpcStatus,
+};
+use super::{Described, Transport, Verdict};
+use crate::error::GatewayError;
+use crate::state::CurrentState;
+
+/// The method's path (gRPC over HTTP/2: `/package.Service/Method`).
+pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+
+/// gRPC status codes of a `CheckResponse.status` (Envoy allows on 0 and denies on any other).
+const OK: i32 = 0;
+const PERMISSION_DENIED: i32 = 7;
+const UNAUTHENTICATED: i32 = 16;
+
+/// The gRPC ext_authz service; any other method is `UNIMPLEMENTED`.
+pub fn router(current: CurrentState) -> axum::Router {
+    axum::Router::new()
+        .route(CHECK_PATH, axum::routing::post(check))
+        .fallback(|| async {
+            Status::unimplemented("no such method").into_http::<axum::body::Body>()
+        })
+        .with_state(current)
+}
+
+async fn check(State(current): State<CurrentState>, request: axum::extract::Request) -> Response {
+    let mut grpc = tonic::server::Grpc::new(ProstCodec::<CheckResponse, CheckRequest>::default());
+    grpc.unary(Checker(current), request).await.into_response()
+}
+
+/// One Check call.
+struct Checker(CurrentState);
+
+impl tonic::server::UnaryService<CheckRequest> for Checker {
+    type Response = CheckResponse;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<tonic::Response<CheckResponse>, Status>> + Send>>;
+
+    fn call(&mut self, request: tonic::Request<CheckRequest>) -> Self::Future {
+        let current = self.0.clone();
+        Box::pin(async move {
+            let verdict = match described(request.into_inner()) {
+                Ok(described) => super::check(&current, Transport::Grpc, &described).await,
+                Err(error) => super::unreadable(&current, Transport::Grpc, error),
+            };
+            Ok(tonic::Response::new(answer(verdict)))
+        })
+    }
+}
+
+/// The request a Check describes: method, target (path and query as sent), host, and the
+/// headers (pseudo-headers left out; the host goes in `Host`).
+fn described(check: CheckRequest) -> Result<Described, GatewayError> {
+    let http = check
+        .attributes
+        .and_then(|a| a.request)
+        .and_then(|r| r.http)
+        .unwrap_or_default();
+    let HttpRequest {
+        id: _,
+        method,
+        headers,
+        path,
+        host,
+        header_map,
+    } = http;
+    let unreadable = || GatewayError::MalformedCredential("the request cannot be read");
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| unreadable())?;
+    let uri: Uri = path
+        .parse()
+        .map_err(|_| GatewayError::InvalidPath(crate::path::PathError::NotOriginForm))?;
+    let mut map = HeaderMap::new();
+    let mut add = |key: &str, value: &[u8]| -> Result<(), GatewayError> {
+        if key.starts_with(':') || key.eq_ignore_ascii_case("host") {
+            return Ok(());
+        }
+        let name = HeaderName::from_bytes(key.as_bytes()).map_err(|_| unreadable())?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| unreadable())?;
+        map.append(name, value);
+        Ok(())
+    };
+    match header_map {
+        Some(raw) => {
+            for h in raw.headers {
+                let value = if h.raw_value.is_empty() {
+                    h.value.into_bytes()
+                } else {
+                    h.raw_value
+                };
+                add(&h.key, &value)?;
+            }
+        }
+        None => {
+            for (key, value) in &headers {
+                add(key, value.as_bytes())?;
+            }
+        }
+    }
+    if !host.is_empty() {
+        let host = HeaderValue::from_str(&host).map_err(|_| GatewayError::InvalidHost)?;
+        map.insert(http::header::HOST, host);
+    }
+    Ok(Described {
+        method,
+        uri,
+        headers: map,
+    })
+}
+
+fn option(name: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(ProtoHeader {
+            key: name.to_string(),
+            value,
+            raw_value: Vec::new(),
+        }),
+        append_action: OVERWRITE_IF_EXISTS_OR_ADD,
+    }
+}
+
+/// The `CheckResponse` of a verdict.
+fn answer(verdict: Verdict) -> CheckResponse {
+    match verdict {
+        Verdict::Allow(mutations) => CheckResponse {
+            status: Some(RpcStatus {
+                code: OK,
+                message: String::new(),
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: mutations
+                    .set
+                    .iter()
+                    .map(|(name, value)| {
+                        option(
+                            name.as_str(),
+                            String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+                headers_to_remove: mutations
+                    .remove
+                    .iter()
+                    .map(|n| n.as_str().to_string())
+                    .collect(),
+                query_parameters_to_remove: mutations
+                    .remove_query
+                    .iter()
+                    .map(|q| q.to_string())
+                    .collect(),
+            })),
+        },
+        Verdict::Deny(denial) => CheckResponse {
+            status: Some(RpcStatus {
+                code: if denial.status == 401 {
+                    UNAUTHENTICATED
+                } else {
+                    PERMISSION_DENIED
+                },
+                message: String::new(),
+            }),
+            http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(denial.status),
+                }),
+                headers: denial
+                    .headers()
+                    .into_iter()
+                    .map(|(name, value)| option(name.as_str(), value))
+                    .collect(),
+                body: denial.body,
+            })),
+        },
+    }
+}
