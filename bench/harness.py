@@ -46,7 +46,10 @@ TARGETS = [
     "nginx",
     "haproxy",
     "envoy",
+    "envoy+txgate-ext-authz",
 ]
+# Envoy with its ext_authz filter asking the bench gateway (gRPC) about every request.
+EXT_AUTHZ_TARGET = "envoy+txgate-ext-authz"
 TXGATE_TARGETS = {"txgate-hit", "txgate-hit-log", "txgate-hit-validated", "txgate-10k-users"}
 # Targets measured under callgrind by the profile phase (txgate-10k-users is left out: warming
 # 10,000 callers under valgrind takes longer than the rest of the run, and what it adds over
@@ -141,7 +144,11 @@ class Settings:
 
 # Port offsets from BASE_PORT. GRPC_UPSTREAM: the upstream's h2c server (the gRPC phase).
 (UPSTREAM, STS, PASSTHROUGH, GATEWAY, GATEWAY_ADMIN, NGINX, HAPROXY, ENVOY, ENVOY_ADMIN,
- GRPC_UPSTREAM, GATEWAY_LOG, GATEWAY_LOG_ADMIN, SHARED_GATEWAY, SHARED_ADMIN) = range(14)
+ GRPC_UPSTREAM, GATEWAY_LOG, GATEWAY_LOG_ADMIN, SHARED_GATEWAY, SHARED_ADMIN,
+ ENVOY_AUTHZ, ENVOY_AUTHZ_ADMIN, GATEWAY_AUTHZ) = range(17)
+PORT_COUNT = 17
+# ENVOY_AUTHZ: Envoy with ext_authz (envoy+txgate-ext-authz); GATEWAY_AUTHZ: the bench
+# gateway's ext_authz gRPC listener.
 # GATEWAY_LOG: a second gateway, as shipped (access log at info), for txgate-hit-log.
 
 
@@ -296,7 +303,7 @@ def port_free(port):
             return False
 
 
-def wait_http(proc, port, path, timeout=60.0, host="127.0.0.1"):
+def wait_http(proc, port, path, timeout=60.0, host="127.0.0.1", headers=None):
     """Waits until GET path answers 200; fails early if the process died."""
     deadline = time.monotonic() + timeout
     last = None
@@ -305,7 +312,7 @@ def wait_http(proc, port, path, timeout=60.0, host="127.0.0.1"):
             raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
         try:
             conn = http.client.HTTPConnection(host, port, timeout=2)
-            conn.request("GET", path)
+            conn.request("GET", path, headers=headers or {})
             response = conn.getresponse()
             response.read()
             conn.close()
@@ -560,10 +567,13 @@ class Bench:
         wait_http(proc, self.port(STS), "/jwks")
         return proc
 
-    def start_gateway(self, workers, cpus, name, max_entries, as_shipped=False):
+    def start_gateway(self, workers, cpus, name, max_entries, as_shipped=False, ext_authz=False):
         port, admin = (GATEWAY_LOG, GATEWAY_LOG_ADMIN) if as_shipped else (GATEWAY, GATEWAY_ADMIN)
+        ext_authz_line = (f'ext_authz: {{ grpc_listen: "127.0.0.1:{self.port(GATEWAY_AUTHZ)}" }}'
+                          if ext_authz else "# no ext_authz listener in this run")
         conf = render("txgate.yaml", self.s.run_dir, f"{name}.yaml", {
             "PORT": self.port(port), "ADMIN_PORT": self.port(admin),
+            "EXT_AUTHZ": ext_authz_line,
             "WORKERS": workers, "STS_PORT": self.port(STS),
             "UPSTREAM_PORT": self.port(UPSTREAM), "MAX_ENTRIES": max_entries,
         })
@@ -646,9 +656,10 @@ class Bench:
             )
             wait_http(proc, self.port(PASSTHROUGH), "/")
             started["pingora-bare"] = proc
-        if wanted & (TXGATE_TARGETS - {"txgate-hit-log"}):
+        if wanted & ((TXGATE_TARGETS - {"txgate-hit-log"}) | {EXT_AUTHZ_TARGET}):
             started["txgate"] = self.start_gateway(
-                workers, cpus, f"txgate-w{workers}", max(self.s.users * 4, 100000))
+                workers, cpus, f"txgate-w{workers}", max(self.s.users * 4, 100000),
+                ext_authz=EXT_AUTHZ_TARGET in wanted)
         if SHARED_TARGET in wanted:
             started["txgate-shared"] = self.start_shared_gateway(workers, cpus)
         if "txgate-hit-log" in wanted:
@@ -691,6 +702,21 @@ class Bench:
             )
             wait_http(proc, self.port(ENVOY), "/")
             started["envoy"] = proc
+        if EXT_AUTHZ_TARGET in wanted:
+            conf = render("envoy-ext-authz.yaml", run_dir, f"envoy-ext-authz-w{workers}.yaml", {
+                "PORT": self.port(ENVOY_AUTHZ), "ADMIN_PORT": self.port(ENVOY_AUTHZ_ADMIN),
+                "UPSTREAM_PORT": self.port(UPSTREAM), "AUTHZ_PORT": self.port(GATEWAY_AUTHZ),
+            })
+            proc = self.procs.start(
+                f"envoy-ext-authz-w{workers}",
+                [self.s.envoy, "-c", conf, "--concurrency", str(workers), "--log-level", "warn",
+                 "--disable-hot-restart"],
+                cpus, run_dir, stop_signal=signal.SIGTERM,
+            )
+            # Readiness through the whole path: a 200 means txgate allowed the Check.
+            wait_http(proc, self.port(ENVOY_AUTHZ), "/hit/resource",
+                      headers={"Authorization": f"Bearer {self.hit_token}"})
+            started[EXT_AUTHZ_TARGET] = proc
         return started
 
     # --- one wrk run ---------------------------------------------------------------------
@@ -727,6 +753,7 @@ class Bench:
             shared_token_file = os.path.join(self.s.run_dir, "shared.tokens")
             admin_of = {name: GATEWAY_ADMIN for name in TXGATE_TARGETS}
             admin_of["txgate-hit-log"] = GATEWAY_LOG_ADMIN
+            admin_of[EXT_AUTHZ_TARGET] = GATEWAY_ADMIN
             admin_of[SHARED_TARGET] = SHARED_ADMIN
             # Fresh warm sets for a fresh gateway.
             for ws in sets.values():
@@ -762,13 +789,18 @@ class Bench:
                     return (f"http://127.0.0.1:{self.port(SHARED_GATEWAY)}/users/resource", [],
                             "users.lua", {"TOKEN_FILE": shared_token_file},
                             started["txgate-shared"].tree())
+                if name == EXT_AUTHZ_TARGET:
+                    # Envoy and txgate together: the CPU of both counts.
+                    return (f"http://127.0.0.1:{self.port(ENVOY_AUTHZ)}/hit/resource", auth,
+                            "report.lua", None,
+                            started[EXT_AUTHZ_TARGET].tree() + started["txgate"].tree())
                 port = {"nginx": NGINX, "haproxy": HAPROXY, "envoy": ENVOY}[name]
                 return (f"http://127.0.0.1:{self.port(port)}/hit/resource", auth,
                         "report.lua", None, started[name].tree())
 
             def prepare(name, seconds):
                 """Warm caches the target relies on, renewing them when they could expire."""
-                if name == "txgate-hit":
+                if name in ("txgate-hit", EXT_AUTHZ_TARGET):
                     sets["hit"].ensure(self, gateway_port, seconds)
                 elif name == "txgate-hit-log":
                     sets["hit-log"].ensure(self, self.port(GATEWAY_LOG), seconds)
@@ -812,6 +844,9 @@ class Bench:
                     url, headers, script, env, pids = target_spec(name)
                     admin = admin_of.get(name)
                     before = scrape(self.port(admin)) if admin is not None else None
+                    # Behind Envoy, txgate's own share of the CPU too.
+                    own = started["txgate"].tree() if name == EXT_AUTHZ_TARGET else None
+                    own0 = cpu_seconds(own) if own else None
                     cpu0 = cpu_seconds(pids)
                     result = self.wrk(url, self.s.duration, self.s.load_cpus[workers], headers,
                                       script, env, tag=f"{name} w{workers} rep{rep + 1}")
@@ -831,6 +866,9 @@ class Bench:
                         "errors": result["errors"],
                         "cpu_us_per_req": (cpu1 - cpu0) * 1e6 / max(1, result["requests"]),
                     }
+                    if own:
+                        record["txgate_cpu_us_per_req"] = (
+                            (cpu_seconds(own) - own0) * 1e6 / max(1, result["requests"]))
                     if before is not None:
                         record["sts_calls"] = sts_calls(before, scrape(self.port(admin)))
                     self.runs.append(record)
@@ -993,6 +1031,7 @@ class Bench:
                     "PORT": self.port(GATEWAY), "ADMIN_PORT": self.port(GATEWAY_ADMIN),
                     "WORKERS": 1, "STS_PORT": self.port(STS),
                     "UPSTREAM_PORT": self.port(UPSTREAM), "MAX_ENTRIES": 100000,
+                    "EXT_AUTHZ": "# no ext_authz listener in this run",
                 })
                 # As in the throughput phase: the access log off, except for txgate-hit-log.
                 level = "info" if name == "txgate-hit-log" else "warn"
@@ -1181,7 +1220,7 @@ class Bench:
     def run(self):
         s = self.s
         started_at = time.strftime("%Y-%m-%d %H:%M:%S")
-        for offset in range(14):
+        for offset in range(PORT_COUNT):
             if not port_free(self.port(offset)):
                 raise RuntimeError(f"port {self.port(offset)} is in use; set BASE_PORT")
         self.upstream = self.start_upstream()
@@ -1289,6 +1328,9 @@ def summarize(runs, settings):
                 "p50_us": median_of(mine, "p50_us"),
                 "p99_us": median_of(mine, "p99_us"),
                 "cpu_us_per_req": median_of(mine, "cpu_us_per_req"),
+                "txgate_cpu_us_per_req": (median_of(mine, "txgate_cpu_us_per_req")
+                                          if all("txgate_cpu_us_per_req" in r for r in mine)
+                                          else None),
                 "errors": sum(sum(r["errors"].values()) for r in mine),
                 "sts_calls": (sum(r["sts_calls"] for r in mine)
                               if all("sts_calls" in r for r in mine) else "—"),
@@ -1463,6 +1505,21 @@ def report(bench, started_at):
                 f"| {r['errors']} | {r['sts_calls']} |"
             )
         lines.append("")
+        plain, authz = rows.get((w, "envoy")), rows.get((w, EXT_AUTHZ_TARGET))
+        if plain and authz:
+            lines += [
+                f"`{EXT_AUTHZ_TARGET}` against plain `envoy`: the Check adds "
+                f"{(authz['p50_us'] - plain['p50_us']) / 1000:+.2f} ms at p50 and "
+                f"{(authz['p99_us'] - plain['p99_us']) / 1000:+.2f} ms at p99; Envoy and txgate "
+                f"together use {authz['cpu_us_per_req']:.1f} µs CPU per request"
+                + (f", of which txgate {authz['txgate_cpu_us_per_req']:.1f} µs"
+                   if authz.get("txgate_cpu_us_per_req") is not None else "")
+                + f" (plain Envoy {plain['cpu_us_per_req']:.1f} µs"
+                + (f", txgate-hit {rows[(w, 'txgate-hit')]['cpu_us_per_req']:.1f} µs"
+                   if (w, "txgate-hit") in rows else "")
+                + ").",
+                "",
+            ]
     if rows:
         lines += [
             "CPU µs/req: user + system CPU time of the proxy's processes (all threads, nginx's "

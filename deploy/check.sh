@@ -84,6 +84,9 @@ kubernetes-validate --strict deploy/kubernetes/base/secret.example.yaml
 kubectl kustomize deploy/kubernetes/base > "$work/rendered.yaml"
 python3 deploy/checks.py manifests "$work/rendered.yaml"
 
+step "Istio and Envoy Gateway ext_authz manifests agree with the base (structural: no offline CRD schemas)"
+python3 deploy/checks.py ext-authz "$work/rendered.yaml"
+
 step "shared-cache overlay renders, validates and agrees with the base"
 kubectl kustomize deploy/kubernetes/overlays/shared-cache | kubernetes-validate --strict -
 kubernetes-validate --strict deploy/kubernetes/overlays/shared-cache/secrets.example.yaml
@@ -127,14 +130,21 @@ sed -E -e 's#//[a-z0-9.-]+\.svc\.cluster\.local#//127.0.0.1#g' -e "s#/etc/txgate
 step "dashboard and alert metric names exist in a live /metrics"
 # `txgate demo` runs the repository's gateway.yaml with the development STS and an echo
 # backend; here on free ports, so nothing else on the machine is disturbed.
-read -r proxy_port admin_port sts_port echo_port < <(python3 -c '
+read -r proxy_port admin_port sts_port echo_port authz_port < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(5)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 sed -e "s/127.0.0.1:8080/127.0.0.1:$proxy_port/; s/127.0.0.1:9090/127.0.0.1:$admin_port/" \
     -e "s/127.0.0.1:9400/127.0.0.1:$sts_port/; s/127.0.0.1:9001/127.0.0.1:$echo_port/" \
     gateway.yaml > "$work/live.yaml"
+# The ext_authz front door too (its HTTP contract: curl can speak it), so its families exist.
+python3 -c '
+import sys, yaml
+path, port = sys.argv[1], sys.argv[2]
+config = yaml.safe_load(open(path))
+config["server"]["ext_authz"] = {"http_listen": f"127.0.0.1:{port}"}
+yaml.safe_dump(config, open(path, "w"), sort_keys=False)' "$work/live.yaml" "$authz_port"
 "$txgate" demo --config "$work/live.yaml" > "$work/demo.log" 2>&1 &
 demo_pid=$!
 for _ in $(seq 1 150); do
@@ -144,7 +154,7 @@ for _ in $(seq 1 150); do
 done
 curl -fsS -o /dev/null "http://127.0.0.1:$admin_port/readyz" || { cat "$work/demo.log" >&2; exit 1; }
 # Traffic that makes every series exist: an exchange (miss), a hit, a rejected token, a
-# public route and an unrouted path.
+# public route, an unrouted path and ext_authz Checks.
 token=$(curl -fsS -d sub=alice "http://127.0.0.1:$sts_port/dev/user-token")
 expect() {
   local want=$1; shift
@@ -158,6 +168,9 @@ expect 200 -H "Authorization: Bearer $token" "http://127.0.0.1:$proxy_port/inven
 expect 401 -H "Authorization: Bearer not-a-token-the-sts-issued" "http://127.0.0.1:$proxy_port/orders"
 expect 200 "http://127.0.0.1:$proxy_port/public"
 expect 404 "http://127.0.0.1:$proxy_port/nowhere"
+# Two ext_authz Checks: allowed (the token is now cached) and refused without a token.
+expect 200 -H "Authorization: Bearer $token" "http://127.0.0.1:$authz_port/orders"
+expect 401 "http://127.0.0.1:$authz_port/orders"
 curl -fsS "http://127.0.0.1:$admin_port/metrics" > "$work/metrics.txt"
 promtool check metrics < "$work/metrics.txt"
 python3 deploy/checks.py metric-names "$work/metrics.txt"

@@ -8,6 +8,7 @@ selectors find the pods, and every PromQL expression names only metrics txgate e
     python3 deploy/checks.py shared-cache RENDERED.yaml (the shared-cache overlay, rendered)
     python3 deploy/checks.py promql-rules OUT.yaml      (dashboard queries as rules, for promtool)
     python3 deploy/checks.py metric-names METRICS.txt   (live /metrics text)
+    python3 deploy/checks.py ext-authz RENDERED.yaml    (deploy/istio and deploy/envoy-gateway)
     python3 deploy/checks.py readme-commands FILE.md deploy/check.sh
 
 Each prints what it checked and exits 1 with the reasons on failure.
@@ -28,6 +29,10 @@ SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 GATEWAY_YAML = DEPLOY / "kubernetes" / "base" / "gateway.yaml"
 SECRET_EXAMPLE = DEPLOY / "kubernetes" / "base" / "secret.example.yaml"
 SHARED_CACHE = DEPLOY / "kubernetes" / "overlays" / "shared-cache"
+ISTIO = DEPLOY / "istio"
+ENVOY_GATEWAY = DEPLOY / "envoy-gateway"
+# The namespace deploy/istio and deploy/envoy-gateway assume txgate runs in.
+TXGATE_NAMESPACE = "txgate"
 
 # What txgate's own defaults are when gateway.yaml leaves the keys out (README: server.*).
 DEFAULT_GRACE_SECONDS = 5.0
@@ -196,12 +201,19 @@ def check_manifests(rendered_path):
         fail(f"the HorizontalPodAutoscaler scales {target}, not the Deployment")
     if hpa and hpa["spec"].get("minReplicas", 1) < 2:
         fail("minReplicas below 2 leaves no gateway while one pod drains")
+    # The ext_authz port: the container port is server.ext_authz.grpc_listen's, and the
+    # Service publishes it.
+    grpc_listen = (server.get("ext_authz") or {}).get("grpc_listen")
+    if grpc_listen is not None and ports.get("ext-authz") != port_of(grpc_listen):
+        fail(f"container port 'ext-authz' {ports.get('ext-authz')} is not server.ext_authz.grpc_listen {grpc_listen}")
     network_policy = one(objects, "NetworkPolicy")
     policy_ports = {
         p.get("port") for rule in network_policy.get("spec", {}).get("ingress", []) for p in rule.get("ports", [])
     }
     if not {"proxy", "admin"} <= policy_ports:
         fail(f"the NetworkPolicy must admit the proxy and admin ports, admits {policy_ports}")
+    if grpc_listen is not None and "ext-authz" not in policy_ports:
+        fail(f"the NetworkPolicy must admit the ext-authz port, admits {policy_ports}")
 
     # Prometheus finds the admin port: the ServiceMonitor's selector and port, and the plain
     # scrape config's DNS name and port, name the admin Service.
@@ -384,6 +396,100 @@ def check_metric_names(metrics_path):
     finish("metric-names", f"{used} metric references in the dashboard and alerts exist in live /metrics ({len(live)} series names)")
 
 
+# --- ext_authz: Istio and Envoy Gateway -----------------------------------------------------
+# Their CRD schemas are not available offline, so these are structural checks: kinds and
+# apiVersions, the fields each object needs, and the names and port that must match the txgate
+# Service of the rendered base.
+
+def required(obj, path, where):
+    value = obj
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            fail(f"{where}: {path} is missing")
+            return None
+        value = value[key]
+    return value
+
+
+def kind_of(objects, api_version, kind, where):
+    found = [o for o in objects if o.get("kind") == kind]
+    if len(found) != 1:
+        fail(f"{where}: expected one {kind}, found {len(found)}")
+        return {}
+    if found[0].get("apiVersion") != api_version:
+        fail(f"{where}: {kind} has apiVersion {found[0].get('apiVersion')}, expected {api_version}")
+    if not found[0].get("metadata", {}).get("name"):
+        fail(f"{where}: {kind} has no metadata.name")
+    return found[0]
+
+
+def check_ext_authz(rendered_path):
+    objects = [o for o in yaml.safe_load_all(Path(rendered_path).read_text()) if o]
+    service = next((s for s in by_kind(objects, "Service") if s["metadata"]["name"] == "txgate"), None)
+    if service is None:
+        fail("the base renders no Service `txgate`")
+        finish("ext-authz", "")
+    grpc_ports = [p for p in service["spec"]["ports"] if p["name"] == "ext-authz-grpc"]
+    if len(grpc_ports) != 1:
+        fail("Service/txgate has no `ext-authz-grpc` port")
+        finish("ext-authz", "")
+    port = grpc_ports[0]["port"]
+    host = f"txgate.{TXGATE_NAMESPACE}.svc.cluster.local"
+
+    mesh_file = ISTIO / "mesh-config.yaml"
+    mesh = kind_of(list(yaml.safe_load_all(mesh_file.read_text())), "install.istio.io/v1alpha1", "IstioOperator", mesh_file.name)
+    providers = required(mesh, "spec.meshConfig.extensionProviders", mesh_file.name) or []
+    txgate_providers = [p for p in providers if p.get("name") == "txgate"]
+    if len(txgate_providers) != 1:
+        fail(f"{mesh_file.name}: expected one extension provider named txgate")
+        provider = {}
+    else:
+        provider = txgate_providers[0].get("envoyExtAuthzGrpc")
+        if not isinstance(provider, dict):
+            fail(f"{mesh_file.name}: the txgate provider is not envoyExtAuthzGrpc")
+            provider = {}
+    if provider.get("service") != host or provider.get("port") != port:
+        fail(f"{mesh_file.name}: the provider calls {provider.get('service')}:{provider.get('port')}, the Service is {host}:{port}")
+    if provider.get("failOpen", False) is not False:
+        fail(f"{mesh_file.name}: failOpen must be false (a request txgate did not check must not pass)")
+
+    policy_file = ISTIO / "authorization-policy.yaml"
+    policy = kind_of(list(yaml.safe_load_all(policy_file.read_text())), "security.istio.io/v1", "AuthorizationPolicy", policy_file.name)
+    if policy.get("spec", {}).get("action") != "CUSTOM":
+        fail(f"{policy_file.name}: action must be CUSTOM")
+    if required(policy, "spec.provider.name", policy_file.name) != "txgate":
+        fail(f"{policy_file.name}: provider.name must be the mesh's txgate provider")
+    if not policy.get("spec", {}).get("rules"):
+        fail(f"{policy_file.name}: a CUSTOM policy without rules applies to no request")
+
+    eg_file = ENVOY_GATEWAY / "security-policy.yaml"
+    eg_objects = list(yaml.safe_load_all(eg_file.read_text()))
+    security = kind_of(eg_objects, "gateway.envoyproxy.io/v1alpha1", "SecurityPolicy", eg_file.name)
+    if not required(security, "spec.targetRefs", eg_file.name):
+        fail(f"{eg_file.name}: the SecurityPolicy targets nothing")
+    refs = required(security, "spec.extAuth.grpc.backendRefs", eg_file.name) or []
+    if len(refs) != 1 or (refs[0].get("kind"), refs[0].get("name"), refs[0].get("namespace"), refs[0].get("port")) != (
+        "Service",
+        "txgate",
+        TXGATE_NAMESPACE,
+        port,
+    ):
+        fail(f"{eg_file.name}: extAuth.grpc.backendRefs {refs} is not Service txgate.{TXGATE_NAMESPACE} port {port}")
+    if security.get("spec", {}).get("extAuth", {}).get("failOpen", False) is not False:
+        fail(f"{eg_file.name}: failOpen must be false")
+    grant = kind_of(eg_objects, "gateway.networking.k8s.io/v1beta1", "ReferenceGrant", eg_file.name)
+    policy_namespace = security.get("metadata", {}).get("namespace")
+    if grant.get("metadata", {}).get("namespace") != TXGATE_NAMESPACE:
+        fail(f"{eg_file.name}: the ReferenceGrant must live in {TXGATE_NAMESPACE}, beside the Service")
+    froms = grant.get("spec", {}).get("from", [])
+    if not any(f.get("kind") == "SecurityPolicy" and f.get("namespace") == policy_namespace for f in froms):
+        fail(f"{eg_file.name}: the ReferenceGrant does not admit SecurityPolicies from {policy_namespace}")
+    tos = grant.get("spec", {}).get("to", [])
+    if not any(t.get("kind") == "Service" and t.get("name") in (None, "txgate") for t in tos):
+        fail(f"{eg_file.name}: the ReferenceGrant does not grant the txgate Service")
+    finish("ext-authz", f"Istio provider and policy, Envoy Gateway SecurityPolicy name Service txgate.{TXGATE_NAMESPACE} port {port}")
+
+
 # --- README ---------------------------------------------------------------------------------
 
 MARKER = "<!-- run by deploy/check.sh -->"
@@ -425,6 +531,7 @@ def main():
         "shared-cache": check_shared_cache,
         "promql-rules": write_promql_rules,
         "metric-names": check_metric_names,
+        "ext-authz": check_ext_authz,
         "readme-commands": check_readme_commands,
     }[command](*args)
 

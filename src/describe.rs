@@ -57,8 +57,15 @@ pub fn summary(config: &Config) -> String {
         Some(a) => format!(", admin on {a}"),
         None => String::new(),
     };
+    let ext_authz: String = [
+        ("ext_authz grpc", config.server.ext_authz.grpc_listen),
+        ("ext_authz http", config.server.ext_authz.http_listen),
+    ]
+    .into_iter()
+    .filter_map(|(what, addr)| addr.map(|a| format!(", {what} on {a}")))
+    .collect();
     format!(
-        "{}: ok: {} route{}, {} token service{}, listening on {}{}",
+        "{}: ok: {} route{}, {} token service{}, listening on {}{}{}",
         config.source,
         config.routes.len(),
         plural(config.routes.len()),
@@ -66,6 +73,7 @@ pub fn summary(config: &Config) -> String {
         plural(config.token_services.len()),
         listen.join(", "),
         admin,
+        ext_authz,
     )
 }
 

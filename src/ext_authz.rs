@@ -357,6 +357,13 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // No Nagle: an answer is a few small HTTP/2 frames, and waiting for the peer's delayed
+    // ACK before sending the last of them would add tens of milliseconds to a Check.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an ext_authz connection");
+        }
+    });
     if let Err(e) = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await

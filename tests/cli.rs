@@ -81,6 +81,10 @@ const INVALID: &[(&str, &str)] = &[
         r#"routes[1].name: duplicate route name "orders" (first used at routes[0])"#,
     ),
     (
+        "ext_authz_without_listeners.yaml",
+        "server.ext_authz: set grpc_listen, http_listen or both (or remove the section)",
+    ),
+    (
         "h2_to_http_peers.yaml",
         "routes[0].upstream.protocol: h2 is HTTP/2 over TLS and the peers are http://; use h2c for HTTP/2 without TLS",
     ),
@@ -101,6 +105,10 @@ const INVALID: &[(&str, &str)] = &[
     (
         "none_with_token_service.yaml",
         "routes[0].exchange.token_service: mode none sends no token upstream; remove this key",
+    ),
+    (
+        "nothing_listens.yaml",
+        "server.listen: at least one listen address is required (server.listen, server.tls.listen or server.ext_authz)",
     ),
     (
         "retries_above_limit.yaml",

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::envoy::{Authz, Envoy};
 use common::process::TxgateProcess;
 use common::yaml::{Cache, Exchange, GatewayYaml, Route, TokenService};
-use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway};
+use common::{Behavior, RecordingUpstream, TestSts, caller_token, client, gateway, get};
 
 /// txgate with ext_authz only (no proxy listener): `orders` exchanges at `corp`, `flaky` at a
 /// token service that answers 503, `public` needs no token.
@@ -153,14 +153,7 @@ async fn the_promise_holds_through(
 
 /// Checks counted by transport, from the admin listener.
 async fn checks(admin: SocketAddr, transport: &str) -> u64 {
-    let text = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get(&format!("http://{admin}/metrics"), None).await.body;
     text.lines()
         .filter(|l| {
             l.starts_with("txgate_ext_authz_checks_total{")
@@ -183,14 +176,7 @@ async fn envoy_with_grpc_ext_authz_forwards_only_exchanged_tokens() {
     the_promise_holds_through(&envoy, &sts, &upstream, true).await;
     let admin = gw.admin_addr.unwrap();
     assert_eq!(checks(admin, "grpc").await, 7);
-    let page = client()
-        .get(format!("http://{admin}/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get(&format!("http://{admin}/"), None).await.body;
     assert!(page.contains("id=\"ext-authz\"") && page.contains(&grpc.to_string()));
 
     // txgate down: with failure_mode_allow: false Envoy refuses (403, its status_on_error
@@ -307,14 +293,7 @@ async fn checks_never_log_label_or_echo_the_callers_token() {
         logged.contains("<token>") && logged.contains("<jwt>"),
         "{logged}"
     );
-    let metrics = client()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get(&format!("http://{admin}/metrics"), None).await.body;
     assert!(metrics.contains("txgate_ext_authz_checks_total{"));
     assert!(!metrics.contains(&token) && !metrics.contains(jwt));
     assert_eq!(sts.calls(), 0, "no Check here reached the STS");

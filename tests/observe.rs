@@ -740,7 +740,7 @@ fn the_kubernetes_gateway_yaml_is_valid_with_cluster_hosts_on_loopback() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         txgate::describe::summary(&config),
-        "deploy/kubernetes/base/gateway.yaml: ok: 4 routes, 1 token service, listening on 0.0.0.0:8080, admin on 0.0.0.0:9090"
+        "deploy/kubernetes/base/gateway.yaml: ok: 4 routes, 1 token service, listening on 0.0.0.0:8080, admin on 0.0.0.0:9090, ext_authz grpc on 0.0.0.0:9191"
     );
     // The drain the Deployment's terminationGracePeriodSeconds (15) must outlast.
     assert_eq!(

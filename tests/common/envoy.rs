@@ -76,7 +76,9 @@ impl Envoy {
         })
         .await;
         let listener = super::eventually("Envoy binds its listener", START_WITHIN, || async move {
-            let body = reqwest::get(format!("http://{admin}/listeners?format=json"))
+            let body = super::client()
+                .get(format!("http://{admin}/listeners?format=json"))
+                .send()
                 .await
                 .map_err(|e| e.to_string())?
                 .json::<serde_json::Value>()
