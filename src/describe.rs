@@ -64,14 +64,19 @@ pub fn summary(config: &Config) -> String {
     .into_iter()
     .filter_map(|(what, addr)| addr.map(|a| format!(", {what} on {a}")))
     .collect();
+    let listening = if listen.is_empty() && config.server.tls.is_none() {
+        "no proxy listener".to_string()
+    } else {
+        format!("listening on {}", listen.join(", "))
+    };
     format!(
-        "{}: ok: {} route{}, {} token service{}, listening on {}{}{}",
+        "{}: ok: {} route{}, {} token service{}, {}{}{}",
         config.source,
         config.routes.len(),
         plural(config.routes.len()),
         config.token_services.len(),
         plural(config.token_services.len()),
-        listen.join(", "),
+        listening,
         admin,
         ext_authz,
     )

@@ -299,3 +299,39 @@ async fn checks_never_log_label_or_echo_the_callers_token() {
     assert_eq!(sts.calls(), 0, "no Check here reached the STS");
     assert!(upstream.seen().is_empty());
 }
+
+/// A reload applies to the next Check: the listeners read the configuration in force for each
+/// one, as the proxy does for each request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_to_the_next_check() {
+    let sts = TestSts::start(Behavior::issue()).await;
+    let upstream = RecordingUpstream::start().await;
+    let up = upstream.url();
+    let with_public = |mode: Exchange| {
+        GatewayYaml::new()
+            .server("listen", Vec::<String>::new())
+            .server(
+                "ext_authz",
+                serde_json::json!({ "http_listen": "127.0.0.1:0" }),
+            )
+            .token_service(TokenService::at(&sts))
+            .route(Route::new("public", "/public", &up).exchange(mode))
+            .to_yaml()
+    };
+    let gw = gateway(&with_public(Exchange::none())).await;
+    let checks_at = gw.ext_authz.http.expect("the HTTP ext_authz listener");
+    let url = format!("http://{checks_at}/public/a");
+    assert_eq!(get(&url, None).await.status, 200);
+    gw.reload(common::config(&with_public(Exchange::impersonation(
+        "corp",
+    ))))
+    .await
+    .expect("the reload applies");
+    let refused = get(&url, None).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        refused.header("www-authenticate"),
+        Some("Bearer realm=\"txgate\"")
+    );
+    assert_eq!(refused.json()["error"], "unauthorized");
+}
