@@ -187,3 +187,131 @@ fn answer(verdict: Verdict) -> CheckResponse {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ext_authz::proto::{AttributeContext, AttributeRequest, HeaderMap as RawHeaders};
+
+    fn check(http: HttpRequest) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(AttributeRequest { http: Some(http) }),
+            }),
+        }
+    }
+
+    fn raw(key: &str, value: &str) -> ProtoHeader {
+        ProtoHeader {
+            key: key.to_string(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_check_describes_the_request_without_pseudo_headers() {
+        let request = HttpRequest {
+            method: "POST".into(),
+            path: "/orders/1?x=1".into(),
+            host: "api.example.com".into(),
+            headers: [
+                (":authority", "api.example.com"),
+                (":path", "/orders/1?x=1"),
+                ("authorization", "Bearer abc"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            ..HttpRequest::default()
+        };
+        let d = described(check(request)).unwrap();
+        assert_eq!(d.method, Method::POST);
+        assert_eq!(d.uri, "/orders/1?x=1");
+        assert_eq!(d.headers.len(), 2);
+        assert_eq!(d.headers["host"], "api.example.com");
+        assert_eq!(d.headers["authorization"], "Bearer abc");
+    }
+
+    /// With `encode_raw_headers`, repeated headers stay apart, so two credentials are two.
+    #[test]
+    fn raw_headers_keep_repeated_names_apart() {
+        let request = HttpRequest {
+            method: "GET".into(),
+            path: "/".into(),
+            host: "h".into(),
+            header_map: Some(RawHeaders {
+                headers: vec![
+                    raw("authorization", "Bearer a"),
+                    raw("authorization", "Bearer b"),
+                    raw(":method", "GET"),
+                ],
+            }),
+            ..HttpRequest::default()
+        };
+        let d = described(check(request)).unwrap();
+        assert_eq!(d.headers.get_all("authorization").iter().count(), 2);
+        assert_eq!(d.headers.len(), 3);
+    }
+
+    #[test]
+    fn an_unreadable_check_is_a_400() {
+        for request in [
+            HttpRequest::default(),
+            HttpRequest {
+                method: "GET".into(),
+                path: "no path".into(),
+                ..HttpRequest::default()
+            },
+            HttpRequest {
+                method: "GET".into(),
+                path: "/".into(),
+                headers: [("bad name".to_string(), "v".to_string())].into(),
+                ..HttpRequest::default()
+            },
+        ] {
+            let error = described(check(request)).err().expect("refused");
+            assert_eq!(error.status(), 400);
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_mutations_and_the_denial() {
+        let allowed = answer(Verdict::Allow(super::super::Mutations {
+            set: vec![(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_static("Bearer x"),
+            )],
+            remove: vec![HeaderName::from_static("x-copy")],
+            remove_query: vec!["access_token"],
+        }));
+        let Some(HttpResponse::OkResponse(ok)) = allowed.http_response else {
+            panic!("not OK: {allowed:?}")
+        };
+        assert_eq!(allowed.status.unwrap().code, OK);
+        let header = ok.headers[0].header.as_ref().unwrap();
+        assert_eq!(
+            (header.key.as_str(), header.value.as_str()),
+            ("authorization", "Bearer x")
+        );
+        assert_eq!(ok.headers[0].append_action, OVERWRITE_IF_EXISTS_OR_ADD);
+        assert_eq!(ok.headers_to_remove, ["x-copy"]);
+        assert_eq!(ok.query_parameters_to_remove, ["access_token"]);
+
+        let error = GatewayError::MissingToken;
+        let denied = answer(Verdict::Deny(super::super::Denial::from_error(&error)));
+        assert_eq!(denied.status.unwrap().code, UNAUTHENTICATED);
+        let Some(HttpResponse::DeniedResponse(no)) = denied.http_response else {
+            panic!("not denied")
+        };
+        assert_eq!(no.status.unwrap().code, 401);
+        assert_eq!(no.body, error.body());
+        assert!(
+            no.headers
+                .iter()
+                .any(|h| h.header.as_ref().is_some_and(|h| {
+                    h.key == "www-authenticate" && h.value == "Bearer realm=\"txgate\""
+                }))
+        );
+    }
+}
