@@ -51,6 +51,14 @@ impl Transport {
             Transport::Http => "http",
         }
     }
+
+    /// The `front_door` of the access event.
+    pub fn front_door(self) -> &'static str {
+        match self {
+            Transport::Grpc => "ext_authz_grpc",
+            Transport::Http => "ext_authz_http",
+        }
+    }
 }
 
 /// The bound ext_authz listeners, for the status page and the startup line.
@@ -162,6 +170,14 @@ pub fn unreadable(current: &CurrentState, transport: Transport, error: GatewayEr
         .with_label_values(&["_none", &error.status().to_string(), transport.as_str()])
         .inc();
     tracing::debug!(outcome = error.outcome(), error = %error, "unreadable ext_authz Check");
+    // Nothing of the request is logged: what could not be read could hold anything.
+    tracing::info!(
+        target: "txgate::access",
+        front_door = transport.front_door(),
+        route = "_none",
+        status = error.status(),
+        outcome = error.outcome(),
+    );
     Verdict::Deny(Denial::from_error(&error))
 }
 
@@ -323,10 +339,7 @@ fn record(
     let request_id = redact::kept_request_id(&described.uri, &described.headers);
     tracing::info!(
         target: "txgate::access",
-        front_door = match transport {
-            Transport::Grpc => "ext_authz_grpc",
-            Transport::Http => "ext_authz_http",
-        },
+        front_door = transport.front_door(),
         route,
         method = redact::method(described.method.as_str(), &presented),
         path = redact::path(described.uri.path(), &presented).as_ref(),
