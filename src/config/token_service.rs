@@ -36,7 +36,7 @@ pub const MAX_RETRIES: u32 = 5;
 /// longer leeway would accept tokens that expired that long ago.
 pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
-const INBOUND_CACHE_ENTRIES: u64 = 100_000;
+pub(super) const INBOUND_CACHE_ENTRIES: u64 = 100_000;
 
 /// Settings of a token service's concurrency cap, retries and circuit breaker
 /// (`token_services.<name>`); the breaker itself is `exchange::resilience::Resilience`.
@@ -463,7 +463,17 @@ pub(super) fn build_inbound(
     raw: InboundFile,
     fallback: &InboundDefaults<'_>,
 ) -> BuildResult<InboundSettings> {
-    let InboundFile { jwt, introspection } = raw;
+    let InboundFile {
+        jwt,
+        introspection,
+        txn_token,
+    } = raw;
+    if txn_token.is_some() {
+        return Err(ConfigProblem::new(
+            format!("{path}.txn_token"),
+            "validates the Txn-Token of an internal route: set it on a route with mode none",
+        ));
+    }
     if jwt.is_none() && introspection.is_none() {
         return Err(ConfigProblem::new(path, "set jwt, introspection, or both"));
     }
@@ -526,6 +536,7 @@ pub(super) fn build_inbound(
                 refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
                 min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
                 max_cached: INBOUND_CACHE_ENTRIES,
+                typ: None,
             })
         })
         .transpose()?;
@@ -600,7 +611,7 @@ fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
 
 /// An inbound `alg`: asymmetric only. `none` would accept unsigned tokens, and an HMAC
 /// algorithm against a JWKS is the key-confusion attack of RFC 8725 §2.1.
-fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
+pub(super) fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
     let alg = text.parse::<Algorithm>().map_err(|_| {
         ConfigProblem::new(path.to_string(), format!("unknown algorithm \"{text}\""))
     })?;

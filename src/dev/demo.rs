@@ -297,6 +297,7 @@ fn banner(
     for route in &config.routes {
         let what = match &route.exchange {
             Exchange::None => "no token forwarded".to_string(),
+            Exchange::ByIssuer(_) => "token service chosen by the caller's issuer".to_string(),
             Exchange::Token(p) => {
                 let audience: Vec<&str> = p
                     .params
