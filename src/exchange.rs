@@ -860,7 +860,7 @@ mod tests {
         let config = crate::config::Config::from_yaml(&yaml, "t.yaml", &|_| None).unwrap();
         match &config.routes[0].exchange {
             crate::config::Exchange::Token(p) => p.clone(),
-            crate::config::Exchange::None => unreachable!("the route exchanges"),
+            _ => unreachable!("the route exchanges at one token service"),
         }
     }
 

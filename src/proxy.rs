@@ -503,6 +503,7 @@ routes:
                 method: &header.method,
                 uri: &header.uri,
                 headers: &header.headers,
+                client: None,
             };
             admission::admit(&state, request).await.unwrap()
         };

@@ -504,6 +504,25 @@ impl TestIssuer {
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
     }
+
+    /// [`TestIssuer::sign`] with the JOSE `typ` set to `typ` (a Transaction Token's is
+    /// `txntoken+jwt`).
+    pub fn sign_typed(&self, typ: &str, mut claims: serde_json::Value) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if claims.get("iss").is_none() {
+            claims["iss"] = self.issuer.clone().into();
+        }
+        if claims.get("exp").is_none() {
+            claims["exp"] = (now + 600).into();
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.to_string());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
 }
 
 /// A JWT with the given claims and a meaningless signature, for paths that do not verify.
