@@ -37,10 +37,11 @@
 //! - **JWT bearer** (RFC 7523 §2.1): the `assertion` must be signed by this STS (its only trusted
 //!   issuer), unexpired, with `sub` and an `aud` naming this issuer or its token endpoint. An
 //!   ID-JAG (JOSE `typ` `oauth-id-jag+jwt`) must carry the requesting client's `client_id`; the
-//!   access token's `aud` is its `resource` claim, else `resource`/`audience`, else the client,
-//!   and its scope the ID-JAG's (a `scope` parameter must be a subset). Any other JWT gets `aud`
-//!   from `audience`/`resource` (else the client) and the `scope` parameter. `requested_token_use`
-//!   is accepted and ignored.
+//!   access token's `aud` is its `resource` claim, else the `audience` values, else the
+//!   `resource` values, else the client, and its scope the ID-JAG's (a `scope` parameter must be
+//!   a subset, and does not narrow it). Any other JWT gets `aud` from `audience`, else
+//!   `resource`, else the client, and the `scope` parameter. `requested_token_use` is accepted
+//!   and ignored.
 //! - **Step-up** (RFC 9470): a subject listed in [`DevStsOptions::step_up_subjects`] gets
 //!   `400 {"error":"insufficient_user_authentication","error_description":…,"acr_values":
 //!   "urn:txgate:dev:mfa","max_age":300}` from token exchange and JWT bearer alike, once its
