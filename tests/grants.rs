@@ -622,3 +622,87 @@ fn grant_keys_in_the_wrong_place_are_config_errors_at_their_key() {
         .to_string();
     assert!(error.contains("routes[0].inbound.txn_token"), "{error}");
 }
+
+/// A development STS on 127.0.0.1:0, with the gateway as its client.
+async fn dev_sts() -> (
+    Arc<txgate::dev::sts::DevSts>,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let sts = DevSts::new(DevStsOptions::new(
+        issuer.clone(),
+        vec![DevClient {
+            client_id: "gateway".into(),
+            client_secret: txgate::secret::Secret::new(common::CLIENT_SECRET),
+        }],
+    ))
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(sts.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    (sts, issuer, stop)
+}
+
+/// The edge gateway asks the development STS for a Transaction Token per request; an internal
+/// gateway behind it validates that token (`inbound.txn_token`) and passes it on unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_tokens_from_the_development_sts_cross_an_internal_hop() {
+    const TRUST: &str = "https://trust.example.com";
+    let (sts, issuer, _stop) = dev_sts().await;
+    let upstream = RecordingUpstream::start().await;
+    let internal = gateway(&format!(
+        "server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n  - {{ name: internal, match: {{ path_prefix: / }}, upstream: \"{}\", exchange: {{ mode: none }}, inbound: {{ txn_token: {{ trust_domain: \"{TRUST}\", issuer: \"{issuer}\", jwks_uri: \"{issuer}/jwks\" }} }} }}\n",
+        upstream.url()
+    ))
+    .await;
+    let edge = gateway(&format!(
+        "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n  tts: {{ issuer: \"{issuer}\", client_id: gateway, client_secret: \"${{TEST_CLIENT_SECRET}}\", inbound: {{ jwt: {{ audiences: [txgate-demo] }} }} }}\nroutes:\n  - {{ name: edge, match: {{ path_prefix: /orders }}, upstream: \"{}\", exchange: {{ mode: transaction_token, token_service: tts, trust_domain: \"{TRUST}\", purpose: \"orders.read\" }} }}\n",
+        internal.url()
+    ))
+    .await;
+    let user = sts.issue_user_token("alice", None, None).unwrap();
+    let mut txns = Vec::new();
+    for round in 0..2 {
+        let response = client()
+            .delete(format!("{}/orders/42", edge.url()))
+            .bearer_auth(&user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "round {round}");
+        let seen = &upstream.seen()[round];
+        assert_eq!(seen.header("authorization"), None);
+        assert!(!seen.everything().contains(&user));
+        let txn_token = seen.header("txn-token").expect("a Txn-Token upstream");
+        let header = jsonwebtoken::decode_header(txn_token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("txntoken+jwt"));
+        let claims = txgate::jwt::unverified_claims(txn_token).unwrap();
+        assert_eq!(claims["iss"], issuer.as_str());
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["aud"], TRUST);
+        assert_eq!(claims["purp"], "orders.read");
+        assert_eq!(claims["rctx"]["method"], "DELETE");
+        assert_eq!(claims["rctx"]["path"], "/orders/42");
+        assert_eq!(claims["rctx"]["req_ip"], "127.0.0.1");
+        assert_eq!(claims["rctx"]["req_wl"], "gateway");
+        txns.push(claims["txn"].as_str().unwrap().to_string());
+    }
+    assert_ne!(txns[0], txns[1], "each request is its own transaction");
+    assert_eq!(
+        sts.tokens_issued_by(txgate::dev::sts::DevGrant::TokenExchange),
+        2
+    );
+    // The internal hop refuses what did not come from the trust domain's service.
+    let reply = client()
+        .get(internal.url())
+        .header("txn-token", &user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 401);
+    assert_eq!(upstream.seen().len(), 2);
+}
