@@ -35,7 +35,8 @@
 //!     unpadded base64url of a JSON object, becomes `rctx` with `req_wl` = the requesting client.
 //!     Every Transaction Token has a fresh random `txn`.
 //! - **JWT bearer** (RFC 7523 §2.1): the `assertion` must be signed by this STS (its only trusted
-//!   issuer), unexpired, with `sub` and an `aud` naming this issuer or its token endpoint. An
+//!   issuer), unexpired, with `sub` and an `aud` naming this issuer, its token endpoint or
+//!   [`AUTHORIZATION_SERVER_NAME`] (so a configuration need not know the port it runs on). An
 //!   ID-JAG (JOSE `typ` `oauth-id-jag+jwt`) must carry the requesting client's `client_id`; the
 //!   access token's `aud` is its `resource` claim, else the `audience` values, else the
 //!   `resource` values, else the client, and its scope the ID-JAG's (a `scope` parameter must be
@@ -70,6 +71,14 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
+
+/// A name the development STS answers to as an assertion's audience besides its issuer and
+/// token endpoint: `gateway.yaml`'s chain route asks for grants for it, whatever port the STS
+/// was given.
+pub const AUTHORIZATION_SERVER_NAME: &str = "urn:txgate:dev-sts";
+
+/// The subject `txgate demo`'s development STS asks to authenticate again (RFC 9470).
+pub const DEMO_STEP_UP_SUBJECT: &str = "needs-mfa";
 
 /// Lifetime of tokens issued at `/token` when nothing else is configured: 300 seconds.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -476,6 +485,7 @@ impl DevSts {
             self.options.issuer.as_str(),
             self.base_url(),
             token_endpoint.as_str(),
+            AUTHORIZATION_SERVER_NAME,
         ]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 0;
