@@ -31,7 +31,7 @@ fn the_shipped_gateway_yaml_passes_check() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "gateway.yaml: ok: 4 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
+        "gateway.yaml: ok: 6 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
     );
 }
 
@@ -119,7 +119,7 @@ const INVALID: &[(&str, &str)] = &[
     ),
     (
         "unknown_mode.yaml",
-        "routes[0].exchange.mode: unknown value `impersonate`, expected one of `impersonation`, `delegation`, `client_credentials`, `none`",
+        "routes[0].exchange.mode: unknown value `impersonate`, expected one of `impersonation`, `delegation`, `client_credentials`, `transaction_token`, `none`",
     ),
     (
         "unknown_token_service.yaml",
