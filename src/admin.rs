@@ -552,7 +552,6 @@ fn status_page(s: &Snapshot) -> String {
     out
 }
 
-
 /// An exchange's parameters as `key=value` pairs, for the routes table.
 fn exchange_params(p: &ExchangeSettings) -> String {
     p.params

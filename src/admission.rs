@@ -94,10 +94,10 @@ pub async fn admit(state: &GatewayState, request: Request<'_>) -> Result<Admitte
         cache,
     };
     let chosen = validation::choose(state, &target, &caller).map_err(|e| on_route(e, None))?;
-    let context = match chosen.profile.as_deref().map(|p| &p.mode) {
-        Some(crate::exchange::Mode::TransactionToken { context }) => Some(
-            upstream_token::request_context(context, request, &target),
-        ),
+    let context = match chosen.profile.map(|p| &p.mode) {
+        Some(crate::exchange::Mode::TransactionToken { context }) => {
+            Some(upstream_token::request_context(context, request, &target))
+        }
         _ => None,
     };
     let txn_token = validation::txn_token_of(state, &target, request);
@@ -107,16 +107,10 @@ pub async fn admit(state: &GatewayState, request: Request<'_>) -> Result<Admitte
     let checked = validation::check(&chosen, &target, &caller)
         .await
         .map_err(|e| on_route(e, None))?;
-    let upstream = upstream_token::obtain(
-        state,
-        &target,
-        chosen.profile,
-        &caller,
-        checked,
-        context,
-    )
-    .await
-    .map_err(|e| on_route(e.error, e.cache))?;
+    let upstream =
+        upstream_token::obtain(state, &target, chosen.profile, &caller, checked, context)
+            .await
+            .map_err(|e| on_route(e.error, e.cache))?;
     Ok(Admitted {
         target,
         caller,

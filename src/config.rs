@@ -1282,15 +1282,14 @@ fn build_actor(
         }
         None => {
             let params = exchange_params(path, audience, Vec::new(), scope, None)?;
-            let key_prefix =
-                profile_digest(
-                    ModeKind::ClientCredentials,
-                    Grant::ClientCredentials,
-                    service,
-                    "actor",
-                    &params,
-                    "",
-                );
+            let key_prefix = profile_digest(
+                ModeKind::ClientCredentials,
+                Grant::ClientCredentials,
+                service,
+                "actor",
+                &params,
+                "",
+            );
             ActorSettings::Own(Arc::new(ExchangeSettings {
                 mode: ModeSettings::ClientCredentials {
                     caller: CallerPolicy::Anonymous,

@@ -184,7 +184,8 @@ impl StepUp {
         let text = |name: &str, value: &Option<serde_json::Value>| match value {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::String(v))
-                if v.len() <= MAX_CHALLENGE_VALUE && v.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+                if v.len() <= MAX_CHALLENGE_VALUE
+                    && v.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
             {
                 Ok(Some(v.clone()))
             }
@@ -195,9 +196,12 @@ impl StepUp {
         let acr_values = text("acr_values", &body.acr_values)?;
         let claims = match &body.claims {
             // Entra sends the claims challenge as text; an object is taken as its JSON.
-            Some(serde_json::Value::Object(o)) => {
-                text("claims", &Some(serde_json::Value::String(serde_json::Value::Object(o.clone()).to_string())))?
-            }
+            Some(serde_json::Value::Object(o)) => text(
+                "claims",
+                &Some(serde_json::Value::String(
+                    serde_json::Value::Object(o.clone()).to_string(),
+                )),
+            )?,
             other => text("claims", other)?,
         };
         let max_age = match &body.max_age {
@@ -470,7 +474,10 @@ pub fn describe_step(profile: &ExchangeSettings, subject: &str) -> String {
         subject: Some(subject),
         actor: Some("ACTOR_TOKEN").filter(|_| profile.mode.actor().is_some()),
         context: Some("REQUEST_CONTEXT").filter(|_| {
-            matches!(profile.mode, crate::config::ModeSettings::TransactionToken { .. })
+            matches!(
+                profile.mode,
+                crate::config::ModeSettings::TransactionToken { .. }
+            )
         }),
     };
     let body = form_body(profile, tokens, Render::Describe).unwrap_or_default();

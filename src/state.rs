@@ -264,11 +264,11 @@ impl GatewayState {
             };
             let http = crate::exchange::http_client(crate::config::defaults::STS_CONNECT_TIMEOUT)
                 .map_err(|e| {
-                    in_file(crate::config::ConfigProblem::new(
-                        format!("routes[{i}].inbound.txn_token"),
-                        format!("cannot build the HTTP client for its JWKS: {e}"),
-                    ))
-                })?;
+                in_file(crate::config::ConfigProblem::new(
+                    format!("routes[{i}].inbound.txn_token"),
+                    format!("cannot build the HTTP client for its JWKS: {e}"),
+                ))
+            })?;
             let validator = Arc::new(JwtValidator::new((**settings).clone(), http));
             jwt_validators.push(validator.clone());
             txn_tokens.push(Some(validator));

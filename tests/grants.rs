@@ -25,9 +25,7 @@ fn service(name: &str, sts: &TestSts, extra: &str) -> String {
 }
 
 fn gateway_yaml(services: &str, routes: &str) -> String {
-    format!(
-        "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n{services}routes:\n{routes}"
-    )
+    format!("server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n{services}routes:\n{routes}")
 }
 
 fn issued(body: serde_json::Value) -> Behavior {
@@ -129,7 +127,9 @@ async fn a_chain_sends_each_result_to_the_next_step_and_caches_each_by_its_own_e
     assert_eq!(step2.param("assertion"), Some("grant-from-a-0123456789"));
     assert_eq!(step2.param("resource"), Some("https://api.b.example"));
     assert!(
-        b.captured().iter().all(|c| !c.form.iter().any(|(_, v)| v == &caller)),
+        b.captured()
+            .iter()
+            .all(|c| !c.form.iter().any(|(_, v)| v == &caller)),
         "domain B never sees the caller's token"
     );
     let seen = &upstream.seen()[0];
@@ -255,10 +255,16 @@ async fn the_callers_issuer_picks_the_token_service() {
     let two = idp2.sign(json!({"sub": "bob"}));
     assert_eq!(get(&gw.url(), Some(&one)).await.status, 200);
     assert_eq!((sts1.calls(), sts2.calls()), (1, 0));
-    assert_eq!(sts1.captured()[0].param("subject_token"), Some(one.as_str()));
+    assert_eq!(
+        sts1.captured()[0].param("subject_token"),
+        Some(one.as_str())
+    );
     assert_eq!(get(&gw.url(), Some(&two)).await.status, 200);
     assert_eq!((sts1.calls(), sts2.calls()), (1, 1));
-    assert_eq!(sts2.captured()[0].param("subject_token"), Some(two.as_str()));
+    assert_eq!(
+        sts2.captured()[0].param("subject_token"),
+        Some(two.as_str())
+    );
 
     // No listed issuer, an issuer's name on another's signature, no issuer at all: 401, and
     // no token service hears of them.
@@ -305,10 +311,14 @@ async fn a_step_up_answer_is_relayed_with_its_parameters_and_neither_cached_nor_
         assert_eq!(reply.status, 401, "round {round}: {}", reply.body);
         let challenge = reply.header("www-authenticate").unwrap();
         assert!(
-            challenge.starts_with("Bearer realm=\"txgate\", error=\"insufficient_user_authentication\""),
+            challenge
+                .starts_with("Bearer realm=\"txgate\", error=\"insufficient_user_authentication\""),
             "{challenge}"
         );
-        assert!(challenge.contains("acr_values=\"urn:example:mfa phr\""), "{challenge}");
+        assert!(
+            challenge.contains("acr_values=\"urn:example:mfa phr\""),
+            "{challenge}"
+        );
         assert!(challenge.contains("max_age=\"300\""), "{challenge}");
         let body = reply.json();
         assert_eq!(body["error"], "insufficient_user_authentication");
@@ -321,12 +331,16 @@ async fn a_step_up_answer_is_relayed_with_its_parameters_and_neither_cached_nor_
 
     // Entra's claims challenge, with quotes that must be escaped in the header.
     let claims = r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
-    sts.set(step_up(json!({"error": "interaction_required", "claims": claims})));
+    sts.set(step_up(
+        json!({"error": "interaction_required", "claims": claims}),
+    ));
     let reply = get(&gw.url(), Some(&caller)).await;
     assert_eq!(reply.status, 401);
     let challenge = reply.header("www-authenticate").unwrap();
     assert!(
-        challenge.contains(r#"claims="{\"access_token\":{\"acrs\":{\"essential\":true,\"value\":\"c1\"}}}""#),
+        challenge.contains(
+            r#"claims="{\"access_token\":{\"acrs\":{\"essential\":true,\"value\":\"c1\"}}}""#
+        ),
         "{challenge}"
     );
     assert_eq!(reply.json()["claims"], claims);
@@ -385,7 +399,10 @@ async fn a_transaction_token_goes_upstream_alone_and_is_obtained_for_each_reques
     .await;
     let caller = caller_token();
     let response = client()
-        .post(format!("{}/orders/./42/../7?access_token={caller}", gw.url()))
+        .post(format!(
+            "{}/orders/./42/../7?access_token={caller}",
+            gw.url()
+        ))
         .bearer_auth(&caller)
         .header("txn-token", "forged-by-the-caller-0123")
         .send()
@@ -411,10 +428,18 @@ async fn a_transaction_token_goes_upstream_alone_and_is_obtained_for_each_reques
     assert!(!seen.everything().contains(&caller));
     assert!(!seen.everything().contains("forged-by-the-caller"));
     // A Txn-Token is one transaction's: the next request gets its own.
-    assert_eq!(get(&format!("{}/orders/7", gw.url()), Some(&caller)).await.status, 200);
+    assert_eq!(
+        get(&format!("{}/orders/7", gw.url()), Some(&caller))
+            .await
+            .status,
+        200
+    );
     assert_eq!(tts.calls(), 2);
     // No token, no Transaction Token.
-    assert_eq!(get(&format!("{}/orders/7", gw.url()), None).await.status, 401);
+    assert_eq!(
+        get(&format!("{}/orders/7", gw.url()), None).await.status,
+        401
+    );
     assert_eq!(tts.calls(), 2);
 }
 
@@ -528,7 +553,10 @@ fn check_verbose_prints_every_step_of_a_chain_and_the_transaction_token_request(
         out.contains("requested_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid-jag"),
         "{out}"
     );
-    assert!(out.contains("step 2 at as: POST http://127.0.0.1:8/token"), "{out}");
+    assert!(
+        out.contains("step 2 at as: POST http://127.0.0.1:8/token"),
+        "{out}"
+    );
     assert!(out.contains("assertion=RESULT_OF_STEP_1"), "{out}");
     assert!(out.contains("request_context=REQUEST_CONTEXT"), "{out}");
     assert!(out.contains("base64url JSON of method, req_ip"), "{out}");

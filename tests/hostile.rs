@@ -2859,7 +2859,9 @@ impl GrantParts {
             )
         };
         let service = |name: &str, endpoint: &str, extra: String| {
-            format!("  {name}: {{ token_endpoint: \"{endpoint}\", client_id: gateway, client_secret: \"${{TEST_CLIENT_SECRET}}\"{extra} }}\n")
+            format!(
+                "  {name}: {{ token_endpoint: \"{endpoint}\", client_id: gateway, client_secret: \"${{TEST_CLIENT_SECRET}}\"{extra} }}\n"
+            )
         };
         let up = self.upstream.url();
         format!(
@@ -2912,7 +2914,10 @@ async fn a_smuggled_txn_token_reaches_no_upstream_on_any_route_kind() {
         ("/delegation/x", Some(caller_token())),
         ("/bearer/x", Some(caller_token())),
         ("/chain/x", Some(caller_token())),
-        ("/tenants/x", Some(parts.tenant_one.sign(json!({"sub": "alice"})))),
+        (
+            "/tenants/x",
+            Some(parts.tenant_one.sign(json!({"sub": "alice"}))),
+        ),
         ("/txn/x", Some(caller_token())),
     ] {
         for name in ["Txn-Token", "txn-token", "TXN-TOKEN", "tXn-ToKeN"] {
@@ -2936,9 +2941,21 @@ async fn a_smuggled_txn_token_reaches_no_upstream_on_any_route_kind() {
     let caller = caller_token();
     for (why, headers, status) in [
         ("forged", vec![("Txn-Token", FORGED)], 401),
-        ("a bearer token instead", vec![("Authorization", &*format!("Bearer {caller}"))], 401),
-        ("the caller's token as Txn-Token", vec![("Txn-Token", caller.as_str())], 401),
-        ("valid twice", vec![("Txn-Token", valid.as_str()), ("txn-token", valid.as_str())], 401),
+        (
+            "a bearer token instead",
+            vec![("Authorization", &*format!("Bearer {caller}"))],
+            401,
+        ),
+        (
+            "the caller's token as Txn-Token",
+            vec![("Txn-Token", caller.as_str())],
+            401,
+        ),
+        (
+            "valid twice",
+            vec![("Txn-Token", valid.as_str()), ("txn-token", valid.as_str())],
+            401,
+        ),
         ("valid", vec![("TXN-TOKEN", valid.as_str())], 200),
     ] {
         let answer = send_raw(addr, &raw_get("/internal/x", &headers)).await;
@@ -2956,10 +2973,14 @@ async fn a_smuggled_txn_token_reaches_no_upstream_on_any_route_kind() {
         }
         let on_txn_route = seen.uri.starts_with("/txn");
         if on_txn_route && seen.header("txn-token") != Some(ISSUED_TXN) {
-            failures.push(format!("the txn route lost its own Txn-Token: {everything}"));
+            failures.push(format!(
+                "the txn route lost its own Txn-Token: {everything}"
+            ));
         }
         if seen.uri.starts_with("/internal") && seen.header("txn-token") != Some(valid.as_str()) {
-            failures.push(format!("the internal route changed the Txn-Token: {everything}"));
+            failures.push(format!(
+                "the internal route changed the Txn-Token: {everything}"
+            ));
         }
     }
     assert_table(failures);
@@ -2977,12 +2998,7 @@ async fn a_steered_issuer_or_chain_reaches_no_token_service() {
     let addr = gw.proxy_addrs[0];
     let one = &parts.tenant_one;
     let two = &parts.tenant_two;
-    let header_of = |token: &str| {
-        format!(
-            "{}.",
-            token.split('.').next().unwrap()
-        )
-    };
+    let header_of = |token: &str| format!("{}.", token.split('.').next().unwrap());
     let with_payload = |token: &str, claims: Value| {
         let mut parts = token.split('.');
         let (h, _, s) = (parts.next().unwrap(), parts.next(), parts.next().unwrap());
@@ -2991,30 +3007,75 @@ async fn a_steered_issuer_or_chain_reaches_no_token_service() {
     let signed_by_two = two.sign(json!({"sub": "mallory"}));
     let mut failures = Vec::new();
     for (why, token) in [
-        ("tenant one's iss, tenant two's key", two.sign(json!({"sub": "mallory", "iss": one.issuer}))),
-        ("iss swapped into a tenant-two token", with_payload(&signed_by_two, json!({"sub": "mallory", "iss": one.issuer, "exp": 4_000_000_000u64}))),
-        ("iss as a list", two.sign(json!({"sub": "mallory", "iss": [one.issuer.clone()]}))),
-        ("iss with a trailing slash", one.sign(json!({"sub": "mallory", "iss": format!("{}/", one.issuer)}))),
-        ("iss differing in case", one.sign(json!({"sub": "mallory", "iss": one.issuer.to_uppercase()}))),
-        ("no iss", with_payload(&one.sign(json!({"sub": "x"})), json!({"sub": "mallory"}))),
-        ("alg none", format!("{}{}.", header_of(&URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#)), URL_SAFE_NO_PAD.encode(json!({"iss": one.issuer, "sub": "m"}).to_string()))),
+        (
+            "tenant one's iss, tenant two's key",
+            two.sign(json!({"sub": "mallory", "iss": one.issuer})),
+        ),
+        (
+            "iss swapped into a tenant-two token",
+            with_payload(
+                &signed_by_two,
+                json!({"sub": "mallory", "iss": one.issuer, "exp": 4_000_000_000u64}),
+            ),
+        ),
+        (
+            "iss as a list",
+            two.sign(json!({"sub": "mallory", "iss": [one.issuer.clone()]})),
+        ),
+        (
+            "iss with a trailing slash",
+            one.sign(json!({"sub": "mallory", "iss": format!("{}/", one.issuer)})),
+        ),
+        (
+            "iss differing in case",
+            one.sign(json!({"sub": "mallory", "iss": one.issuer.to_uppercase()})),
+        ),
+        (
+            "no iss",
+            with_payload(&one.sign(json!({"sub": "x"})), json!({"sub": "mallory"})),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}{}.",
+                header_of(&URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#)),
+                URL_SAFE_NO_PAD.encode(json!({"iss": one.issuer, "sub": "m"}).to_string())
+            ),
+        ),
         ("opaque", caller_token()),
     ] {
-        let answer = send_raw(addr, &raw_get("/tenants/x", &[("Authorization", &format!("Bearer {token}"))])).await;
+        let answer = send_raw(
+            addr,
+            &raw_get(
+                "/tenants/x",
+                &[("Authorization", &format!("Bearer {token}"))],
+            ),
+        )
+        .await;
         match &answer {
             Some(a) if a.status == 401 && a.error_code().as_deref() == Some("invalid_token") => {}
             other => failures.push(format!("{why}: {other:?}")),
         }
     }
     if parts.sts.calls() != 0 {
-        failures.push(format!("{} STS calls for refused issuers", parts.sts.calls()));
+        failures.push(format!(
+            "{} STS calls for refused issuers",
+            parts.sts.calls()
+        ));
     }
     if !parts.upstream.seen().is_empty() {
         failures.push("a refused issuer reached the upstream".into());
     }
     // A chain: the caller's token is only ever step 1's subject.
     let caller = caller_token();
-    let answer = send_raw(addr, &raw_get("/chain/x", &[("Authorization", &format!("Bearer {caller}"))])).await;
+    let answer = send_raw(
+        addr,
+        &raw_get(
+            "/chain/x",
+            &[("Authorization", &format!("Bearer {caller}"))],
+        ),
+    )
+    .await;
     if answer.as_ref().map(|a| a.status) != Some(200) {
         failures.push(format!("chain: {answer:?}"));
     }
@@ -3024,7 +3085,9 @@ async fn a_steered_issuer_or_chain_reaches_no_token_service() {
         .filter(|c| c.form.iter().any(|(_, v)| v.contains(&caller)))
         .collect();
     if with_caller.len() != 1 || with_caller[0].param("subject_token") != Some(caller.as_str()) {
-        failures.push(format!("the caller's token went to the STS as more than step 1's subject: {calls:?}"));
+        failures.push(format!(
+            "the caller's token went to the STS as more than step 1's subject: {calls:?}"
+        ));
     }
     assert_table(failures);
 }

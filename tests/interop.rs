@@ -347,7 +347,11 @@ routes:
         assert!(!seen.everything().contains(&user), "{path}");
         let token = seen.bearer().expect("a token upstream");
         let claims = claims(token);
-        assert_eq!(claims["iss"], b.issuer.as_str(), "{path}: domain B issued it");
+        assert_eq!(
+            claims["iss"],
+            b.issuer.as_str(),
+            "{path}: domain B issued it"
+        );
         assert_eq!(claims["sub"], "user-app", "{path}: the caller's subject");
         let aud = &claims["aud"];
         assert!(
@@ -364,7 +368,10 @@ routes:
         .await
         .unwrap();
     assert_eq!(again.status(), 200);
-    assert_eq!((a.exchanges().await.len(), b.exchanges().await.len()), before);
+    assert_eq!(
+        (a.exchanges().await.len(), b.exchanges().await.len()),
+        before
+    );
 
     // Domain A wants a stronger login for this user: relayed to the caller as RFC 9470 asks.
     let stepup = a.token_for("stepup-user", "user-secret", ORDERS).await;
@@ -375,7 +382,10 @@ routes:
         .await
         .unwrap();
     assert_eq!(response.status(), 401);
-    let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_string();
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(
         challenge.contains("error=\"insufficient_user_authentication\"")
             && challenge.contains("acr_values=\"urn:example:mfa\"")

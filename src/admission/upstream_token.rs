@@ -13,7 +13,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use super::{Caller, Request, Target};
 use crate::cache::{CacheKey, Lookup, TokenCache};
 use crate::config::ContextAttribute;
-use crate::token::TokenDigest;
 use crate::error::GatewayError;
 use crate::exchange::actor::Actor;
 use crate::exchange::{self, ActorSource, ExchangeProfile, Mode, Tokens};
@@ -21,6 +20,7 @@ use crate::inbound::ValidatedToken;
 use crate::metrics::Metrics;
 use crate::state::GatewayState;
 use crate::token::CallerToken;
+use crate::token::TokenDigest;
 
 /// The header an exchanged token goes upstream in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -176,7 +176,13 @@ pub async fn obtain(
             key,
             subject_for_sts.unwrap_or_default(),
             lease(&profile),
-            fetch(&state.cache, &state.metrics, &profile, tokens, subject_digest),
+            fetch(
+                &state.cache,
+                &state.metrics,
+                &profile,
+                tokens,
+                subject_digest,
+            ),
         )
         .await;
     if let (Ok(token), Lookup::Hit) = (&result, lookup)
@@ -299,10 +305,14 @@ async fn run_chain(
         let result = exchange_with_metrics(metrics, last, tokens).await;
         match (&result, &input) {
             // The last step refused a cached input: drop it and redo the steps from there.
-            (Err(e @ exchange::ExchangeError::SubjectRejected { .. }), Some((token, key, true)))
-                if fresh_from == before.len() =>
-            {
-                tracing::debug!(outcome = e.outcome(), "a chain step refused a cached input; obtaining a fresh one");
+            (
+                Err(e @ exchange::ExchangeError::SubjectRejected { .. }),
+                Some((token, key, true)),
+            ) if fresh_from == before.len() => {
+                tracing::debug!(
+                    outcome = e.outcome(),
+                    "a chain step refused a cached input; obtaining a fresh one"
+                );
                 cache.purge(*key, &token.authorization).await;
                 fresh_from = before.len() - 1;
                 continue 'again;
@@ -311,10 +321,14 @@ async fn run_chain(
         }
         let issued = result?;
         // The upstream receives the last result: it must not carry the caller's token either.
-        if subject.len() >= exchange::MIN_GUARDED_TOKEN_BYTES && issued.access_token.contains(subject)
+        if subject.len() >= exchange::MIN_GUARDED_TOKEN_BYTES
+            && issued.access_token.contains(subject)
             || issued.access_token == subject
         {
-            tracing::error!(outcome = "echoed_input_token", "refused a chain's final token: it carries the caller's token");
+            tracing::error!(
+                outcome = "echoed_input_token",
+                "refused a chain's final token: it carries the caller's token"
+            );
             return Err(exchange::ExchangeError::EchoedInputToken);
         }
         return Ok(issued);

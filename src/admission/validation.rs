@@ -27,7 +27,10 @@ pub fn choose<'s>(
     target: &Target,
     caller: &Caller,
 ) -> Result<Chosen<'s>, GatewayError> {
-    let choices = state.choices.get(target.index).map_or(&[][..], Vec::as_slice);
+    let choices = state
+        .choices
+        .get(target.index)
+        .map_or(&[][..], Vec::as_slice);
     if choices.is_empty() {
         return Ok(Chosen {
             profile: state.profile(target.index),
@@ -44,7 +47,9 @@ pub fn choose<'s>(
         .iter()
         .find(|c| Some(c.issuer.as_str()) == issuer)
         .ok_or_else(|| {
-            GatewayError::InvalidToken("no token service of the route serves the token's issuer".into())
+            GatewayError::InvalidToken(
+                "no token service of the route serves the token's issuer".into(),
+            )
         })?;
     Ok(Chosen {
         profile: Some(&choice.profile),

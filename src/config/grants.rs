@@ -268,15 +268,12 @@ pub(super) fn transaction_token(
         services,
         raw.mode,
     )?;
-    let trust_domain = raw
-        .trust_domain
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ConfigProblem::new(
-                format!("{path}.trust_domain"),
-                "required by mode transaction_token (the audience of every Txn-Token)",
-            )
-        })?;
+    let trust_domain = raw.trust_domain.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ConfigProblem::new(
+            format!("{path}.trust_domain"),
+            "required by mode transaction_token (the audience of every Txn-Token)",
+        )
+    })?;
     let purpose = raw.purpose.ok_or_else(|| {
         ConfigProblem::new(
             format!("{path}.purpose"),

@@ -70,7 +70,7 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
     let mut options = DevStsOptions::new(format!("http://{sts_addr}"), dedup(clients));
     options.step_up_subjects = vec![DEMO_STEP_UP_SUBJECT.to_string()];
     let sts = DevSts::new(options)
-    .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
+        .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
 
     let mut take = |addr: SocketAddr, what: &str| match prebound.remove(&addr) {
         Some(socket) => Ok(socket),
@@ -401,7 +401,6 @@ fn route_of(config: &Config, mode: ModeKind) -> Option<&crate::config::Route> {
         .find(|r| matches!(&r.exchange, Exchange::Token(p) if p.mode.kind() == mode))
         .map(|r| r.as_ref())
 }
-
 
 /// A route that exchanges tokens for an h2c upstream, when the plain listener takes h2c: the
 /// demo's gRPC call goes there.
