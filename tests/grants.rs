@@ -44,17 +44,34 @@ fn step_up(body: serde_json::Value) -> Behavior {
     }
 }
 
+/// A gateway with token service `corp` at `sts` and one route `r` on `/` to `upstream`, whose
+/// `exchange` map holds `exchange` (after `mode: impersonation, token_service: corp`).
+async fn one_route(
+    sts: &TestSts,
+    service_extra: &str,
+    upstream: &RecordingUpstream,
+    exchange: &str,
+) -> txgate::server::RunningGateway {
+    gateway(&gateway_yaml(
+        &service("corp", sts, service_extra),
+        &format!(
+            "  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp{exchange} }} }}\n",
+            upstream.url()
+        ),
+    ))
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_jwt_bearer_grant_sends_the_caller_token_as_the_assertion() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&gateway_yaml(
-        &service("corp", &sts, ""),
-        &format!(
-            "  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp, grant: jwt_bearer, scope: \"orders:read\", resource: [\"https://orders.example.com\"] }} }}\n",
-            upstream.url()
-        ),
-    ))
+    let gw = one_route(
+        &sts,
+        "",
+        &upstream,
+        ", grant: jwt_bearer, scope: \"orders:read\", resource: [\"https://orders.example.com\"]",
+    )
     .await;
     let caller = caller_token();
     assert_eq!(get(&gw.url(), Some(&caller)).await.status, 200);
@@ -293,17 +310,12 @@ async fn a_step_up_answer_is_relayed_with_its_parameters_and_neither_cached_nor_
     })))
     .await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&gateway_yaml(
-        &service(
-            "corp",
-            &sts,
-            ", circuit_breaker: { failure_threshold: 2, open_for: 30s }",
-        ),
-        &format!(
-            "  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp, audience: [\"https://orders.example.com\"] }} }}\n",
-            upstream.url()
-        ),
-    ))
+    let gw = one_route(
+        &sts,
+        ", circuit_breaker: { failure_threshold: 2, open_for: 30s }",
+        &upstream,
+        ", audience: [\"https://orders.example.com\"]",
+    )
     .await;
     let caller = caller_token();
     for round in 1..=4 {
@@ -354,14 +366,7 @@ async fn a_step_up_answer_is_relayed_with_its_parameters_and_neither_cached_nor_
 async fn a_step_up_answer_that_would_carry_a_token_or_break_the_header_is_not_relayed() {
     let sts = TestSts::start(Behavior::issue()).await;
     let upstream = RecordingUpstream::start().await;
-    let gw = gateway(&gateway_yaml(
-        &service("corp", &sts, ""),
-        &format!(
-            "  - {{ name: r, match: {{ path_prefix: / }}, upstream: \"{}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n",
-            upstream.url()
-        ),
-    ))
-    .await;
+    let gw = one_route(&sts, "", &upstream, "").await;
     let caller = caller_token();
     for answer in [
         json!({"error": "insufficient_user_authentication", "acr_values": format!("x {caller}")}),
@@ -651,36 +656,12 @@ fn grant_keys_in_the_wrong_place_are_config_errors_at_their_key() {
     assert!(error.contains("routes[0].inbound.txn_token"), "{error}");
 }
 
-/// A development STS on 127.0.0.1:0, with the gateway as its client.
-async fn dev_sts() -> (
-    Arc<txgate::dev::sts::DevSts>,
-    String,
-    tokio::sync::oneshot::Sender<()>,
-) {
-    use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let issuer = format!("http://{}", listener.local_addr().unwrap());
-    let sts = DevSts::new(DevStsOptions::new(
-        issuer.clone(),
-        vec![DevClient {
-            client_id: "gateway".into(),
-            client_secret: txgate::secret::Secret::new(common::CLIENT_SECRET),
-        }],
-    ))
-    .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(sts.clone().serve(listener, async {
-        let _ = stopped.await;
-    }));
-    (sts, issuer, stop)
-}
-
 /// The edge gateway asks the development STS for a Transaction Token per request; an internal
 /// gateway behind it validates that token (`inbound.txn_token`) and passes it on unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_tokens_from_the_development_sts_cross_an_internal_hop() {
     const TRUST: &str = "https://trust.example.com";
-    let (sts, issuer, _stop) = dev_sts().await;
+    let (sts, issuer, _stop) = common::dev_sts().await;
     let upstream = RecordingUpstream::start().await;
     let internal = gateway(&format!(
         "server: {{ listen: [\"127.0.0.1:0\"] }}\nroutes:\n  - {{ name: internal, match: {{ path_prefix: / }}, upstream: \"{}\", exchange: {{ mode: none }}, inbound: {{ txn_token: {{ trust_domain: \"{TRUST}\", issuer: \"{issuer}\", jwks_uri: \"{issuer}/jwks\" }} }} }}\n",

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::file::{ChainStepFile, ContextAttributeFile, ExchangeFile, ModeFile, TxnTokenFile};
 use super::inbound::JwtSettings;
-use super::token_service::{INBOUND_CACHE_ENTRIES, MAX_JWT_LEEWAY, allowed_algorithm};
+use super::token_service::{INBOUND_CACHE_ENTRIES, jwt_algorithms, jwt_leeway};
 use super::{
     ACCESS_TOKEN_TYPE, BuildResult, ConfigProblem, ContextAttribute, Exchange, ExchangeSettings,
     Grant, IssuerChoice, ModeKind, ModeSettings, TXN_TOKEN_TYPE, TokenServiceSettings, defaults,
@@ -361,22 +361,8 @@ pub(super) fn txn_token(path: &str, raw: TxnTokenFile) -> BuildResult<JwtSetting
         ));
     }
     let jwks_uri = http_url(&format!("{path}.jwks_uri"), &jwks_uri)?;
-    let algorithms = if algorithms.is_empty() {
-        defaults::JWT_ALGORITHMS.to_vec()
-    } else {
-        algorithms
-            .iter()
-            .enumerate()
-            .map(|(i, a)| allowed_algorithm(&format!("{path}.algorithms[{i}]"), a))
-            .collect::<BuildResult<Vec<_>>>()?
-    };
-    let leeway = leeway.unwrap_or(defaults::JWT_LEEWAY);
-    if leeway > MAX_JWT_LEEWAY {
-        return Err(ConfigProblem::new(
-            format!("{path}.leeway"),
-            "is more than a day, the most allowed",
-        ));
-    }
+    let algorithms = jwt_algorithms(&format!("{path}.algorithms"), &algorithms)?;
+    let leeway = jwt_leeway(&format!("{path}.leeway"), leeway)?;
     Ok(JwtSettings {
         issuer,
         jwks_uri,

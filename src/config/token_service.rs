@@ -34,7 +34,7 @@ use crate::secret::Secret;
 pub const MAX_RETRIES: u32 = 5;
 /// Largest `inbound.jwt.leeway`. Clocks a day apart are a misconfiguration, not skew, and a
 /// longer leeway would accept tokens that expired that long ago.
-pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
 pub(super) const INBOUND_CACHE_ENTRIES: u64 = 100_000;
 
@@ -505,34 +505,12 @@ pub(super) fn build_inbound(
                     )
                 })?,
             };
-            let algorithms = if algorithms.is_empty() {
-                defaults::JWT_ALGORITHMS.to_vec()
-            } else {
-                algorithms
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| allowed_algorithm(&format!("{}[{i}]", p("algorithms")), a))
-                    .collect::<BuildResult<Vec<_>>>()?
-            };
             Ok::<_, ConfigProblem>(JwtSettings {
                 issuer,
                 jwks_uri,
                 audiences,
-                algorithms,
-                leeway: match leeway.unwrap_or(defaults::JWT_LEEWAY) {
-                    l if l > MAX_JWT_LEEWAY => {
-                        return Err(ConfigProblem::new(
-                            p("leeway"),
-                            format!(
-                                "{} is more than a day, the most allowed: clocks that far \
-                                     apart are a misconfiguration, and a token that expired \
-                                     that long ago would still be accepted",
-                                humantime::format_duration(l)
-                            ),
-                        ));
-                    }
-                    l => l,
-                },
+                algorithms: jwt_algorithms(&p("algorithms"), &algorithms)?,
+                leeway: jwt_leeway(&p("leeway"), leeway)?,
                 refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
                 min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
                 max_cached: INBOUND_CACHE_ENTRIES,
@@ -597,6 +575,33 @@ pub(super) fn build_inbound(
     Ok(InboundSettings { jwt, introspection })
 }
 
+/// `algorithms` of a JWT validator at `path`: the defaults when empty.
+pub(super) fn jwt_algorithms(path: &str, algorithms: &[String]) -> BuildResult<Vec<Algorithm>> {
+    if algorithms.is_empty() {
+        return Ok(defaults::JWT_ALGORITHMS.to_vec());
+    }
+    algorithms
+        .iter()
+        .enumerate()
+        .map(|(i, a)| allowed_algorithm(&format!("{path}[{i}]"), a))
+        .collect()
+}
+
+/// `leeway` of a JWT validator at `path`: the default when absent, at most a day.
+pub(super) fn jwt_leeway(path: &str, leeway: Option<Duration>) -> BuildResult<Duration> {
+    match leeway.unwrap_or(defaults::JWT_LEEWAY) {
+        l if l > MAX_JWT_LEEWAY => Err(ConfigProblem::new(
+            path,
+            format!(
+                "{} is more than a day, the most allowed: clocks that far apart are a \
+                 misconfiguration, and a token that expired that long ago would still be accepted",
+                humantime::format_duration(l)
+            ),
+        )),
+        l => Ok(l),
+    }
+}
+
 /// A list of accepted values with no empty entry (an empty string would match a claim that
 /// is present but says nothing).
 fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
@@ -611,7 +616,7 @@ fn non_empty(path: &str, values: Vec<String>) -> BuildResult<Vec<String>> {
 
 /// An inbound `alg`: asymmetric only. `none` would accept unsigned tokens, and an HMAC
 /// algorithm against a JWKS is the key-confusion attack of RFC 8725 §2.1.
-pub(super) fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
+fn allowed_algorithm(path: &str, text: &str) -> BuildResult<Algorithm> {
     let alg = text.parse::<Algorithm>().map_err(|_| {
         ConfigProblem::new(path.to_string(), format!("unknown algorithm \"{text}\""))
     })?;
