@@ -249,6 +249,11 @@ async fn fetch(
         (Mode::Chain { steps }, Some(subject), Some(digest)) => {
             run_chain(cache, metrics, steps, subject, &digest).await
         }
+        // Admission requires a caller token on every chain route; never send the steps'
+        // container as a request of its own.
+        (Mode::Chain { .. }, _, _) => Err(exchange::ExchangeError::BadResponse(
+            "a chain runs only for a caller's token".into(),
+        )),
         _ => exchange_with_metrics(metrics, profile, tokens).await,
     }
 }
