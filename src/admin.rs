@@ -22,7 +22,7 @@ use pingora::protocols::http::ServerSession;
 use pingora_prometheus::prometheus::IntCounterVec;
 use pingora_prometheus::prometheus::core::Collector;
 
-use crate::config::{Exchange, HostPattern, Route};
+use crate::config::{Exchange, ExchangeSettings, HostPattern, ModeKind, ModeSettings, Route};
 use crate::exchange::ActorSource;
 use crate::state::{CurrentState, GatewayState};
 
@@ -394,14 +394,30 @@ fn status_page(s: &Snapshot) -> String {
         };
         let (mode, service, params) = match &route.exchange {
             Exchange::None => ("none", "—".to_string(), String::new()),
-            Exchange::Token(p) => (
-                p.mode.as_str(),
-                p.service.name.clone(),
-                p.params
+            Exchange::Token(p) => match &p.mode {
+                ModeSettings::Chain { steps } => (
+                    p.mode.as_str(),
+                    steps
+                        .iter()
+                        .map(|s| s.service.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" → "),
+                    steps
+                        .iter()
+                        .map(|s| exchange_params(s))
+                        .collect::<Vec<_>>()
+                        .join(" → "),
+                ),
+                _ => (p.mode.as_str(), p.service.name.clone(), exchange_params(p)),
+            },
+            Exchange::ByIssuer(choices) => (
+                choices[0].exchange.mode.as_str(),
+                choices
                     .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
+                    .map(|c| format!("{} (iss {})", c.exchange.service.name, c.issuer))
                     .collect::<Vec<_>>()
-                    .join(" "),
+                    .join(", "),
+                exchange_params(&choices[0].exchange),
             ),
         };
         let lookups = s.lookups.get(&route.name).copied().unwrap_or_default();
@@ -421,7 +437,11 @@ fn status_page(s: &Snapshot) -> String {
             requests = s.requests.get(&route.name).copied().unwrap_or(0),
             ratio = Esc(&match &route.exchange {
                 Exchange::None => "—".to_string(),
-                Exchange::Token(_) => lookups.hit_ratio(),
+                // A Transaction Token is obtained for each request, never cached.
+                Exchange::Token(p) if p.mode.kind() == ModeKind::TransactionToken => {
+                    "not cached".to_string()
+                }
+                Exchange::Token(_) | Exchange::ByIssuer(_) => lookups.hit_ratio(),
             }),
         );
     }
@@ -574,6 +594,15 @@ fn ext_authz_section(out: &mut String, s: &Snapshot) {
         );
     }
     out.push_str("</table>");
+}
+
+/// An exchange's parameters as `key=value` pairs, for the routes table.
+fn exchange_params(p: &ExchangeSettings) -> String {
+    p.params
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //!
 //! 1. [`route::select`]: the path normalised, the host decided, the route chosen.
 //! 2. [`credential::read`]: the bearer token, tokens in the URL (for every route kind), sizes.
-//! 3. [`validation::check`]: local validation of the caller's token.
+//! 3. [`validation::choose`] and [`validation::check`]: the exchange and validators (the
+//!    caller's issuer picks them on a route with several token services), local validation of
+//!    the caller's token, and of an internal route's `Txn-Token`.
 //! 4. [`upstream_token::obtain`]: the token for the upstream, from the cache or the STS.
 //!
 //! After the upstream answered, [`purge::after_upstream`] drops a token it rejected and says
@@ -41,6 +43,8 @@ pub struct Request<'a> {
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
+    /// The caller's address, when the front door knows it (a Transaction Token's context).
+    pub client: Option<std::net::IpAddr>,
 }
 
 /// A request that may be forwarded, with everything forwarding needs.
@@ -89,12 +93,24 @@ pub async fn admit(state: &GatewayState, request: Request<'_>) -> Result<Admitte
         caller: caller.token.clone(),
         cache,
     };
-    let checked = validation::check(state, &target, &caller)
+    let chosen = validation::choose(state, &target, &caller).map_err(|e| on_route(e, None))?;
+    let context = match chosen.profile.map(|p| &p.mode) {
+        Some(crate::exchange::Mode::TransactionToken { context }) => {
+            Some(upstream_token::request_context(context, request, &target))
+        }
+        _ => None,
+    };
+    let txn_token = validation::txn_token_of(state, &target, request);
+    validation::check_txn_token(txn_token)
         .await
         .map_err(|e| on_route(e, None))?;
-    let upstream = upstream_token::obtain(state, &target, &caller, checked)
+    let checked = validation::check(&chosen, &target, &caller)
         .await
-        .map_err(|e| on_route(e.error, e.cache))?;
+        .map_err(|e| on_route(e, None))?;
+    let upstream =
+        upstream_token::obtain(state, &target, chosen.profile, &caller, checked, context)
+            .await
+            .map_err(|e| on_route(e.error, e.cache))?;
     Ok(Admitted {
         target,
         caller,

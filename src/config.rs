@@ -10,6 +10,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod env;
 pub mod file;
+mod grants;
 pub mod inbound;
 pub mod profile;
 pub mod shared_cache;
@@ -29,8 +30,8 @@ use url::Url;
 
 pub use discovery::{Discover, NoDiscovery};
 use file::{
-    ActorFile, CacheFile, CallerFile, ExchangeFile, GatewayFile, MatchFile, ModeFile, RouteFile,
-    ServerFile,
+    ActorFile, CacheFile, CallerFile, ExchangeFile, GatewayFile, GrantFile, MatchFile, ModeFile,
+    RouteFile, ServerFile,
 };
 pub use inbound::InboundSettings;
 pub use profile::Profile;
@@ -52,7 +53,14 @@ const TOKEN_TYPES: &[(&str, &str)] = &[
     ("jwt", "urn:ietf:params:oauth:token-type:jwt"),
     ("saml1", "urn:ietf:params:oauth:token-type:saml1"),
     ("saml2", "urn:ietf:params:oauth:token-type:saml2"),
+    ("id_jag", ID_JAG_TOKEN_TYPE),
+    ("txn_token", TXN_TOKEN_TYPE),
 ];
+
+/// An Identity Assertion JWT Authorization Grant (draft-ietf-oauth-identity-assertion-authz-grant).
+pub const ID_JAG_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id-jag";
+/// A Transaction Token (draft-ietf-oauth-transaction-tokens).
+pub const TXN_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:txn_token";
 
 /// The default `subject_token_type`: the caller presents an OAuth access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -226,15 +234,19 @@ pub struct Route {
     pub headers: HeaderRules,
     pub exchange: Exchange,
     /// Local validation of the caller's token: the route's own `inbound`, else its token
-    /// service's; `None` leaves validation to the STS.
+    /// service's; `None` leaves validation to the STS (and for [`Exchange::ByIssuer`], where
+    /// each choice has its own).
     pub inbound: Option<Arc<InboundSettings>>,
+    /// `inbound.txn_token` of an internal route: the `Txn-Token` every request must carry,
+    /// validated and passed on unchanged.
+    pub txn_token: Option<Arc<inbound::JwtSettings>>,
 }
 
 impl Route {
     /// Whether the route does anything with a caller token it is sent (exchanges it, or
     /// checks it); a `none` route only keeps it from the upstream.
     pub fn uses_caller_token(&self) -> bool {
-        matches!(self.exchange, Exchange::Token(_))
+        !matches!(self.exchange, Exchange::None)
     }
 
     /// Whether a request must present a caller token: every route that exchanges one, except
@@ -242,12 +254,22 @@ impl Route {
     pub fn needs_caller_token(&self) -> bool {
         match &self.exchange {
             Exchange::None => false,
+            Exchange::ByIssuer(_) => true,
             Exchange::Token(profile) => !matches!(
                 profile.mode,
                 ModeSettings::ClientCredentials {
                     caller: CallerPolicy::Anonymous
                 }
             ),
+        }
+    }
+
+    /// Every exchange the route may run: one, or one per issuer.
+    pub fn exchanges(&self) -> Vec<&Arc<ExchangeSettings>> {
+        match &self.exchange {
+            Exchange::None => Vec::new(),
+            Exchange::Token(settings) => vec![settings],
+            Exchange::ByIssuer(choices) => choices.iter().map(|c| &c.exchange).collect(),
         }
     }
 }
@@ -267,6 +289,18 @@ pub enum Exchange {
     None,
     /// A token exchanged at a token service.
     Token(Arc<ExchangeSettings>),
+    /// `exchange.token_services`: one exchange per token service, the caller's validated `iss`
+    /// picks it (multi-IdP, multi-tenant). In configured order; issuers are distinct.
+    ByIssuer(Arc<[IssuerChoice]>),
+}
+
+/// One token service of a route that lists several: the issuer whose callers it serves, the
+/// exchange at it, and the validation of those callers' tokens.
+#[derive(Debug)]
+pub struct IssuerChoice {
+    pub issuer: String,
+    pub exchange: Arc<ExchangeSettings>,
+    pub inbound: Arc<InboundSettings>,
 }
 
 /// The exchange modes of DESIGN.md step 4 that call an STS, each with the data only it has:
@@ -284,6 +318,34 @@ pub enum ModeSettings {
     },
     /// The gateway's own token for the route; the caller's token is checked, never sent.
     ClientCredentials { caller: CallerPolicy },
+    /// `exchange.chain`: the caller's token is step 1's subject, each step's result the next
+    /// one's; the last result goes upstream. Each step is an impersonation of its own.
+    Chain { steps: Vec<Arc<ExchangeSettings>> },
+    /// A Transaction Token for each request (draft-ietf-oauth-transaction-tokens), sent in
+    /// `Txn-Token`; the caller's token is the subject and goes nowhere else.
+    TransactionToken { context: Vec<ContextAttribute> },
+}
+
+/// A request attribute put in a Transaction Token request's `request_context`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextAttribute {
+    /// The request method, as `method`.
+    Method,
+    /// The normalised path without the query, as `path`.
+    Path,
+    /// The caller's IP address, as `req_ip`.
+    ClientAddress,
+}
+
+impl ContextAttribute {
+    /// Its name in `request_context`.
+    pub fn key(self) -> &'static str {
+        match self {
+            ContextAttribute::Method => "method",
+            ContextAttribute::Path => "path",
+            ContextAttribute::ClientAddress => "req_ip",
+        }
+    }
 }
 
 /// Whether a `client_credentials` route needs a caller token (`exchange.caller`).
@@ -301,6 +363,8 @@ pub enum ModeKind {
     Impersonation,
     Delegation,
     ClientCredentials,
+    Chain,
+    TransactionToken,
 }
 
 impl ModeKind {
@@ -309,6 +373,8 @@ impl ModeKind {
             ModeKind::Impersonation => "impersonation",
             ModeKind::Delegation => "delegation",
             ModeKind::ClientCredentials => "client_credentials",
+            ModeKind::Chain => "chain",
+            ModeKind::TransactionToken => "transaction_token",
         }
     }
 }
@@ -319,6 +385,8 @@ impl ModeSettings {
             ModeSettings::Impersonation => ModeKind::Impersonation,
             ModeSettings::Delegation { .. } => ModeKind::Delegation,
             ModeSettings::ClientCredentials { .. } => ModeKind::ClientCredentials,
+            ModeSettings::Chain { .. } => ModeKind::Chain,
+            ModeSettings::TransactionToken { .. } => ModeKind::TransactionToken,
         }
     }
 
@@ -340,8 +408,9 @@ impl ModeSettings {
 pub enum Grant {
     /// RFC 8693 token exchange.
     TokenExchange,
-    /// Microsoft Entra on-behalf-of: RFC 7523 jwt-bearer with `requested_token_use`.
-    OnBehalfOf,
+    /// RFC 7523 §2.1 jwt-bearer: the subject is sent as `assertion` (Microsoft Entra's
+    /// on-behalf-of adds `requested_token_use`).
+    JwtBearer,
     /// RFC 6749 §4.4 client credentials.
     ClientCredentials,
 }
@@ -764,15 +833,47 @@ fn build_route(
     let headers = upstream::build_headers(&format!("{path}.headers"), headers)?;
     let anonymous = exchange.caller == Some(CallerFile::Anonymous);
     let exchange = build_exchange(&format!("{path}.exchange"), exchange, services)?;
+    // `inbound.txn_token` belongs to internal routes; the rest of `inbound` to exchanging ones.
+    let (inbound, txn_token) = match inbound {
+        Some(mut raw) => {
+            let txn = raw.txn_token.take();
+            let rest = (raw.jwt.is_some() || raw.introspection.is_some()).then_some(raw);
+            (rest, txn)
+        }
+        None => (None, None),
+    };
+    let txn_token = match (txn_token, &exchange) {
+        (None, _) => None,
+        (Some(raw), Exchange::None) => Some(Arc::new(grants::txn_token(
+            &format!("{path}.inbound.txn_token"),
+            raw,
+        )?)),
+        (Some(_), _) => {
+            return Err(ConfigProblem::new(
+                format!("{path}.inbound.txn_token"),
+                "validates the Txn-Token of an internal route, which exchanges nothing: \
+                 use it with mode none",
+            ));
+        }
+    };
     let service = match &exchange {
         Exchange::Token(profile) => Some(&profile.service),
         Exchange::None => None,
+        Exchange::ByIssuer(_) if inbound.is_some() => {
+            return Err(ConfigProblem::new(
+                format!("{path}.inbound"),
+                "with token_services, each token service's own inbound block validates its \
+                 callers; remove this key",
+            ));
+        }
+        Exchange::ByIssuer(_) => None,
     };
     let inbound = match (inbound, service) {
         (Some(_), None) => {
             return Err(ConfigProblem::new(
                 format!("{path}.inbound"),
-                "mode none forwards no token, so there is nothing to validate; remove this key",
+                "mode none forwards no token, so there is nothing to validate; remove this key \
+                 (an internal route validates its Txn-Token with inbound.txn_token)",
             ));
         }
         (Some(raw), Some(service)) => Some(Arc::new(token_service::build_inbound(
@@ -839,6 +940,7 @@ fn build_route(
         headers,
         exchange,
         inbound,
+        txn_token,
     })
 }
 
@@ -868,12 +970,118 @@ fn host_pattern(path: &str, text: &str) -> BuildResult<HostPattern> {
 
 fn build_exchange(
     path: &str,
-    raw: ExchangeFile,
+    mut raw: ExchangeFile,
     services: &BTreeMap<String, Arc<TokenServiceSettings>>,
 ) -> BuildResult<Exchange> {
+    if raw.mode == ModeFile::None {
+        let configured = [
+            ("token_service", raw.token_service.is_some()),
+            ("token_services", raw.token_services.is_some()),
+            ("grant", raw.grant.is_some()),
+            ("chain", raw.chain.is_some()),
+            ("audience", !raw.audience.is_empty()),
+            ("resource", !raw.resource.is_empty()),
+            ("scope", raw.scope.is_some()),
+            ("subject_token_type", raw.subject_token_type.is_some()),
+            ("requested_token_type", raw.requested_token_type.is_some()),
+            ("actor", raw.actor.is_some()),
+            ("require_may_act", raw.require_may_act),
+            ("caller", raw.caller.is_some()),
+            ("trust_domain", raw.trust_domain.is_some()),
+            ("purpose", raw.purpose.is_some()),
+            ("request_context", raw.request_context.is_some()),
+            (
+                "purge_on_upstream_status",
+                raw.purge_on_upstream_status.is_some(),
+            ),
+        ];
+        if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
+            return Err(ConfigProblem::new(
+                format!("{path}.{key}"),
+                "mode none sends no token upstream; remove this key",
+            ));
+        }
+        return Ok(Exchange::None);
+    }
+    if raw.mode != ModeFile::TransactionToken {
+        for (key, set) in [
+            ("trust_domain", raw.trust_domain.is_some()),
+            ("purpose", raw.purpose.is_some()),
+            ("request_context", raw.request_context.is_some()),
+        ] {
+            if set {
+                return Err(ConfigProblem::new(
+                    format!("{path}.{key}"),
+                    "applies to mode transaction_token only",
+                ));
+            }
+        }
+    }
+    if let Some(steps) = raw.chain.take() {
+        return grants::chain(path, raw, steps, services).map(Exchange::Token);
+    }
+    if let Some(names) = raw.token_services.take() {
+        return grants::by_issuer(path, raw, names, services);
+    }
+    if raw.mode == ModeFile::TransactionToken {
+        return grants::transaction_token(path, raw, services).map(Exchange::Token);
+    }
+    let service = service_named(
+        &format!("{path}.token_service"),
+        raw.token_service.clone(),
+        services,
+        raw.mode,
+    )?;
+    build_single(path, raw, service).map(|s| Exchange::Token(Arc::new(s)))
+}
+
+/// The token service `name` (the value at `path`), which mode `mode` requires.
+fn service_named(
+    path: &str,
+    name: Option<String>,
+    services: &BTreeMap<String, Arc<TokenServiceSettings>>,
+    mode: ModeFile,
+) -> BuildResult<Arc<TokenServiceSettings>> {
+    let name = name.ok_or_else(|| {
+        ConfigProblem::new(
+            path,
+            format!("required for mode {}", mode_name(mode).as_str()),
+        )
+    })?;
+    services.get(&name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = services.keys().map(String::as_str).collect();
+        ConfigProblem::new(
+            path,
+            format!(
+                "unknown token service \"{name}\" (known: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        )
+    })
+}
+
+fn mode_name(mode: ModeFile) -> ModeKind {
+    match mode {
+        ModeFile::Delegation => ModeKind::Delegation,
+        ModeFile::ClientCredentials => ModeKind::ClientCredentials,
+        ModeFile::TransactionToken => ModeKind::TransactionToken,
+        ModeFile::Impersonation | ModeFile::None => ModeKind::Impersonation,
+    }
+}
+
+/// One exchange at `service` (impersonation, delegation or client credentials), from the
+/// route's `exchange` keys at `path` (a chain step's keys at its own path).
+fn build_single(
+    path: &str,
+    raw: ExchangeFile,
+    service: Arc<TokenServiceSettings>,
+) -> BuildResult<ExchangeSettings> {
     let ExchangeFile {
         mode,
-        token_service,
         audience,
         resource,
         scope,
@@ -883,36 +1091,10 @@ fn build_exchange(
         require_may_act,
         caller,
         purge_on_upstream_status,
+        grant,
+        ..
     } = raw;
-    let mode = match mode {
-        ModeFile::None => {
-            let configured = [
-                ("token_service", token_service.is_some()),
-                ("audience", !audience.is_empty()),
-                ("resource", !resource.is_empty()),
-                ("scope", scope.is_some()),
-                ("subject_token_type", subject_token_type.is_some()),
-                ("requested_token_type", requested_token_type.is_some()),
-                ("actor", actor.is_some()),
-                ("require_may_act", require_may_act),
-                ("caller", caller.is_some()),
-                (
-                    "purge_on_upstream_status",
-                    purge_on_upstream_status.is_some(),
-                ),
-            ];
-            if let Some((key, _)) = configured.iter().find(|(_, set)| *set) {
-                return Err(ConfigProblem::new(
-                    format!("{path}.{key}"),
-                    "mode none sends no token upstream; remove this key",
-                ));
-            }
-            return Ok(Exchange::None);
-        }
-        ModeFile::Impersonation => ModeKind::Impersonation,
-        ModeFile::Delegation => ModeKind::Delegation,
-        ModeFile::ClientCredentials => ModeKind::ClientCredentials,
-    };
+    let mode = mode_name(mode);
     let only_for = |key: &str, set: bool, wanted: ModeKind| -> BuildResult<()> {
         if set && mode != wanted {
             return Err(ConfigProblem::new(
@@ -929,6 +1111,7 @@ fn build_exchange(
         for (key, set) in [
             ("subject_token_type", subject_token_type.is_some()),
             ("requested_token_type", requested_token_type.is_some()),
+            ("grant", grant.is_some()),
         ] {
             if set {
                 return Err(ConfigProblem::new(
@@ -938,38 +1121,32 @@ fn build_exchange(
             }
         }
     }
-    let service_name = token_service.ok_or_else(|| {
-        ConfigProblem::new(
-            format!("{path}.token_service"),
-            format!("required for mode {}", mode.as_str()),
-        )
-    })?;
-    let service = services.get(&service_name).cloned().ok_or_else(|| {
-        let known: Vec<&str> = services.keys().map(String::as_str).collect();
-        ConfigProblem::new(
-            format!("{path}.token_service"),
-            format!(
-                "unknown token service \"{service_name}\" (known: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ),
-        )
-    })?;
-    let grant = match (mode, service.profile) {
+    let entra = service.profile == Profile::EntraObo;
+    let grant = match (mode, grant) {
         (ModeKind::ClientCredentials, _) => Grant::ClientCredentials,
-        (ModeKind::Impersonation, Profile::EntraObo) => Grant::OnBehalfOf,
-        (ModeKind::Delegation, Profile::EntraObo) => {
+        (ModeKind::Delegation, _) if entra => {
             return Err(ConfigProblem::new(
                 format!("{path}.mode"),
                 "Entra on-behalf-of has no actor token; use mode impersonation",
             ));
         }
+        (ModeKind::Delegation, Some(GrantFile::JwtBearer)) => {
+            return Err(ConfigProblem::new(
+                format!("{path}.grant"),
+                "the jwt-bearer grant has no actor token; use mode impersonation",
+            ));
+        }
+        (_, Some(GrantFile::TokenExchange)) if entra => {
+            return Err(ConfigProblem::new(
+                format!("{path}.grant"),
+                "Entra on-behalf-of is the jwt-bearer grant; remove this key or set jwt_bearer",
+            ));
+        }
+        (_, Some(GrantFile::JwtBearer)) => Grant::JwtBearer,
+        (_, None) if entra => Grant::JwtBearer,
         _ => Grant::TokenExchange,
     };
-    if grant == Grant::OnBehalfOf {
+    if entra {
         if !audience.is_empty() || !resource.is_empty() {
             return Err(ConfigProblem::new(
                 format!("{path}.audience"),
@@ -984,6 +1161,13 @@ fn build_exchange(
             ));
         }
     }
+    if grant == Grant::JwtBearer && subject_token_type.is_some() {
+        return Err(ConfigProblem::new(
+            format!("{path}.subject_token_type"),
+            "the jwt-bearer grant sends the subject as an assertion, which has no token type; \
+             remove this key",
+        ));
+    }
     let subject_token_type = match subject_token_type {
         Some(t) => token_type(&format!("{path}.subject_token_type"), &t)?,
         None => ACCESS_TOKEN_TYPE.to_string(),
@@ -991,15 +1175,17 @@ fn build_exchange(
     let requested_token_type = requested_token_type
         .map(|t| token_type(&format!("{path}.requested_token_type"), &t))
         .transpose()?;
-    let params = exchange_params(
+    let mut params = exchange_params(
         path,
         audience,
         resource,
         scope,
         requested_token_type.clone(),
     )?;
+    if entra {
+        params.insert(0, ("requested_token_use", "on_behalf_of".to_string()));
+    }
     let (mode_data, actor_token_type) = match mode {
-        ModeKind::Impersonation => (ModeSettings::Impersonation, ACCESS_TOKEN_TYPE.to_string()),
         ModeKind::Delegation => {
             let (actor, actor_token_type) = build_actor(&format!("{path}.actor"), actor, &service)?;
             (
@@ -1019,16 +1205,18 @@ fn build_exchange(
             },
             ACCESS_TOKEN_TYPE.to_string(),
         ),
+        _ => (ModeSettings::Impersonation, ACCESS_TOKEN_TYPE.to_string()),
     };
     let key_prefix = profile_digest(
         mode,
+        grant,
         &service,
         &subject_token_type,
         &params,
         &actor_token_type,
     );
     let purge_on_upstream_status = purge_statuses(path, purge_on_upstream_status)?;
-    Ok(Exchange::Token(Arc::new(ExchangeSettings {
+    Ok(ExchangeSettings {
         purge_on_upstream_status,
         mode: mode_data,
         grant,
@@ -1038,7 +1226,7 @@ fn build_exchange(
         params,
         key_prefix,
         actor_token_type,
-    })))
+    })
 }
 
 /// `exchange.purge_on_upstream_status`: error statuses only (a purge on success would
@@ -1139,8 +1327,14 @@ fn build_actor(
         }
         None => {
             let params = exchange_params(path, audience, Vec::new(), scope, None)?;
-            let key_prefix =
-                profile_digest(ModeKind::ClientCredentials, service, "actor", &params, "");
+            let key_prefix = profile_digest(
+                ModeKind::ClientCredentials,
+                Grant::ClientCredentials,
+                service,
+                "actor",
+                &params,
+                "",
+            );
             ActorSettings::Own(Arc::new(ExchangeSettings {
                 mode: ModeSettings::ClientCredentials {
                     caller: CallerPolicy::Anonymous,
@@ -1181,6 +1375,7 @@ fn token_type(path: &str, text: &str) -> BuildResult<String> {
 /// concatenation.
 fn profile_digest(
     mode: ModeKind,
+    grant: Grant,
     service: &TokenServiceSettings,
     subject_token_type: &str,
     params: &[(&'static str, String)],
@@ -1191,8 +1386,13 @@ fn profile_digest(
         h.update((bytes.len() as u64).to_be_bytes());
         h.update(bytes);
     };
-    put(b"txgate-exchange-profile-v1");
+    put(b"txgate-exchange-profile-v2");
     put(mode.as_str().as_bytes());
+    put(match grant {
+        Grant::TokenExchange => b"token_exchange".as_slice(),
+        Grant::JwtBearer => b"jwt_bearer",
+        Grant::ClientCredentials => b"client_credentials",
+    });
     put(service.name.as_bytes());
     put(service.token_endpoint.as_str().as_bytes());
     put(service.client_id.as_bytes());

@@ -4,8 +4,8 @@
 //! Kept apart from loading because it is output for people, not configuration: it reads a
 //! loaded [`Config`] and nothing here decides how the gateway behaves.
 
-use crate::config::{ActorSettings, Config, Exchange};
-use crate::exchange::describe_request;
+use crate::config::{ActorSettings, Config, Exchange, ExchangeSettings, ModeSettings};
+use crate::exchange::{describe_request, describe_step};
 
 /// `txgate check --verbose`: the summary, then each token service's endpoints and each route's
 /// exact STS request (tokens as placeholders, secrets redacted).
@@ -29,15 +29,18 @@ pub fn verbose(config: &Config) -> String {
     for (i, route) in config.routes.iter().enumerate() {
         let what = match &route.exchange {
             Exchange::None => "mode none: no token upstream".to_string(),
-            Exchange::Token(p) => {
+            Exchange::Token(p) => exchange(p),
+            Exchange::ByIssuer(choices) => {
                 let mut line = format!(
-                    "mode {} at {}: {}",
-                    p.mode.as_str(),
-                    p.service.name,
-                    describe_request(p)
+                    "mode {}, token service chosen by the caller's iss:",
+                    choices[0].exchange.mode.as_str()
                 );
-                if let Some(ActorSettings::Own(own)) = p.mode.actor() {
-                    line.push_str(&format!("; actor token: {}", describe_request(own)));
+                for choice in choices.iter() {
+                    line.push_str(&format!(
+                        "\n      iss {} -> {}",
+                        choice.issuer,
+                        exchange(&choice.exchange)
+                    ));
                 }
                 line
             }
@@ -48,6 +51,55 @@ pub fn verbose(config: &Config) -> String {
         ));
     }
     out
+}
+
+/// One exchange: its mode, token service and exact request; a chain's steps each on a line
+/// of their own, each subject the previous step's result.
+fn exchange(p: &ExchangeSettings) -> String {
+    match &p.mode {
+        ModeSettings::Chain { steps } => {
+            let mut line = format!("mode chain of {} steps:", steps.len());
+            for (i, step) in steps.iter().enumerate() {
+                let subject = match i {
+                    0 => "CALLER_TOKEN".to_string(),
+                    n => format!("RESULT_OF_STEP_{n}"),
+                };
+                line.push_str(&format!(
+                    "\n      step {} at {}: {}",
+                    i + 1,
+                    step.service.name,
+                    describe_step(step, &subject)
+                ));
+            }
+            line
+        }
+        ModeSettings::TransactionToken { context } => {
+            let keys: Vec<&str> = context.iter().map(|c| c.key()).collect();
+            format!(
+                "mode transaction_token at {}: {} (REQUEST_CONTEXT: base64url JSON of {}; \
+                 the result goes upstream as Txn-Token, obtained for each request, never cached)",
+                p.service.name,
+                describe_request(p),
+                if keys.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    keys.join(", ")
+                }
+            )
+        }
+        _ => {
+            let mut line = format!(
+                "mode {} at {}: {}",
+                p.mode.as_str(),
+                p.service.name,
+                describe_request(p)
+            );
+            if let Some(ActorSettings::Own(own)) = p.mode.actor() {
+                line.push_str(&format!("; actor token: {}", describe_request(own)));
+            }
+            line
+        }
+    }
 }
 
 /// A one-line summary for `txgate check`.

@@ -59,6 +59,12 @@ pub enum GatewayError {
     /// Too many introspection calls in flight: refused without calling the issuer.
     #[error("too many token validation calls in flight")]
     ValidatorOverloaded,
+    /// An internal route (`inbound.txn_token`) was sent no `Txn-Token`, or several.
+    #[error("no single Txn-Token header")]
+    TxnTokenRequired,
+    /// The `Txn-Token` failed validation (signature, `typ`, trust domain, expiry...).
+    #[error("the Txn-Token failed validation: {0}")]
+    InvalidTxnToken(String),
     /// `require_may_act`: the subject's `may_act` does not name the actor (RFC 8693 §4.4).
     #[error("the subject token's may_act does not name the actor")]
     MayActDenied,
@@ -86,7 +92,9 @@ impl GatewayError {
             GatewayError::HeadersTooLarge => 431,
             GatewayError::MissingToken
             | GatewayError::TokenTooLarge(_)
-            | GatewayError::InvalidToken(_) => 401,
+            | GatewayError::InvalidToken(_)
+            | GatewayError::TxnTokenRequired
+            | GatewayError::InvalidTxnToken(_) => 401,
             GatewayError::MayActDenied => 403,
             GatewayError::ValidatorUnavailable(_) | GatewayError::ValidatorOverloaded => 503,
             GatewayError::DuplicateCredential
@@ -97,7 +105,7 @@ impl GatewayError {
             | GatewayError::InvalidHost
             | GatewayError::PathNotNormalized => 400,
             GatewayError::Exchange(e) => match e {
-                ExchangeError::SubjectRejected { .. } => 401,
+                ExchangeError::SubjectRejected { .. } | ExchangeError::StepUp(_) => 401,
                 ExchangeError::Forbidden { .. } => 403,
                 ExchangeError::ClientRejected { .. }
                 | ExchangeError::SigningFailed(_)
@@ -125,6 +133,8 @@ impl GatewayError {
             GatewayError::InvalidHost => "invalid_host",
             GatewayError::PathNotNormalized => "path_not_normalized",
             GatewayError::InvalidToken(_) => "invalid_token",
+            GatewayError::TxnTokenRequired => "missing_txn_token",
+            GatewayError::InvalidTxnToken(_) => "invalid_txn_token",
             GatewayError::ValidatorUnavailable(_) => "validator_unavailable",
             GatewayError::ValidatorOverloaded => "validator_overloaded",
             GatewayError::MayActDenied => "may_act_denied",
@@ -137,6 +147,9 @@ impl GatewayError {
         match self.status() {
             400 => "invalid_request",
             401 if matches!(self, GatewayError::MissingToken) => "unauthorized",
+            401 if matches!(self, GatewayError::Exchange(ExchangeError::StepUp(_))) => {
+                "insufficient_user_authentication"
+            }
             401 => "invalid_token",
             403 => "insufficient_scope",
             404 => "not_found",
@@ -173,12 +186,18 @@ impl GatewayError {
                 "the path has dot segments, repeated slashes or escapes the gateway would normalise"
             }
             GatewayError::InvalidToken(_) => "the bearer token was rejected",
+            GatewayError::TxnTokenRequired | GatewayError::InvalidTxnToken(_) => {
+                "a valid Txn-Token is required"
+            }
             GatewayError::ValidatorUnavailable(_) | GatewayError::ValidatorOverloaded => {
                 "the token cannot be validated right now; retry later"
             }
             GatewayError::MayActDenied => "the gateway may not act for this token",
             GatewayError::Exchange(e) => match e {
                 ExchangeError::SubjectRejected { .. } => "the bearer token was rejected",
+                ExchangeError::StepUp(_) => {
+                    "a stronger or more recent user authentication is required"
+                }
                 ExchangeError::Forbidden { .. } => {
                     "the bearer token does not grant access to this resource"
                 }
@@ -197,6 +216,9 @@ impl GatewayError {
 
     /// RFC 6750 §3 challenge for 400/401/403; `None` for other statuses.
     pub fn www_authenticate(&self) -> Option<String> {
+        if let GatewayError::Exchange(ExchangeError::StepUp(step_up)) = self {
+            return Some(step_up_challenge(step_up, self.description()));
+        }
         match self.status() {
             401 if matches!(self, GatewayError::MissingToken) => {
                 Some(format!("Bearer realm=\"{REALM}\""))
@@ -225,11 +247,23 @@ impl GatewayError {
 
     /// The JSON body: `{"error": ..., "error_description": ...}`.
     pub fn body(&self) -> String {
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "error": self.code(),
             "error_description": self.description(),
-        })
-        .to_string()
+        });
+        // A step-up answer tells the client what to ask the user for (RFC 9470 §3).
+        if let GatewayError::Exchange(ExchangeError::StepUp(step_up)) = self {
+            if let Some(acr) = &step_up.acr_values {
+                body["acr_values"] = acr.as_str().into();
+            }
+            if let Some(max_age) = step_up.max_age {
+                body["max_age"] = max_age.into();
+            }
+            if let Some(claims) = &step_up.claims {
+                body["claims"] = claims.as_str().into();
+            }
+        }
+        body.to_string()
     }
 
     /// Logs the error at the level its cause deserves: our own credentials being rejected is an
@@ -319,6 +353,39 @@ impl ProxyFailure {
             _ => "the gateway failed to proxy the request",
         }
     }
+}
+
+/// The RFC 9470 §3 challenge of a step-up answer: `insufficient_user_authentication` with what
+/// the STS asked for. Values are quoted-strings (RFC 9110 §5.6.4); the STS's values were
+/// checked to be printable ASCII, and quotes and backslashes are escaped here.
+fn step_up_challenge(step_up: &crate::exchange::StepUp, description: &str) -> String {
+    let quoted = |v: &str| {
+        let mut out = String::with_capacity(v.len() + 2);
+        out.push('"');
+        for c in v.chars() {
+            if matches!(c, '"' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        out
+    };
+    let mut challenge = format!(
+        "Bearer realm=\"{REALM}\", error=\"insufficient_user_authentication\", error_description=\"{description}\""
+    );
+    if let Some(acr) = &step_up.acr_values {
+        challenge.push_str(", acr_values=");
+        challenge.push_str(&quoted(acr));
+    }
+    if let Some(max_age) = step_up.max_age {
+        challenge.push_str(&format!(", max_age=\"{max_age}\""));
+    }
+    if let Some(claims) = &step_up.claims {
+        challenge.push_str(", claims=");
+        challenge.push_str(&quoted(claims));
+    }
+    challenge
 }
 
 #[cfg(test)]

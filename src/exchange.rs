@@ -95,6 +95,11 @@ pub enum ExchangeError {
     /// forwarding it would hand the caller's (or the gateway's) own token to the upstream.
     #[error("the token service echoed an input token as the issued token")]
     EchoedInputToken,
+    /// The STS wants the user to authenticate again, more strongly or with consent (RFC 9470
+    /// `insufficient_user_authentication`, OpenID `interaction_required` / `consent_required`):
+    /// relayed to the caller as a 401 challenge with what the STS asked for.
+    #[error("the token service asks for a stronger user authentication ({})", .0.code)]
+    StepUp(StepUp),
     /// `issued_token_type` is not the configured `requested_token_type` (RFC 8693 §2.2.1).
     #[error("the token service issued a {issued} where {requested} was requested")]
     UnexpectedTokenType { requested: String, issued: String },
@@ -121,6 +126,7 @@ impl ExchangeError {
             ExchangeError::BadResponse(_) => "bad_response",
             ExchangeError::EchoedInputToken => "echoed_input_token",
             ExchangeError::UnexpectedTokenType { .. } => "unexpected_token_type",
+            ExchangeError::StepUp(_) => "step_up",
         }
     }
 
@@ -151,6 +157,79 @@ impl ExchangeError {
                 code: OAuthErrorCode::InvalidTarget,
             }
         )
+    }
+}
+
+/// What an STS asked of the user in a step-up answer, checked to be safe in a
+/// `WWW-Authenticate` challenge (RFC 9470 §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepUp {
+    /// The code the STS sent.
+    pub code: OAuthErrorCode,
+    /// `acr_values`: space-separated authentication context class references.
+    pub acr_values: Option<String>,
+    /// `max_age`: the longest time since the user's authentication, in seconds.
+    pub max_age: Option<u64>,
+    /// Entra's `claims` challenge (a JSON object as text), relayed as the STS sent it.
+    pub claims: Option<String>,
+}
+
+/// The longest `acr_values` or `claims` value relayed from an STS.
+const MAX_CHALLENGE_VALUE: usize = 2048;
+
+impl StepUp {
+    /// The parameters of a step-up answer, or an unusable answer when a value could not go
+    /// into a challenge safely (control characters, absurd lengths, a non-number `max_age`).
+    fn from_body(code: OAuthErrorCode, body: &ErrorResponse) -> Result<StepUp, ExchangeError> {
+        let text = |name: &str, value: &Option<serde_json::Value>| match value {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(v))
+                if v.len() <= MAX_CHALLENGE_VALUE
+                    && v.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+            {
+                Ok(Some(v.clone()))
+            }
+            Some(_) => Err(ExchangeError::BadResponse(format!(
+                "the step-up answer's {name} is not printable text of at most {MAX_CHALLENGE_VALUE} bytes"
+            ))),
+        };
+        let acr_values = text("acr_values", &body.acr_values)?;
+        let claims = match &body.claims {
+            // Entra sends the claims challenge as text; an object is taken as its JSON.
+            Some(serde_json::Value::Object(o)) => text(
+                "claims",
+                &Some(serde_json::Value::String(
+                    serde_json::Value::Object(o.clone()).to_string(),
+                )),
+            )?,
+            other => text("claims", other)?,
+        };
+        let max_age = match &body.max_age {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+            Some(_) => None,
+        };
+        if body.max_age.as_ref().is_some_and(|v| !v.is_null()) && max_age.is_none() {
+            return Err(ExchangeError::BadResponse(
+                "the step-up answer's max_age is not a number of seconds".into(),
+            ));
+        }
+        Ok(StepUp {
+            code,
+            acr_values,
+            max_age,
+            claims,
+        })
+    }
+
+    /// Whether any value carries `input` (an STS must never make the gateway hand a token to
+    /// the caller's client in a challenge).
+    fn carries(&self, input: &str) -> bool {
+        [self.acr_values.as_deref(), self.claims.as_deref()]
+            .into_iter()
+            .flatten()
+            .any(|v| v.contains(input))
     }
 }
 
@@ -199,6 +278,12 @@ pub enum OAuthErrorCode {
     ServerError,
     /// Also an authorization-endpoint code; STSs send it when overloaded or in maintenance.
     TemporarilyUnavailable,
+    /// RFC 9470 §3: the user must authenticate again, as `acr_values` / `max_age` say.
+    InsufficientUserAuthentication,
+    /// OpenID Connect Core §3.1.2.6: the user must interact (Entra: a claims challenge).
+    InteractionRequired,
+    /// OpenID Connect Core §3.1.2.6: the user must consent.
+    ConsentRequired,
 }
 
 impl OAuthErrorCode {
@@ -215,6 +300,9 @@ impl OAuthErrorCode {
             "access_denied" => OAuthErrorCode::AccessDenied,
             "server_error" => OAuthErrorCode::ServerError,
             "temporarily_unavailable" => OAuthErrorCode::TemporarilyUnavailable,
+            "insufficient_user_authentication" => OAuthErrorCode::InsufficientUserAuthentication,
+            "interaction_required" => OAuthErrorCode::InteractionRequired,
+            "consent_required" => OAuthErrorCode::ConsentRequired,
             _ => return None,
         })
     }
@@ -232,6 +320,9 @@ impl OAuthErrorCode {
             OAuthErrorCode::AccessDenied => "access_denied",
             OAuthErrorCode::ServerError => "server_error",
             OAuthErrorCode::TemporarilyUnavailable => "temporarily_unavailable",
+            OAuthErrorCode::InsufficientUserAuthentication => "insufficient_user_authentication",
+            OAuthErrorCode::InteractionRequired => "interaction_required",
+            OAuthErrorCode::ConsentRequired => "consent_required",
         }
     }
 }
@@ -249,6 +340,8 @@ pub struct Tokens<'a> {
     pub subject: Option<&'a str>,
     /// The actor token of a delegation.
     pub actor: Option<&'a str>,
+    /// A Transaction Token request's `request_context` (base64url of a JSON object).
+    pub context: Option<&'a str>,
 }
 
 /// Obtains a token per `profile` (RFC 8693 §2.1 token exchange, Entra on-behalf-of, or client
@@ -289,7 +382,21 @@ pub async fn exchange(
             other => break other,
         }
     };
-    let result = result.and_then(|issued| accept(&profile.settings, tokens, issued));
+    let result = result
+        .and_then(|issued| accept(&profile.settings, tokens, issued))
+        .map_err(|e| match e {
+            // A challenge goes back to the caller's client: never with a token in it.
+            ExchangeError::StepUp(step_up)
+                if [tokens.subject, tokens.actor]
+                    .into_iter()
+                    .flatten()
+                    .filter(|input| input.len() >= MIN_GUARDED_TOKEN_BYTES)
+                    .any(|input| step_up.carries(input)) =>
+            {
+                ExchangeError::EchoedInputToken
+            }
+            other => other,
+        });
     let summary = result.as_ref().map(|_| ()).map_err(Clone::clone);
     service.resilience.record(admission, &summary);
     if let Err(e @ (ExchangeError::EchoedInputToken | ExchangeError::UnexpectedTokenType { .. })) =
@@ -357,9 +464,21 @@ enum Render {
 /// authentication, and the form with the caller's and actor's tokens as placeholders and no
 /// secret.
 pub fn describe_request(profile: &ExchangeSettings) -> String {
+    describe_step(profile, "CALLER_TOKEN")
+}
+
+/// [`describe_request`] with `subject` as the subject's placeholder (a chain step's subject
+/// is the previous step's result).
+pub fn describe_step(profile: &ExchangeSettings, subject: &str) -> String {
     let tokens = Tokens {
-        subject: Some("CALLER_TOKEN"),
+        subject: Some(subject),
         actor: Some("ACTOR_TOKEN").filter(|_| profile.mode.actor().is_some()),
+        context: Some("REQUEST_CONTEXT").filter(|_| {
+            matches!(
+                profile.mode,
+                crate::config::ModeSettings::TransactionToken { .. }
+            )
+        }),
     };
     let body = form_body(profile, tokens, Render::Describe).unwrap_or_default();
     format!(
@@ -388,10 +507,9 @@ fn form_body(
                 form.append_pair("actor_token_type", &profile.actor_token_type);
             }
         }
-        Grant::OnBehalfOf => {
+        Grant::JwtBearer => {
             form.append_pair("grant_type", JWT_BEARER_GRANT);
             form.append_pair("assertion", subject);
-            form.append_pair("requested_token_use", "on_behalf_of");
         }
         Grant::ClientCredentials => {
             form.append_pair("grant_type", "client_credentials");
@@ -399,6 +517,9 @@ fn form_body(
     }
     for (key, value) in &profile.params {
         form.append_pair(key, value);
+    }
+    if let Some(context) = tokens.context {
+        form.append_pair("request_context", context);
     }
     let service = &profile.service;
     match &service.client_auth {
@@ -497,6 +618,13 @@ struct TokenResponse {
 #[derive(Deserialize)]
 struct ErrorResponse {
     error: Option<serde_json::Value>,
+    /// Step-up answers (RFC 9470 §3, Entra's claims challenge).
+    #[serde(default)]
+    acr_values: Option<serde_json::Value>,
+    #[serde(default)]
+    max_age: Option<serde_json::Value>,
+    #[serde(default)]
+    claims: Option<serde_json::Value>,
 }
 
 /// Turns an STS answer into a token or an error (RFC 8693 §2.2.1 and §2.2.2, RFC 6749 §5.2).
@@ -514,9 +642,10 @@ pub fn interpret(
             retry_after,
         });
     }
-    let raw = serde_json::from_slice::<ErrorResponse>(body)
-        .ok()
-        .and_then(|e| e.error)
+    let parsed = serde_json::from_slice::<ErrorResponse>(body).ok();
+    let raw = parsed
+        .as_ref()
+        .and_then(|e| e.error.as_ref())
         .and_then(|e| e.as_str().map(str::to_string));
     // The one place where the STS's `error` text becomes a type; everything after this
     // matches on the variant.
@@ -546,6 +675,17 @@ pub fn interpret(
             status: 401,
             code: None,
         }),
+        (
+            400 | 401 | 403,
+            Some(
+                code @ (C::InsufficientUserAuthentication
+                | C::InteractionRequired
+                | C::ConsentRequired),
+            ),
+        ) => match &parsed {
+            Some(body) => Err(ExchangeError::StepUp(StepUp::from_body(code, body)?)),
+            None => Err(unusable_error(status.as_u16(), raw.as_deref())),
+        },
         (_, Some(code @ (C::TemporarilyUnavailable | C::ServerError))) => {
             Err(ExchangeError::Unavailable {
                 cause: Unavailability::OAuthError(code),
@@ -727,7 +867,7 @@ mod tests {
         let config = crate::config::Config::from_yaml(&yaml, "t.yaml", &|_| None).unwrap();
         match &config.routes[0].exchange {
             crate::config::Exchange::Token(p) => p.clone(),
-            crate::config::Exchange::None => unreachable!("the route exchanges"),
+            _ => unreachable!("the route exchanges at one token service"),
         }
     }
 
@@ -744,6 +884,7 @@ mod tests {
     const TOKENS: Tokens<'static> = Tokens {
         subject: Some(SUBJECT),
         actor: Some(ACTOR),
+        context: None,
     };
 
     #[test]
@@ -769,6 +910,7 @@ mod tests {
         let none = Tokens {
             subject: None,
             actor: None,
+            context: None,
         };
         assert!(accept(&p, none, issued(SUBJECT, None)).is_ok());
     }

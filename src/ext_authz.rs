@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 
+use crate::admission::upstream_token::TokenHeader;
 use crate::admission::{self, Admitted, CacheUse, Refusal, UpstreamToken, path};
 use crate::error::GatewayError;
 use crate::redact;
@@ -73,6 +74,8 @@ pub struct Described {
     pub method: Method,
     pub uri: Uri,
     pub headers: HeaderMap,
+    /// The caller's address as Envoy saw it, when the Check says (gRPC's `source`).
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Described {
@@ -81,6 +84,7 @@ impl Described {
             method: &self.method,
             uri: &self.uri,
             headers: &self.headers,
+            client: self.client,
         }
     }
 }
@@ -220,11 +224,15 @@ async fn decide(
 /// The header carrying the upstream's token, and its value; `None` sends none. The one place
 /// that knows which header that is.
 pub fn upstream_headers(upstream: &UpstreamToken) -> Option<(HeaderName, HeaderValue)> {
-    upstream
-        .authorization
-        .clone()
-        .map(|value| (header::AUTHORIZATION, value))
+    let name = match upstream.header {
+        TokenHeader::Authorization => header::AUTHORIZATION,
+        TokenHeader::TxnToken => TXN_TOKEN,
+    };
+    upstream.value.clone().map(|value| (name, value))
 }
+
+/// The Transaction Token header (`mode: transaction_token`), as a header name.
+const TXN_TOKEN: HeaderName = HeaderName::from_static("txn-token");
 
 /// The changes to the upstream request of an admitted request, in the proxy's order of
 /// thought: the caller's credential and every copy of it out, the route's `headers.remove`, the
@@ -254,6 +262,11 @@ fn mutations(
     let mut remove: Vec<HeaderName> = Vec::new();
     if headers.contains_key(header::AUTHORIZATION) {
         remove.push(header::AUTHORIZATION);
+    }
+    // As the proxy does: a Transaction Token from outside the trust domain is never passed on;
+    // only a route that validates one keeps it.
+    if admitted.target.route.txn_token.is_none() && headers.contains_key(&TXN_TOKEN) {
+        remove.push(TXN_TOKEN);
     }
     remove.extend(
         rules

@@ -84,6 +84,10 @@ enum Command {
         client_id: String,
         #[arg(long)]
         client_secret_file: Option<PathBuf>,
+        /// A subject that must step up (RFC 9470): its token exchanges and JWT-bearer grants are
+        /// answered `insufficient_user_authentication`. Repeatable.
+        #[arg(long = "step-up-subject", value_name = "NAME")]
+        step_up_subjects: Vec<String>,
     },
 }
 
@@ -151,7 +155,8 @@ fn main() -> ExitCode {
             listen,
             client_id,
             client_secret_file,
-        } => dev_sts(listen, client_id, client_secret_file),
+            step_up_subjects,
+        } => dev_sts(listen, client_id, client_secret_file, step_up_subjects),
     }
 }
 
@@ -167,7 +172,12 @@ fn config_error(error: &txgate::config::ConfigError) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) -> ExitCode {
+fn dev_sts(
+    listen: SocketAddr,
+    client_id: String,
+    secret_file: Option<PathBuf>,
+    step_up_subjects: Vec<String>,
+) -> ExitCode {
     let secret = match (
         &secret_file,
         std::env::var(txgate::dev::demo::CLIENT_SECRET_VAR),
@@ -208,7 +218,9 @@ fn dev_sts(listen: SocketAddr, client_id: String, secret_file: Option<PathBuf>) 
         // The bound address is the issuer, so `--listen 127.0.0.1:0` works and says where it
         // went.
         let bound = listener.local_addr().unwrap_or(listen);
-        let sts = match DevSts::new(DevStsOptions::new(format!("http://{bound}"), vec![client])) {
+        let mut options = DevStsOptions::new(format!("http://{bound}"), vec![client]);
+        options.step_up_subjects = step_up_subjects;
+        let sts = match DevSts::new(options) {
             Ok(sts) => sts,
             Err(e) => return fail(EXIT_CONFIG, &e),
         };

@@ -113,6 +113,10 @@ impl ProxyHttp for Gateway {
             method: &header.method,
             uri: &header.uri,
             headers: &header.headers,
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
         };
         match admission::admit(&ctx.state, request).await {
             Ok(admitted) => {
@@ -389,6 +393,7 @@ routes:
             method: &header.method,
             uri: &header.uri,
             headers: &header.headers,
+            client: None,
         };
         admission::admit(state, request).await
     }
@@ -477,6 +482,7 @@ routes:
             method: &http::Method::GET,
             uri: &uri,
             headers: &headers,
+            client: None,
         };
         assert_eq!(
             refused(admission::admit(&state, request).await).1,
@@ -497,6 +503,7 @@ routes:
                 method: &header.method,
                 uri: &header.uri,
                 headers: &header.headers,
+                client: None,
             };
             admission::admit(&state, request).await.unwrap()
         };

@@ -45,10 +45,23 @@ pub struct GatewayState {
     /// The live exchange of each route (by index in the configured order); `None` for
     /// `mode: none`.
     pub(crate) profiles: Vec<Option<Arc<ExchangeProfile>>>,
+    /// The token services of each route that lists several (`exchange.token_services`), in
+    /// configured order; empty for every other route.
+    pub(crate) choices: Vec<Vec<IssuerRoute>>,
+    /// The `Txn-Token` validator of each internal route (`inbound.txn_token`).
+    pub(crate) txn_tokens: Vec<Option<Arc<JwtValidator>>>,
     /// Every distinct JWT validator; readiness waits for their first JWKS.
     pub jwt_validators: Vec<Arc<JwtValidator>>,
     /// Keeps the validators' background JWKS refreshers running.
     refreshers: Mutex<Vec<RefresherGuard>>,
+}
+
+/// One token service of a route that lists several: the caller's `iss` that picks it, its
+/// exchange, and its validators.
+pub(crate) struct IssuerRoute {
+    pub(crate) issuer: String,
+    pub(crate) profile: Arc<ExchangeProfile>,
+    pub(crate) inbound: Arc<Inbound>,
 }
 
 /// Per-route metric handles, resolved once so the hot path does no label hashing for them.
@@ -83,7 +96,8 @@ impl GatewayState {
         }
         // Actor token files are re-read off the request path; each watcher ends with its
         // configuration.
-        for profile in self.profiles.iter().flatten() {
+        let chosen = self.choices.iter().flatten().map(|c| &c.profile);
+        for profile in self.profiles.iter().flatten().chain(chosen) {
             if let Some(ActorSource::File(file)) = profile.mode.actor() {
                 crate::exchange::actor::TokenFile::watch(file);
             }
@@ -153,7 +167,7 @@ impl GatewayState {
             .iter()
             .enumerate()
             .map(|(i, route)| match &route.exchange {
-                Exchange::None => Ok(None),
+                Exchange::None | Exchange::ByIssuer(_) => Ok(None),
                 Exchange::Token(settings) => {
                     ExchangeProfile::build(&format!("routes[{i}].exchange"), settings, &services)
                         .map(|p| Some(Arc::new(p)))
@@ -196,6 +210,16 @@ impl GatewayState {
         // One set of validators per `inbound:` block: routes sharing their token service's block
         // (one `Arc` of settings) share its validators, so its JWKS is fetched once.
         let mut built: Vec<(*const crate::config::InboundSettings, Arc<Inbound>)> = Vec::new();
+        let mut validators_of = |settings: &Arc<crate::config::InboundSettings>,
+                                 http: &reqwest::Client| {
+            let key = Arc::as_ptr(settings);
+            if let Some((_, same)) = built.iter().find(|(k, _)| *k == key) {
+                return same.clone();
+            }
+            let validators = Arc::new(Inbound::build(settings, http));
+            built.push((key, validators.clone()));
+            validators
+        };
         let inbound: Vec<Option<Arc<Inbound>>> = config
             .routes
             .iter()
@@ -204,23 +228,57 @@ impl GatewayState {
                 let (Some(settings), Some(profile)) = (&route.inbound, profile) else {
                     return None;
                 };
-                let key = Arc::as_ptr(settings);
-                if let Some((_, same)) = built.iter().find(|(k, _)| *k == key) {
-                    return Some(same.clone());
-                }
-                let validators = Arc::new(Inbound::build(settings, &profile.service.http));
-                built.push((key, validators.clone()));
-                Some(validators)
+                Some(validators_of(settings, &profile.service.http))
             })
             .collect();
-        let jwt_validators: Vec<Arc<JwtValidator>> = built
+        let mut choices: Vec<Vec<IssuerRoute>> = Vec::with_capacity(config.routes.len());
+        for (i, route) in config.routes.iter().enumerate() {
+            let Exchange::ByIssuer(listed) = &route.exchange else {
+                choices.push(Vec::new());
+                continue;
+            };
+            let mut built_choices = Vec::with_capacity(listed.len());
+            for choice in listed.iter() {
+                let path = format!("routes[{i}].exchange");
+                let profile = Arc::new(
+                    ExchangeProfile::build(&path, &choice.exchange, &services).map_err(in_file)?,
+                );
+                let inbound = validators_of(&choice.inbound, &profile.service.http);
+                built_choices.push(IssuerRoute {
+                    issuer: choice.issuer.clone(),
+                    profile,
+                    inbound,
+                });
+            }
+            choices.push(built_choices);
+        }
+        let mut jwt_validators: Vec<Arc<JwtValidator>> = built
             .iter()
             .filter_map(|(_, validators)| validators.jwt.clone())
             .collect();
+        let mut txn_tokens: Vec<Option<Arc<JwtValidator>>> = Vec::new();
+        for (i, route) in config.routes.iter().enumerate() {
+            let Some(settings) = &route.txn_token else {
+                txn_tokens.push(None);
+                continue;
+            };
+            let http = crate::exchange::http_client(crate::config::defaults::STS_CONNECT_TIMEOUT)
+                .map_err(|e| {
+                in_file(crate::config::ConfigProblem::new(
+                    format!("routes[{i}].inbound.txn_token"),
+                    format!("cannot build the HTTP client for its JWKS: {e}"),
+                ))
+            })?;
+            let validator = Arc::new(JwtValidator::new((**settings).clone(), http));
+            jwt_validators.push(validator.clone());
+            txn_tokens.push(Some(validator));
+        }
         Ok(GatewayState {
             jwt_validators,
             inbound,
             profiles,
+            choices,
+            txn_tokens,
             refreshers: Mutex::new(Vec::new()),
             router: Router::new(&config.routes),
             routes: config.routes.clone(),

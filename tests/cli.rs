@@ -31,7 +31,7 @@ fn the_shipped_gateway_yaml_passes_check() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "gateway.yaml: ok: 4 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
+        "gateway.yaml: ok: 6 routes, 1 token service, listening on 127.0.0.1:8080, admin on 127.0.0.1:9090"
     );
 }
 
@@ -127,7 +127,7 @@ const INVALID: &[(&str, &str)] = &[
     ),
     (
         "unknown_mode.yaml",
-        "routes[0].exchange.mode: unknown value `impersonate`, expected one of `impersonation`, `delegation`, `client_credentials`, `none`",
+        "routes[0].exchange.mode: unknown value `impersonate`, expected one of `impersonation`, `delegation`, `client_credentials`, `transaction_token`, `none`",
     ),
     (
         "unknown_token_service.yaml",
@@ -224,12 +224,12 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
             {
                 commands.push(trimmed.to_string());
             }
-            if trimmed.starts_with("printf") {
+            if trimmed == "(Ctrl-C stops the demo.)" {
                 break;
             }
         }
     }
-    assert_eq!(commands.len(), 4, "{commands:?}");
+    assert_eq!(commands.len(), 7, "{commands:?}");
 
     let shell = |script: &str| {
         let output = Command::new("sh").arg("-c").arg(script).output().unwrap();
@@ -289,6 +289,37 @@ fn the_demos_printed_curl_commands_show_401_then_an_exchanged_token() {
     );
     assert_eq!(echoed["token"]["claims"]["aud"], "https://echo.example.com");
     assert_eq!(echoed["token"]["claims"]["sub"], "alice");
+
+    // Two hops: the backend gets the jwt-bearer step's token for the ID-JAG's resource.
+    let script = format!("{}\n{}\n", commands[1], commands[4]);
+    let echoed: serde_json::Value = serde_json::from_str(shell(&script).trim()).unwrap();
+    assert_eq!(
+        echoed["token"]["claims"]["aud"],
+        "https://reports.example.com"
+    );
+    assert_eq!(echoed["token"]["claims"]["sub"], "alice");
+    assert_eq!(echoed["token"]["claims"]["scope"], "reports:read");
+
+    // A Transaction Token: in Txn-Token, with no Authorization beside it.
+    let script = format!("{}\n{}\n", commands[1], commands[5]);
+    let echoed: serde_json::Value = serde_json::from_str(shell(&script).trim()).unwrap();
+    assert!(echoed["headers"].get("authorization").is_none(), "{echoed}");
+    let txn = echoed["headers"]["txn-token"][0].as_str().unwrap();
+    let claims = txgate::jwt::unverified_claims(txn).unwrap();
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], "https://trust.example.com");
+    assert_eq!(claims["purp"], "transactions.read");
+    assert_eq!(claims["rctx"]["method"], "POST");
+    assert_eq!(claims["rctx"]["path"], "/transactions/42");
+
+    // Step-up: the STS's challenge reaches the caller.
+    let stepped = shell(&commands[6]);
+    assert!(stepped.starts_with("HTTP/1.1 401"), "{stepped}");
+    assert!(
+        stepped.contains("error=\"insufficient_user_authentication\"")
+            && stepped.contains("acr_values=\"urn:txgate:dev:mfa\""),
+        "{stepped}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

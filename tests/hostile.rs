@@ -2810,3 +2810,284 @@ async fn the_binary_logs_no_caller_token_from_h2_requests() {
     let h = Harness::start_binary("json", &[("h2c", json!(true))]).await;
     assert_table(replay(h, h2_rows()).await);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: grants beyond one exchange. Their own gateway (every route kind the grants add,
+// beside the kinds a smuggled Txn-Token must not pass), raw HTTP/1.1 requests.
+
+/// The Transaction Token every `transaction_token` route of this table is issued.
+const ISSUED_TXN: &str = "issued-txn-token-0123456789";
+
+struct GrantParts {
+    sts: TestSts,
+    tts: TestSts,
+    upstream: RecordingUpstream,
+    tenant_one: TestIssuer,
+    tenant_two: TestIssuer,
+    txn_issuer: TestIssuer,
+}
+
+impl GrantParts {
+    async fn start() -> GrantParts {
+        let tts = TestSts::start(Behavior::Reply {
+            status: 200,
+            body: json!({
+                "access_token": ISSUED_TXN,
+                "issued_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+                "token_type": "N_A",
+            })
+            .to_string(),
+            headers: vec![("content-type".into(), "application/json".into())],
+        })
+        .await;
+        GrantParts {
+            sts: TestSts::start(Behavior::issue()).await,
+            tts,
+            upstream: RecordingUpstream::start().await,
+            tenant_one: TestIssuer::start().await,
+            tenant_two: TestIssuer::start().await,
+            txn_issuer: TestIssuer::start().await,
+        }
+    }
+
+    fn yaml(&self) -> String {
+        let sts = self.sts.token_endpoint();
+        let inbound = |i: &TestIssuer| {
+            format!(
+                ", inbound: {{ jwt: {{ issuer: \"{}\", jwks_uri: \"{}\" }} }}",
+                i.issuer, i.jwks_uri
+            )
+        };
+        let service = |name: &str, endpoint: &str, extra: String| {
+            format!(
+                "  {name}: {{ token_endpoint: \"{endpoint}\", client_id: gateway, client_secret: \"${{TEST_CLIENT_SECRET}}\"{extra} }}\n"
+            )
+        };
+        let up = self.upstream.url();
+        format!(
+            "server: {{ listen: [\"127.0.0.1:0\"] }}\ntoken_services:\n{}{}{}{}routes:\n\
+  - {{ name: open, match: {{ path_prefix: /open }}, upstream: \"{up}\", exchange: {{ mode: impersonation, token_service: corp }} }}\n\
+  - {{ name: public, match: {{ path_prefix: /public }}, upstream: \"{up}\", exchange: {{ mode: none }} }}\n\
+  - {{ name: anonymous, match: {{ path_prefix: /anonymous }}, upstream: \"{up}\", exchange: {{ mode: client_credentials, token_service: corp, caller: anonymous }} }}\n\
+  - {{ name: delegation, match: {{ path_prefix: /delegation }}, upstream: \"{up}\", exchange: {{ mode: delegation, token_service: corp }} }}\n\
+  - {{ name: bearer, match: {{ path_prefix: /bearer }}, upstream: \"{up}\", exchange: {{ mode: impersonation, token_service: corp, grant: jwt_bearer }} }}\n\
+  - {{ name: chain, match: {{ path_prefix: /chain }}, upstream: \"{up}\", exchange: {{ mode: impersonation, chain: [ {{ token_service: corp, audience: [\"https://as.example\"] }}, {{ token_service: corp, grant: jwt_bearer }} ] }} }}\n\
+  - {{ name: tenants, match: {{ path_prefix: /tenants }}, upstream: \"{up}\", exchange: {{ mode: impersonation, token_services: [one, two] }} }}\n\
+  - {{ name: txn, match: {{ path_prefix: /txn }}, upstream: \"{up}\", exchange: {{ mode: transaction_token, token_service: tts, trust_domain: \"https://trust.example\", purpose: p }} }}\n\
+  - {{ name: internal, match: {{ path_prefix: /internal }}, upstream: \"{up}\", exchange: {{ mode: none }}, inbound: {{ txn_token: {{ trust_domain: \"https://trust.example\", issuer: \"{}\", jwks_uri: \"{}\" }} }} }}\n",
+            service("corp", &sts, String::new()),
+            service("one", &sts, inbound(&self.tenant_one)),
+            service("two", &sts, inbound(&self.tenant_two)),
+            service("tts", &self.tts.token_endpoint(), String::new()),
+            self.txn_issuer.issuer,
+            self.txn_issuer.jwks_uri,
+        )
+    }
+}
+
+fn raw_get(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+/// A Txn-Token a caller writes itself reaches no workload: on every route kind but an internal
+/// one it is removed (however its name is spelled, however many there are), and on an internal
+/// route only one valid token of the trust domain passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smuggled_txn_token_reaches_no_upstream_on_any_route_kind() {
+    count_panics();
+    let parts = GrantParts::start().await;
+    let gw = gateway(&parts.yaml()).await;
+    let addr = gw.proxy_addrs[0];
+    const FORGED: &str = "forged-txn-token-by-the-caller";
+    let mut failures = Vec::new();
+    let mut callers = Vec::new();
+    for (path, token) in [
+        ("/open/x", Some(caller_token())),
+        ("/public/x", Some(caller_token())),
+        ("/public/x", None),
+        ("/anonymous/x", None),
+        ("/delegation/x", Some(caller_token())),
+        ("/bearer/x", Some(caller_token())),
+        ("/chain/x", Some(caller_token())),
+        (
+            "/tenants/x",
+            Some(parts.tenant_one.sign(json!({"sub": "alice"}))),
+        ),
+        ("/txn/x", Some(caller_token())),
+    ] {
+        for name in ["Txn-Token", "txn-token", "TXN-TOKEN", "tXn-ToKeN"] {
+            let auth = token.as_ref().map(|t| format!("Bearer {t}"));
+            let mut headers = vec![(name, FORGED), (name, "second-forged-txn-token")];
+            if let Some(auth) = &auth {
+                headers.push(("Authorization", auth));
+            }
+            let answer = send_raw(addr, &raw_get(path, &headers)).await;
+            if answer.as_ref().map(|a| a.status) != Some(200) {
+                failures.push(format!("{path} with {name}: {answer:?}"));
+            }
+        }
+        callers.extend(token);
+    }
+    // The internal route: anything but one valid Txn-Token of its trust domain is 401.
+    let valid = parts.txn_issuer.sign_typed(
+        "txntoken+jwt",
+        json!({"aud": "https://trust.example", "txn": "t-1", "sub": "alice"}),
+    );
+    let caller = caller_token();
+    for (why, headers, status) in [
+        ("forged", vec![("Txn-Token", FORGED)], 401),
+        (
+            "a bearer token instead",
+            vec![("Authorization", &*format!("Bearer {caller}"))],
+            401,
+        ),
+        (
+            "the caller's token as Txn-Token",
+            vec![("Txn-Token", caller.as_str())],
+            401,
+        ),
+        (
+            "valid twice",
+            vec![("Txn-Token", valid.as_str()), ("txn-token", valid.as_str())],
+            401,
+        ),
+        ("valid", vec![("TXN-TOKEN", valid.as_str())], 200),
+    ] {
+        let answer = send_raw(addr, &raw_get("/internal/x", &headers)).await;
+        if answer.as_ref().map(|a| a.status) != Some(status) {
+            failures.push(format!("/internal {why}: {answer:?}"));
+        }
+    }
+    for seen in parts.upstream.seen() {
+        let everything = seen.everything();
+        if everything.contains("forged-txn-token") || everything.contains("second-forged") {
+            failures.push(format!("a forged Txn-Token passed: {everything}"));
+        }
+        if everything.contains(&caller) || callers.iter().any(|c| everything.contains(c.as_str())) {
+            failures.push(format!("a caller's token passed: {everything}"));
+        }
+        let on_txn_route = seen.uri.starts_with("/txn");
+        if on_txn_route && seen.header("txn-token") != Some(ISSUED_TXN) {
+            failures.push(format!(
+                "the txn route lost its own Txn-Token: {everything}"
+            ));
+        }
+        if seen.uri.starts_with("/internal") && seen.header("txn-token") != Some(valid.as_str()) {
+            failures.push(format!(
+                "the internal route changed the Txn-Token: {everything}"
+            ));
+        }
+    }
+    assert_table(failures);
+}
+
+/// The caller's issuer picks the token service, so the `iss` is what an attacker steers: every
+/// way of naming one tenant while holding another's (or no) key is refused before any STS
+/// call, and the caller's token never reaches the chain's second STS call as anything but the
+/// first step's subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steered_issuer_or_chain_reaches_no_token_service() {
+    count_panics();
+    let parts = GrantParts::start().await;
+    let gw = gateway(&parts.yaml()).await;
+    let addr = gw.proxy_addrs[0];
+    let one = &parts.tenant_one;
+    let two = &parts.tenant_two;
+    let header_of = |token: &str| format!("{}.", token.split('.').next().unwrap());
+    let with_payload = |token: &str, claims: Value| {
+        let mut parts = token.split('.');
+        let (h, _, s) = (parts.next().unwrap(), parts.next(), parts.next().unwrap());
+        format!("{h}.{}.{s}", URL_SAFE_NO_PAD.encode(claims.to_string()))
+    };
+    let signed_by_two = two.sign(json!({"sub": "mallory"}));
+    let mut failures = Vec::new();
+    for (why, token) in [
+        (
+            "tenant one's iss, tenant two's key",
+            two.sign(json!({"sub": "mallory", "iss": one.issuer})),
+        ),
+        (
+            "iss swapped into a tenant-two token",
+            with_payload(
+                &signed_by_two,
+                json!({"sub": "mallory", "iss": one.issuer, "exp": 4_000_000_000u64}),
+            ),
+        ),
+        (
+            "iss as a list",
+            two.sign(json!({"sub": "mallory", "iss": [one.issuer.clone()]})),
+        ),
+        (
+            "iss with a trailing slash",
+            one.sign(json!({"sub": "mallory", "iss": format!("{}/", one.issuer)})),
+        ),
+        (
+            "iss differing in case",
+            one.sign(json!({"sub": "mallory", "iss": one.issuer.to_uppercase()})),
+        ),
+        (
+            "no iss",
+            with_payload(&one.sign(json!({"sub": "x"})), json!({"sub": "mallory"})),
+        ),
+        (
+            "alg none",
+            format!(
+                "{}{}.",
+                header_of(&URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#)),
+                URL_SAFE_NO_PAD.encode(json!({"iss": one.issuer, "sub": "m"}).to_string())
+            ),
+        ),
+        ("opaque", caller_token()),
+    ] {
+        let answer = send_raw(
+            addr,
+            &raw_get(
+                "/tenants/x",
+                &[("Authorization", &format!("Bearer {token}"))],
+            ),
+        )
+        .await;
+        match &answer {
+            Some(a) if a.status == 401 && a.error_code().as_deref() == Some("invalid_token") => {}
+            other => failures.push(format!("{why}: {other:?}")),
+        }
+    }
+    if parts.sts.calls() != 0 {
+        failures.push(format!(
+            "{} STS calls for refused issuers",
+            parts.sts.calls()
+        ));
+    }
+    if !parts.upstream.seen().is_empty() {
+        failures.push("a refused issuer reached the upstream".into());
+    }
+    // A chain: the caller's token is only ever step 1's subject.
+    let caller = caller_token();
+    let answer = send_raw(
+        addr,
+        &raw_get(
+            "/chain/x",
+            &[("Authorization", &format!("Bearer {caller}"))],
+        ),
+    )
+    .await;
+    if answer.as_ref().map(|a| a.status) != Some(200) {
+        failures.push(format!("chain: {answer:?}"));
+    }
+    let calls = parts.sts.captured();
+    let with_caller: Vec<_> = calls
+        .iter()
+        .filter(|c| c.form.iter().any(|(_, v)| v.contains(&caller)))
+        .collect();
+    if with_caller.len() != 1 || with_caller[0].param("subject_token") != Some(caller.as_str()) {
+        failures.push(format!(
+            "the caller's token went to the STS as more than step 1's subject: {calls:?}"
+        ));
+    }
+    assert_table(failures);
+}

@@ -281,3 +281,115 @@ async fn txgate_interoperates_with_oidc_provider() {
     drop(gw);
     let _ = std::fs::remove_file(&pem);
 }
+
+/// Two oidc-provider processes as two trust domains: A (the user's identity provider) and B
+/// (the resource's authorization server, which trusts A's assertions). Both two-hop flows run
+/// through txgate as `exchange.chain` routes; what the upstream receives is B's token for the
+/// user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_across_two_trust_domains_id_jag_and_identity_chaining() {
+    const API_B: &str = "https://api.b.example";
+    let a = OidcProvider::start(&json!({
+        "clients": [
+            {"client_id": "gateway", "client_secret": common::CLIENT_SECRET},
+            {"client_id": "user-app", "client_secret": "user-secret"},
+            {"client_id": "stepup-user", "client_secret": "user-secret"},
+        ],
+        "resources": [ORDERS],
+        "step_up": {"stepup-user": {"error": "insufficient_user_authentication", "acr_values": "urn:example:mfa", "max_age": 60}},
+    }));
+    let b = OidcProvider::start(&json!({
+        // The ID-JAG names the client it was issued to: the gateway is registered at both.
+        "clients": [{"client_id": "gateway", "client_secret": common::CLIENT_SECRET}],
+        "resources": [API_B],
+        "trusted_issuers": [{"issuer": a.issuer, "jwks_uri": format!("{}/jwks", a.issuer)}],
+    }));
+    let upstream = RecordingUpstream::start().await;
+    let yaml = format!(
+        r#"server: {{ listen: ["127.0.0.1:0"] }}
+token_services:
+  idp: {{ issuer: "{a}", client_id: gateway, client_secret: "${{TEST_CLIENT_SECRET}}" }}
+  as-b: {{ issuer: "{b}", client_id: gateway, client_secret: "${{TEST_CLIENT_SECRET}}" }}
+routes:
+  - name: id-jag
+    match: {{ path_prefix: /jag }}
+    upstream: "{up}"
+    exchange:
+      mode: impersonation
+      chain:
+        - {{ token_service: idp, requested_token_type: id_jag, audience: ["{b}"], resource: ["{API_B}"], scope: "orders:read" }}
+        - {{ token_service: as-b, grant: jwt_bearer }}
+  - name: chaining
+    match: {{ path_prefix: /chaining }}
+    upstream: "{up}"
+    exchange:
+      mode: impersonation
+      chain:
+        - {{ token_service: idp, requested_token_type: jwt, audience: ["{b}"] }}
+        - {{ token_service: as-b, grant: jwt_bearer, resource: ["{API_B}"], scope: "orders:read" }}
+"#,
+        a = a.issuer,
+        b = b.issuer,
+        up = upstream.url()
+    );
+    let gw = gateway(&yaml).await;
+    let user = a.token_for("user-app", "user-secret", ORDERS).await;
+    for (i, path) in ["/jag", "/chaining"].into_iter().enumerate() {
+        let response = client()
+            .get(format!("{}{path}", gw.url()))
+            .bearer_auth(&user)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert_eq!(status, 200, "{path}: {}", response.text().await.unwrap());
+        let seen = &upstream.seen()[i];
+        assert!(!seen.everything().contains(&user), "{path}");
+        let token = seen.bearer().expect("a token upstream");
+        let claims = claims(token);
+        assert_eq!(
+            claims["iss"],
+            b.issuer.as_str(),
+            "{path}: domain B issued it"
+        );
+        assert_eq!(claims["sub"], "user-app", "{path}: the caller's subject");
+        let aud = &claims["aud"];
+        assert!(
+            aud == API_B || aud.as_array().is_some_and(|a| a.iter().any(|v| v == API_B)),
+            "{path}: the last step's audience, got {aud}"
+        );
+    }
+    // Cached as a whole: asking again calls neither domain.
+    let before = (a.exchanges().await.len(), b.exchanges().await.len());
+    let again = client()
+        .get(format!("{}/jag", gw.url()))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        (a.exchanges().await.len(), b.exchanges().await.len()),
+        before
+    );
+
+    // Domain A wants a stronger login for this user: relayed to the caller as RFC 9470 asks.
+    let stepup = a.token_for("stepup-user", "user-secret", ORDERS).await;
+    let response = client()
+        .get(format!("{}/jag", gw.url()))
+        .bearer_auth(&stepup)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let challenge = response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        challenge.contains("error=\"insufficient_user_authentication\"")
+            && challenge.contains("acr_values=\"urn:example:mfa\"")
+            && challenge.contains("max_age=\"60\""),
+        "{challenge}"
+    );
+}

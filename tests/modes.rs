@@ -508,26 +508,11 @@ async fn pingone_keycloak_and_okta_profiles_send_rfc8693_with_only_configured_pa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_and_introspection_against_the_development_sts() {
-    use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let sts = DevSts::new(DevStsOptions::new(
-        format!("http://{addr}"),
-        vec![DevClient {
-            client_id: "gateway".into(),
-            client_secret: txgate::secret::Secret::new(common::CLIENT_SECRET),
-        }],
-    ))
-    .unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(sts.clone().serve(listener, async {
-        let _ = stopped.await;
-    }));
+    let (sts, issuer, stop) = common::dev_sts().await;
     let upstream = RecordingUpstream::start().await;
     // Only the issuer: discovery finds the token and introspection endpoints.
     let gw = gateway(&yaml(
-        TokenService::discovered("dev", &format!("http://{addr}"))
-            .inbound(Inbound::introspection()),
+        TokenService::discovered("dev", &issuer).inbound(Inbound::introspection()),
         &upstream,
         Exchange::impersonation("dev").audience("https://orders.example.com"),
     ))

@@ -28,13 +28,13 @@ pub async fn after_upstream(
     status: u16,
     repeatable: bool,
 ) -> AfterUpstream {
-    let Some(profile) = state.profile(admitted.target.index) else {
+    let Some(profile) = admitted.upstream.profile.clone() else {
         return AfterUpstream::Forward;
     };
     if !profile.settings.purge_on_upstream_status.contains(&status) {
         return AfterUpstream::Forward;
     }
-    let (Some(key), Some(sent)) = (admitted.upstream.key, &admitted.upstream.authorization) else {
+    let (Some(key), Some(sent)) = (admitted.upstream.key, &admitted.upstream.value) else {
         return AfterUpstream::Forward;
     };
     state.cache.purge(key, sent).await;
@@ -44,7 +44,15 @@ pub async fn after_upstream(
         .map_or("", |r| r.name.as_str());
     let retried = if repeatable {
         // The route's stage 4 again, for the same caller: the purge made it a miss.
-        match upstream_token::obtain(state, &admitted.target, &admitted.caller, None).await {
+        let fresh = upstream_token::obtain(
+            state,
+            &admitted.target,
+            Some(&profile),
+            &admitted.caller,
+            None,
+            None,
+        );
+        match fresh.await {
             Ok(fresh) => {
                 admitted.upstream = fresh;
                 true

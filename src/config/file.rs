@@ -256,6 +256,26 @@ pub struct InboundFile {
     pub jwt: Option<JwtFile>,
     #[serde(default)]
     pub introspection: Option<IntrospectionFile>,
+    /// Internal routes (`mode: none`): the `Txn-Token` header every request must carry.
+    #[serde(default)]
+    pub txn_token: Option<TxnTokenFile>,
+}
+
+/// `inbound.txn_token:` — validation of an incoming Transaction Token
+/// (draft-ietf-oauth-transaction-tokens): a JWT of `typ` `txntoken+jwt` for the trust domain.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TxnTokenFile {
+    /// The `aud` every Txn-Token must carry.
+    pub trust_domain: String,
+    /// The Transaction Token Service's `iss`.
+    pub issuer: String,
+    /// Where the Transaction Token Service publishes its keys.
+    pub jwks_uri: String,
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    #[serde(default, deserialize_with = "duration")]
+    pub leeway: Option<Duration>,
 }
 
 /// `inbound.jwt:`
@@ -438,12 +458,30 @@ pub struct MatchFile {
 }
 
 /// `routes[].exchange:`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeFile {
     pub mode: ModeFile,
     #[serde(default)]
     pub token_service: Option<String>,
+    /// Several token services, the caller's validated `iss` picks one.
+    #[serde(default)]
+    pub token_services: Option<Vec<String>>,
+    /// `token_exchange` (default) or `jwt_bearer`.
+    #[serde(default)]
+    pub grant: Option<GrantFile>,
+    /// Several exchanges in a row, each step's result the next one's subject.
+    #[serde(default)]
+    pub chain: Option<Vec<ChainStepFile>>,
+    /// `transaction_token`: the trust domain (the request's `audience`).
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// `transaction_token`: the purpose (the request's `scope`).
+    #[serde(default)]
+    pub purpose: Option<String>,
+    /// `transaction_token`: the request attributes sent as `request_context`.
+    #[serde(default)]
+    pub request_context: Option<Vec<ContextAttributeFile>>,
     #[serde(default)]
     pub audience: Vec<String>,
     #[serde(default)]
@@ -468,6 +506,42 @@ pub struct ExchangeFile {
     /// [`super::defaults::PURGE_ON_UPSTREAM_STATUS`] when absent.
     #[serde(default)]
     pub purge_on_upstream_status: Option<Vec<u16>>,
+}
+
+/// `routes[].exchange.grant:`
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantFile {
+    TokenExchange,
+    JwtBearer,
+}
+
+/// `routes[].exchange.chain[]:`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ChainStepFile {
+    pub token_service: String,
+    #[serde(default)]
+    pub grant: Option<GrantFile>,
+    #[serde(default)]
+    pub audience: Vec<String>,
+    #[serde(default)]
+    pub resource: Vec<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub subject_token_type: Option<String>,
+    #[serde(default)]
+    pub requested_token_type: Option<String>,
+}
+
+/// `routes[].exchange.request_context[]:`
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextAttributeFile {
+    Method,
+    Path,
+    ClientAddress,
 }
 
 /// `routes[].exchange.actor:`
@@ -503,6 +577,7 @@ pub enum ModeFile {
     Impersonation,
     Delegation,
     ClientCredentials,
+    TransactionToken,
     None,
 }
 

@@ -34,6 +34,8 @@ pub struct JwtSettings {
     pub min_refetch_interval: Duration,
     /// Bound on cached validations; [`defaults::VALIDATION_CACHE_ENTRIES`] by default.
     pub max_cached: u64,
+    /// The JOSE `typ` every token must declare (RFC 8725 §3.11); `None` checks none.
+    pub typ: Option<String>,
 }
 
 impl JwtSettings {
@@ -48,6 +50,7 @@ impl JwtSettings {
             refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
             min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
             max_cached: defaults::VALIDATION_CACHE_ENTRIES,
+            typ: None,
         }
     }
 }

@@ -34,9 +34,9 @@ use crate::secret::Secret;
 pub const MAX_RETRIES: u32 = 5;
 /// Largest `inbound.jwt.leeway`. Clocks a day apart are a misconfiguration, not skew, and a
 /// longer leeway would accept tokens that expired that long ago.
-pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
+const MAX_JWT_LEEWAY: Duration = Duration::from_secs(24 * 3600);
 /// Bound of each inbound validation cache.
-const INBOUND_CACHE_ENTRIES: u64 = 100_000;
+pub(super) const INBOUND_CACHE_ENTRIES: u64 = 100_000;
 
 /// Settings of a token service's concurrency cap, retries and circuit breaker
 /// (`token_services.<name>`); the breaker itself is `exchange::resilience::Resilience`.
@@ -463,7 +463,17 @@ pub(super) fn build_inbound(
     raw: InboundFile,
     fallback: &InboundDefaults<'_>,
 ) -> BuildResult<InboundSettings> {
-    let InboundFile { jwt, introspection } = raw;
+    let InboundFile {
+        jwt,
+        introspection,
+        txn_token,
+    } = raw;
+    if txn_token.is_some() {
+        return Err(ConfigProblem::new(
+            format!("{path}.txn_token"),
+            "validates the Txn-Token of an internal route: set it on a route with mode none",
+        ));
+    }
     if jwt.is_none() && introspection.is_none() {
         return Err(ConfigProblem::new(path, "set jwt, introspection, or both"));
     }
@@ -495,37 +505,16 @@ pub(super) fn build_inbound(
                     )
                 })?,
             };
-            let algorithms = if algorithms.is_empty() {
-                defaults::JWT_ALGORITHMS.to_vec()
-            } else {
-                algorithms
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| allowed_algorithm(&format!("{}[{i}]", p("algorithms")), a))
-                    .collect::<BuildResult<Vec<_>>>()?
-            };
             Ok::<_, ConfigProblem>(JwtSettings {
                 issuer,
                 jwks_uri,
                 audiences,
-                algorithms,
-                leeway: match leeway.unwrap_or(defaults::JWT_LEEWAY) {
-                    l if l > MAX_JWT_LEEWAY => {
-                        return Err(ConfigProblem::new(
-                            p("leeway"),
-                            format!(
-                                "{} is more than a day, the most allowed: clocks that far \
-                                     apart are a misconfiguration, and a token that expired \
-                                     that long ago would still be accepted",
-                                humantime::format_duration(l)
-                            ),
-                        ));
-                    }
-                    l => l,
-                },
+                algorithms: jwt_algorithms(&p("algorithms"), &algorithms)?,
+                leeway: jwt_leeway(&p("leeway"), leeway)?,
                 refresh_interval: defaults::JWKS_REFRESH_INTERVAL,
                 min_refetch_interval: defaults::JWKS_MIN_REFETCH_INTERVAL,
                 max_cached: INBOUND_CACHE_ENTRIES,
+                typ: None,
             })
         })
         .transpose()?;
@@ -584,6 +573,33 @@ pub(super) fn build_inbound(
         })
         .transpose()?;
     Ok(InboundSettings { jwt, introspection })
+}
+
+/// `algorithms` of a JWT validator at `path`: the defaults when empty.
+pub(super) fn jwt_algorithms(path: &str, algorithms: &[String]) -> BuildResult<Vec<Algorithm>> {
+    if algorithms.is_empty() {
+        return Ok(defaults::JWT_ALGORITHMS.to_vec());
+    }
+    algorithms
+        .iter()
+        .enumerate()
+        .map(|(i, a)| allowed_algorithm(&format!("{path}[{i}]"), a))
+        .collect()
+}
+
+/// `leeway` of a JWT validator at `path`: the default when absent, at most a day.
+pub(super) fn jwt_leeway(path: &str, leeway: Option<Duration>) -> BuildResult<Duration> {
+    match leeway.unwrap_or(defaults::JWT_LEEWAY) {
+        l if l > MAX_JWT_LEEWAY => Err(ConfigProblem::new(
+            path,
+            format!(
+                "{} is more than a day, the most allowed: clocks that far apart are a \
+                 misconfiguration, and a token that expired that long ago would still be accepted",
+                humantime::format_duration(l)
+            ),
+        )),
+        l => Ok(l),
+    }
 }
 
 /// A list of accepted values with no empty entry (an empty string would match a claim that

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::Path;
 
-use crate::config::{Config, ConfigError, Exchange};
-use crate::dev::sts::{DevClient, DevSts, DevStsOptions};
+use crate::config::{Config, ConfigError, Exchange, ModeKind};
+use crate::dev::sts::{DEMO_STEP_UP_SUBJECT, DevClient, DevSts, DevStsOptions};
 use crate::server::{self, BoundListeners};
 
 /// The variable `gateway.yaml` reads the client secret from.
@@ -67,11 +67,10 @@ pub fn run(config_path: &Path) -> Result<(), DemoError> {
             })
         })
         .collect::<Vec<_>>();
-    let sts = DevSts::new(DevStsOptions::new(
-        format!("http://{sts_addr}"),
-        dedup(clients),
-    ))
-    .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
+    let mut options = DevStsOptions::new(format!("http://{sts_addr}"), dedup(clients));
+    options.step_up_subjects = vec![DEMO_STEP_UP_SUBJECT.to_string()];
+    let sts = DevSts::new(options)
+        .map_err(|e| DemoError::Setup(format!("cannot start the development STS: {e}")))?;
 
     let mut take = |addr: SocketAddr, what: &str| match prebound.remove(&addr) {
         Some(socket) => Ok(socket),
@@ -297,6 +296,7 @@ fn banner(
     for route in &config.routes {
         let what = match &route.exchange {
             Exchange::None => "no token forwarded".to_string(),
+            Exchange::ByIssuer(_) => "token service chosen by the caller's issuer".to_string(),
             Exchange::Token(p) => {
                 let audience: Vec<&str> = p
                     .params
@@ -355,9 +355,51 @@ fn banner(
                 grpc.path_prefix
             ));
         }
+        let mut n = 4;
+        if let Some(chain) = route_of(config, ModeKind::Chain) {
+            n += 1;
+            out.push_str(&format!(
+                "\n  # {n}. Two hops (route {}): an ID-JAG for the authorization server, then the jwt-bearer\n  \
+                 #    grant with it; the backend gets the last step's token, never the ID-JAG.\n",
+                chain.name
+            ));
+            out.push_str(&format!(
+                "  curl -s -H \"Authorization: Bearer $TOKEN\" {proxy}{}\n",
+                chain.path_prefix
+            ));
+        }
+        if let Some(txn) = route_of(config, ModeKind::TransactionToken) {
+            n += 1;
+            out.push_str(&format!(
+                "\n  # {n}. A Transaction Token (route {}): the backend gets Txn-Token with this request's\n  \
+                 #    method, path and address in rctx, and no Authorization at all.\n",
+                txn.name
+            ));
+            out.push_str(&format!(
+                "  curl -s -X POST -H \"Authorization: Bearer $TOKEN\" {proxy}{}/42\n",
+                txn.path_prefix
+            ));
+        }
+        n += 1;
+        out.push_str(&format!(
+            "\n  # {n}. Step-up: the STS wants user {DEMO_STEP_UP_SUBJECT} to log in again; the gateway relays its\n  \
+             #    challenge (401, error=\"insufficient_user_authentication\", acr_values, max_age).\n"
+        ));
+        out.push_str(&format!(
+            "  curl -s -i -H \"Authorization: Bearer $(curl -s -d sub={DEMO_STEP_UP_SUBJECT} http://{sts}/dev/user-token)\" {url}\n"
+        ));
     }
-    out.push('\n');
+    out.push_str("\n(Ctrl-C stops the demo.)\n");
     out
+}
+
+/// The first route of `mode`.
+fn route_of(config: &Config, mode: ModeKind) -> Option<&crate::config::Route> {
+    config
+        .routes
+        .iter()
+        .find(|r| matches!(&r.exchange, Exchange::Token(p) if p.mode.kind() == mode))
+        .map(|r| r.as_ref())
 }
 
 /// A route that exchanges tokens for an h2c upstream, when the plain listener takes h2c: the

@@ -10,15 +10,46 @@
 //! - `GET /.well-known/openid-configuration` (also served at
 //!   `/.well-known/oauth-authorization-server`): discovery metadata.
 //! - `GET /jwks`: the public signing key.
-//! - `POST /token`: `urn:ietf:params:oauth:grant-type:token-exchange` and `client_credentials`
-//!   grants, with client authentication by HTTP Basic or body parameters (RFC 6749 §2.3.1).
+//! - `POST /token`: `urn:ietf:params:oauth:grant-type:token-exchange`,
+//!   `urn:ietf:params:oauth:grant-type:jwt-bearer` and `client_credentials` grants, with client
+//!   authentication by HTTP Basic or body parameters (RFC 6749 §2.3.1).
 //! - `POST /introspect`: RFC 7662 introspection of tokens this STS signed, client-authenticated.
 //! - `GET|POST /dev/user-token`: **development only and unauthenticated** — anyone who can reach
 //!   it can mint a user token for any subject. It exists so the demo can obtain a caller token
 //!   with a single `curl`. Never expose a dev STS beyond localhost or a test network.
 //!
-//! Issued tokens are logged by subject, audience, client and grant; the tokens themselves and
-//! client secrets never reach the logs.
+//! What `/token` issues:
+//!
+//! - **Token exchange** (RFC 8693) by `requested_token_type`:
+//!   - `…:access_token` (the default): a JWT access token, `token_type` `Bearer`, `aud` = the
+//!     `audience` values, else the `resource` values, else the client; `act` with an actor token.
+//!   - `…:jwt`: the same claims (a JWT authorization grant for another domain's AS when
+//!     `audience` names that AS, for identity chaining), `token_type` `N_A`.
+//!   - `…:id-jag`: an Identity Assertion JWT Authorization Grant
+//!     (draft-ietf-oauth-identity-assertion-authz-grant), JOSE `typ` `oauth-id-jag+jwt`, living
+//!     at most 300 s. Exactly one `audience` (the resource's AS) is required; optional single
+//!     `resource` and `scope` are copied into it; `client_id` is the requesting client.
+//!   - `…:txn_token`: a Transaction Token (draft-ietf-oauth-transaction-tokens), JOSE `typ`
+//!     `txntoken+jwt`, living at most 60 s. Exactly one `audience` (the trust domain) and a
+//!     `scope` (the purpose, copied to `scope` and `purp`) are required; `request_context`, the
+//!     unpadded base64url of a JSON object, becomes `rctx` with `req_wl` = the requesting client.
+//!     Every Transaction Token has a fresh random `txn`.
+//! - **JWT bearer** (RFC 7523 §2.1): the `assertion` must be signed by this STS (its only trusted
+//!   issuer), unexpired, with `sub` and an `aud` naming this issuer, its token endpoint or
+//!   [`AUTHORIZATION_SERVER_NAME`] (so a configuration need not know the port it runs on). An
+//!   ID-JAG (JOSE `typ` `oauth-id-jag+jwt`) must carry the requesting client's `client_id`; the
+//!   access token's `aud` is its `resource` claim, else the `audience` values, else the
+//!   `resource` values, else the client, and its scope the ID-JAG's (a `scope` parameter must be
+//!   a subset, and does not narrow it). Any other JWT gets `aud` from `audience`, else
+//!   `resource`, else the client, and the `scope` parameter. `requested_token_use` is accepted
+//!   and ignored.
+//! - **Step-up** (RFC 9470): a subject listed in [`DevStsOptions::step_up_subjects`] gets
+//!   `400 {"error":"insufficient_user_authentication","error_description":…,"acr_values":
+//!   "urn:txgate:dev:mfa","max_age":300}` from token exchange and JWT bearer alike, once its
+//!   token has verified.
+//!
+//! Issued tokens are logged by subject, audience, client and grant, and counted per grant
+//! ([`DevSts::tokens_issued_by`]); the tokens themselves and client secrets never reach the logs.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,16 +72,47 @@ use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
 
+/// A name the development STS answers to as an assertion's audience besides its issuer and
+/// token endpoint: `gateway.yaml`'s chain route asks for grants for it, whatever port the STS
+/// was given.
+pub const AUTHORIZATION_SERVER_NAME: &str = "urn:txgate:dev-sts";
+
+/// The subject `txgate demo`'s development STS asks to authenticate again (RFC 9470).
+pub const DEMO_STEP_UP_SUBJECT: &str = "needs-mfa";
+
 /// Lifetime of tokens issued at `/token` when nothing else is configured: 300 seconds.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
 
 /// Lifetime of tokens minted at `/dev/user-token` when nothing else is configured: 3600 seconds.
 pub const DEFAULT_USER_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
+/// The longest an ID-JAG lives, whatever `token_ttl` says: 300 seconds
+/// (draft-ietf-oauth-identity-assertion-authz-grant: short-lived, single use).
+pub const MAX_ID_JAG_TTL: Duration = Duration::from_secs(300);
+
+/// The longest a Transaction Token lives, whatever `token_ttl` says: 60 seconds
+/// (draft-ietf-oauth-transaction-tokens: the lifetime of one call chain).
+pub const MAX_TXN_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// The `acr_values` a step-up answer asks for.
+pub const STEP_UP_ACR: &str = "urn:txgate:dev:mfa";
+
+/// The `max_age` (seconds) a step-up answer asks for.
+pub const STEP_UP_MAX_AGE: u64 = 300;
+
 const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const CLIENT_CREDENTIALS_GRANT: &str = "client_credentials";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+const ID_JAG_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id-jag";
+const TXN_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:txn_token";
+/// JOSE `typ` of an ID-JAG.
+const ID_JAG_TYP: &str = "oauth-id-jag+jwt";
+/// JOSE `typ` of a Transaction Token.
+const TXN_TOKEN_TYP: &str = "txntoken+jwt";
+/// `token_type` of an issued token that is not an access token (RFC 8693 §2.2.1).
+const NOT_APPLICABLE: &str = "N_A";
 const DEFAULT_USER_AUDIENCE: &str = "txgate-demo";
 const BASIC_CHALLENGE: &str = "Basic realm=\"txgate-dev-sts\"";
 const FORM_CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
@@ -83,6 +145,9 @@ pub struct DevStsOptions {
     /// Lifetime of tokens minted at `/dev/user-token`; [`DEFAULT_USER_TOKEN_TTL`] by default.
     /// At least 1 s.
     pub user_token_ttl: Duration,
+    /// Subjects that must step up (RFC 9470): token exchange and JWT bearer answer them
+    /// `insufficient_user_authentication` instead of a token. Empty by default.
+    pub step_up_subjects: Vec<String>,
 }
 
 impl DevStsOptions {
@@ -93,7 +158,40 @@ impl DevStsOptions {
             clients,
             token_ttl: DEFAULT_TOKEN_TTL,
             user_token_ttl: DEFAULT_USER_TOKEN_TTL,
+            step_up_subjects: Vec::new(),
         }
+    }
+}
+
+/// The grants `/token` issues tokens for, to count them apart ([`DevSts::tokens_issued_by`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevGrant {
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+    /// RFC 8693, whatever the requested token type.
+    TokenExchange,
+    /// RFC 7523 §2.1.
+    JwtBearer,
+}
+
+impl DevGrant {
+    const ALL: [DevGrant; 3] = [
+        DevGrant::ClientCredentials,
+        DevGrant::TokenExchange,
+        DevGrant::JwtBearer,
+    ];
+
+    /// The `grant_type` value, as logged.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DevGrant::ClientCredentials => CLIENT_CREDENTIALS_GRANT,
+            DevGrant::TokenExchange => TOKEN_EXCHANGE_GRANT,
+            DevGrant::JwtBearer => JWT_BEARER_GRANT,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -140,7 +238,8 @@ pub struct DevSts {
     kid: String,
     jwk_x: String,
     jwk_y: String,
-    tokens_issued: AtomicU64,
+    /// Tokens issued at `/token`, indexed by [`DevGrant::index`].
+    tokens_issued: [AtomicU64; DevGrant::ALL.len()],
 }
 
 impl std::fmt::Debug for DevSts {
@@ -211,7 +310,7 @@ impl DevSts {
             jwk_y,
             client_digests,
             options,
-            tokens_issued: AtomicU64::new(0),
+            tokens_issued: Default::default(),
         }))
     }
 
@@ -261,9 +360,17 @@ impl DevSts {
         Ok(token)
     }
 
-    /// Number of `/token` requests that issued a token, across both grants. Starts at 0.
+    /// Number of `/token` requests that issued a token, across all grants. Starts at 0.
     pub fn tokens_issued(&self) -> u64 {
-        self.tokens_issued.load(Ordering::Relaxed)
+        DevGrant::ALL
+            .iter()
+            .map(|grant| self.tokens_issued_by(*grant))
+            .sum()
+    }
+
+    /// Number of `/token` requests of `grant` that issued a token. Starts at 0.
+    pub fn tokens_issued_by(&self, grant: DevGrant) -> u64 {
+        self.tokens_issued[grant.index()].load(Ordering::Relaxed)
     }
 
     /// The HTTP routes of the STS, with this instance as state. Mount it or hand it to
@@ -319,8 +426,21 @@ impl DevSts {
     }
 
     fn sign(&self, claims: &Map<String, Value>) -> Result<String, jsonwebtoken::errors::Error> {
+        self.sign_typed(claims, None)
+    }
+
+    /// Signs `claims` with JOSE header `typ` set to `typ` when given (ID-JAGs and Transaction
+    /// Tokens are told apart from access tokens by it), else `JWT`.
+    fn sign_typed(
+        &self,
+        claims: &Map<String, Value>,
+        typ: Option<&str>,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
+        if let Some(typ) = typ {
+            header.typ = Some(typ.to_owned());
+        }
         jsonwebtoken::encode(&header, claims, &self.encoding_key)
     }
 
@@ -339,6 +459,77 @@ impl DevSts {
             .map(|data| data.claims)
     }
 
+    /// Like [`DevSts::verify`], for a subject or actor token: an ID-JAG or a Transaction Token
+    /// is a grant or a call-chain context, not a token to exchange, so it is refused.
+    fn verify_exchangeable(&self, token: &str) -> Option<Map<String, Value>> {
+        let typ = jsonwebtoken::decode_header(token).ok()?.typ;
+        if typ
+            .as_deref()
+            .is_some_and(|typ| media_type_is(typ, ID_JAG_TYP) || media_type_is(typ, TXN_TOKEN_TYP))
+        {
+            return None;
+        }
+        self.verify(token)
+    }
+
+    /// RFC 7523 §3: the JWT-bearer `assertion` must be signed by a trusted issuer (for the dev
+    /// STS only itself), unexpired, have a `sub`, and an `aud` naming this STS: its issuer or
+    /// its token endpoint URL.
+    fn verify_assertion(&self, assertion: &str) -> Result<Assertion, OAuthError> {
+        let header = jsonwebtoken::decode_header(assertion)
+            .map_err(|_| OAuthError::invalid_grant("assertion is not a JWT"))?;
+        let token_endpoint = self.token_endpoint();
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_issuer(&[self.options.issuer.as_str()]);
+        validation.set_audience(&[
+            self.options.issuer.as_str(),
+            self.base_url(),
+            token_endpoint.as_str(),
+            AUTHORIZATION_SERVER_NAME,
+        ]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 0;
+        let claims =
+            jsonwebtoken::decode::<Map<String, Value>>(assertion, &self.decoding_key, &validation)
+                .map_err(|error| {
+                    use jsonwebtoken::errors::ErrorKind;
+                    let reason = match error.kind() {
+                        ErrorKind::ExpiredSignature => "it has expired",
+                        ErrorKind::InvalidAudience => "its aud does not name this STS",
+                        ErrorKind::InvalidIssuer => "its issuer is not trusted",
+                        ErrorKind::MissingRequiredClaim(_) => "it lacks exp, iss, aud or sub",
+                        ErrorKind::InvalidSignature => "its signature does not verify",
+                        _ => "it is not a JWT signed by a trusted issuer",
+                    };
+                    OAuthError::invalid_grant(format!("assertion rejected: {reason}"))
+                })?
+                .claims;
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .filter(|sub| !sub.is_empty())
+            .ok_or_else(|| OAuthError::invalid_grant("assertion rejected: it has no sub"))?
+            .to_owned();
+        let is_id_jag = header
+            .typ
+            .as_deref()
+            .is_some_and(|typ| media_type_is(typ, ID_JAG_TYP));
+        Ok(Assertion {
+            sub,
+            is_id_jag,
+            claims,
+        })
+    }
+
+    /// RFC 9470 §3: a configured subject is told to authenticate more strongly.
+    fn check_step_up(&self, sub: &str, grant: DevGrant) -> Result<(), OAuthError> {
+        if self.options.step_up_subjects.iter().any(|s| s == sub) {
+            tracing::info!(sub, grant = grant.as_str(), "dev STS asked for step-up");
+            return Err(OAuthError::insufficient_user_authentication());
+        }
+        Ok(())
+    }
+
     fn discovery_document(&self) -> Value {
         let base = self.base_url();
         json!({
@@ -346,7 +537,7 @@ impl DevSts {
             "token_endpoint": format!("{base}/token"),
             "jwks_uri": format!("{base}/jwks"),
             "introspection_endpoint": format!("{base}/introspect"),
-            "grant_types_supported": [TOKEN_EXCHANGE_GRANT, CLIENT_CREDENTIALS_GRANT],
+            "grant_types_supported": [TOKEN_EXCHANGE_GRANT, CLIENT_CREDENTIALS_GRANT, JWT_BEARER_GRANT],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
             "id_token_signing_alg_values_supported": ["ES256"],
         })
@@ -429,16 +620,18 @@ impl DevSts {
             .ok_or_else(|| OAuthError::invalid_request("missing grant_type"))?;
         match grant {
             TOKEN_EXCHANGE_GRANT => self.token_exchange(&client_id, &params),
+            JWT_BEARER_GRANT => self.jwt_bearer(&client_id, &params),
             CLIENT_CREDENTIALS_GRANT => self.client_credentials(&client_id, &params),
             _ => Err(OAuthError::new(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
-                "only token exchange and client_credentials are supported",
+                "only token exchange, jwt-bearer and client_credentials are supported",
             )),
         }
     }
 
-    /// RFC 8693 §2.1.
+    /// RFC 8693 §2.1. The request's shape is checked before any token is verified, so a
+    /// malformed request is `invalid_request` whatever its tokens.
     fn token_exchange(&self, client_id: &str, params: &Params) -> Result<Response, OAuthError> {
         let subject_token = params
             .single("subject_token")?
@@ -463,20 +656,10 @@ impl DevSts {
                 ));
             }
         };
-        let issued_token_type = match params.single("requested_token_type")? {
-            None => ACCESS_TOKEN_TYPE,
-            Some(ACCESS_TOKEN_TYPE) => ACCESS_TOKEN_TYPE,
-            Some(JWT_TOKEN_TYPE) => JWT_TOKEN_TYPE,
-            Some(_) => {
-                return Err(OAuthError::invalid_request(
-                    "requested_token_type must be the access_token or jwt token type",
-                ));
-            }
-        };
-        let audience = requested_audience(params, client_id)?;
         let scope = requested_scope(params)?;
+        let request = ExchangeRequest::parse(params, client_id, scope)?;
 
-        let subject = self.verify(subject_token).ok_or_else(|| {
+        let subject = self.verify_exchangeable(subject_token).ok_or_else(|| {
             OAuthError::invalid_grant("subject_token is invalid, expired or not issued here")
         })?;
         let sub = principal(&subject).ok_or_else(|| {
@@ -487,7 +670,7 @@ impl DevSts {
         let act = match actor_token {
             None => None,
             Some(actor_token) => {
-                let actor = self.verify(actor_token).ok_or_else(|| {
+                let actor = self.verify_exchangeable(actor_token).ok_or_else(|| {
                     OAuthError::invalid_grant("actor_token is invalid, expired or not issued here")
                 })?;
                 let actor_sub = principal(&actor).ok_or_else(|| {
@@ -502,78 +685,231 @@ impl DevSts {
                 Some(Value::Object(act))
             }
         };
+        self.check_step_up(&sub, DevGrant::TokenExchange)?;
 
-        let token =
-            self.issue_access_token(TOKEN_EXCHANGE_GRANT, client_id, &sub, &audience, scope, act)?;
-        Ok(self.token_response(&token, Some(issued_token_type), scope))
+        let grant = DevGrant::TokenExchange;
+        match request {
+            ExchangeRequest::Token {
+                issued_token_type,
+                audience,
+            } => {
+                let ttl = self.options.token_ttl;
+                let mut claims = self.access_claims(client_id, &sub, &audience, scope, ttl);
+                if let Some(act) = act {
+                    claims.insert("act".into(), act);
+                }
+                // RFC 8693 §2.2.1: `N_A` when the token is not an access token.
+                let token_type = if issued_token_type == ACCESS_TOKEN_TYPE {
+                    "Bearer"
+                } else {
+                    NOT_APPLICABLE
+                };
+                let token = self.issue(grant, client_id, issued_token_type, None, &claims)?;
+                Ok(token_response(
+                    &token,
+                    Some(issued_token_type),
+                    token_type,
+                    ttl,
+                    scope,
+                ))
+            }
+            ExchangeRequest::IdJag { audience, resource } => {
+                let ttl = self.options.token_ttl.min(MAX_ID_JAG_TTL);
+                let mut claims =
+                    self.access_claims(client_id, &sub, &[audience.to_owned()], scope, ttl);
+                if let Some(resource) = resource {
+                    claims.insert("resource".into(), resource.into());
+                }
+                let token = self.issue(
+                    grant,
+                    client_id,
+                    ID_JAG_TOKEN_TYPE,
+                    Some(ID_JAG_TYP),
+                    &claims,
+                )?;
+                Ok(token_response(
+                    &token,
+                    Some(ID_JAG_TOKEN_TYPE),
+                    NOT_APPLICABLE,
+                    ttl,
+                    scope,
+                ))
+            }
+            ExchangeRequest::TxnToken {
+                audience,
+                purpose,
+                mut context,
+            } => {
+                let ttl = self.options.token_ttl.min(MAX_TXN_TOKEN_TTL);
+                let mut claims = self.base_claims(ttl);
+                // `txn` identifies a Transaction Token; it has no `jti`.
+                claims.remove("jti");
+                claims.insert("aud".into(), audience.into());
+                claims.insert(
+                    "txn".into(),
+                    format!("{:032x}", rand::random::<u128>()).into(),
+                );
+                claims.insert("sub".into(), sub.into());
+                claims.insert("scope".into(), purpose.into());
+                claims.insert("purp".into(), purpose.into());
+                // The requesting workload is named by the STS, never by the request.
+                context.insert("req_wl".into(), client_id.into());
+                claims.insert("rctx".into(), Value::Object(context));
+                let token = self.issue(
+                    grant,
+                    client_id,
+                    TXN_TOKEN_TYPE,
+                    Some(TXN_TOKEN_TYP),
+                    &claims,
+                )?;
+                Ok(token_response(
+                    &token,
+                    Some(TXN_TOKEN_TYPE),
+                    NOT_APPLICABLE,
+                    ttl,
+                    Some(purpose),
+                ))
+            }
+        }
+    }
+
+    /// RFC 7523 §2.1: an ID-JAG or a JWT authorization grant, signed by this STS, for an access
+    /// token of this STS.
+    fn jwt_bearer(&self, client_id: &str, params: &Params) -> Result<Response, OAuthError> {
+        let assertion = params
+            .single("assertion")?
+            .ok_or_else(|| OAuthError::invalid_request("missing assertion"))?;
+        // Entra's on-behalf-of sends it; nothing here depends on it.
+        params.single("requested_token_use")?;
+        let scope_parameter = requested_scope(params)?;
+        let requested = requested_audience(params, client_id)?;
+
+        let assertion = self.verify_assertion(assertion)?;
+        self.check_step_up(&assertion.sub, DevGrant::JwtBearer)?;
+
+        let (audience, scope) = if assertion.is_id_jag {
+            // draft-ietf-oauth-identity-assertion-authz-grant: the ID-JAG is bound to the
+            // client it was issued to.
+            if assertion.claims.get("client_id").and_then(Value::as_str) != Some(client_id) {
+                return Err(OAuthError::invalid_grant(
+                    "the ID-JAG was issued to another client",
+                ));
+            }
+            let granted = match assertion.claims.get("scope") {
+                None => None,
+                Some(Value::String(scope)) => Some(scope.as_str()),
+                Some(_) => {
+                    return Err(OAuthError::invalid_grant(
+                        "the ID-JAG's scope is not a string",
+                    ));
+                }
+            };
+            if let Some(asked) = scope_parameter {
+                let granted: Vec<&str> =
+                    granted.map(|g| g.split(' ').collect()).unwrap_or_default();
+                if !asked.split(' ').all(|scope| granted.contains(&scope)) {
+                    return Err(OAuthError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_scope",
+                        "the requested scope exceeds the ID-JAG's scope",
+                    ));
+                }
+            }
+            let audience = match assertion.claims.get("resource") {
+                Some(Value::String(resource)) if !resource.is_empty() => vec![resource.clone()],
+                _ => requested,
+            };
+            (audience, granted)
+        } else {
+            (requested, scope_parameter)
+        };
+
+        let ttl = self.options.token_ttl;
+        let claims = self.access_claims(client_id, &assertion.sub, &audience, scope, ttl);
+        let token = self.issue(
+            DevGrant::JwtBearer,
+            client_id,
+            ACCESS_TOKEN_TYPE,
+            None,
+            &claims,
+        )?;
+        Ok(token_response(
+            &token,
+            Some(ACCESS_TOKEN_TYPE),
+            "Bearer",
+            ttl,
+            scope,
+        ))
     }
 
     /// RFC 6749 §4.4: the client asks for a token about itself.
     fn client_credentials(&self, client_id: &str, params: &Params) -> Result<Response, OAuthError> {
         let audience = requested_audience(params, client_id)?;
         let scope = requested_scope(params)?;
-        let token = self.issue_access_token(
-            CLIENT_CREDENTIALS_GRANT,
+        let ttl = self.options.token_ttl;
+        let claims = self.access_claims(client_id, client_id, &audience, scope, ttl);
+        let token = self.issue(
+            DevGrant::ClientCredentials,
             client_id,
-            client_id,
-            &audience,
-            scope,
+            ACCESS_TOKEN_TYPE,
             None,
+            &claims,
         )?;
-        Ok(self.token_response(&token, None, scope))
+        Ok(token_response(&token, None, "Bearer", ttl, scope))
     }
 
-    fn issue_access_token(
+    /// The claims of an access token, JWT grant or ID-JAG about `sub` for `client_id`.
+    fn access_claims(
         &self,
-        grant: &str,
         client_id: &str,
         sub: &str,
         audience: &[String],
         scope: Option<&str>,
-        act: Option<Value>,
-    ) -> Result<String, OAuthError> {
-        let mut claims = self.base_claims(self.options.token_ttl);
+        ttl: Duration,
+    ) -> Map<String, Value> {
+        let mut claims = self.base_claims(ttl);
         claims.insert("sub".into(), sub.into());
         claims.insert("aud".into(), audience_claim(audience));
         claims.insert("client_id".into(), client_id.into());
         if let Some(scope) = scope {
             claims.insert("scope".into(), scope.into());
         }
-        if let Some(act) = act {
-            claims.insert("act".into(), act);
-        }
-        let token = self.sign(&claims).map_err(|error| {
+        claims
+    }
+
+    /// Signs, counts and logs one issued token; `typ` is its JOSE header type when not `JWT`.
+    fn issue(
+        &self,
+        grant: DevGrant,
+        client_id: &str,
+        token_type: &str,
+        typ: Option<&str>,
+        claims: &Map<String, Value>,
+    ) -> Result<String, OAuthError> {
+        let token = self.sign_typed(claims, typ).map_err(|error| {
             tracing::error!(%error, "dev STS failed to sign a token");
             OAuthError::server_error()
         })?;
-        self.tokens_issued.fetch_add(1, Ordering::Relaxed);
+        self.tokens_issued[grant.index()].fetch_add(1, Ordering::Relaxed);
+        let aud = match claims.get("aud") {
+            Some(Value::String(aud)) => aud.clone(),
+            Some(Value::Array(auds)) => auds
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        };
+        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("-");
         tracing::info!(
             sub,
-            aud = %audience.join(" "),
+            aud = %aud,
             client = client_id,
-            grant,
+            grant = grant.as_str(),
+            token_type,
             "dev STS issued a token"
         );
         Ok(token)
-    }
-
-    fn token_response(
-        &self,
-        token: &str,
-        issued_token_type: Option<&str>,
-        scope: Option<&str>,
-    ) -> Response {
-        let mut body = Map::new();
-        body.insert("access_token".into(), token.into());
-        if let Some(issued_token_type) = issued_token_type {
-            body.insert("issued_token_type".into(), issued_token_type.into());
-        }
-        body.insert("token_type".into(), "Bearer".into());
-        body.insert("expires_in".into(), self.options.token_ttl.as_secs().into());
-        if let Some(scope) = scope {
-            body.insert("scope".into(), scope.into());
-        }
-        json_no_store(StatusCode::OK, Value::Object(body))
     }
 
     /// RFC 7662: any failure to verify is `{"active": false}`, never an error, so the caller
@@ -716,19 +1052,155 @@ fn has_form_content_type(headers: &HeaderMap) -> bool {
         .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case(FORM_CONTENT_TYPE))
 }
 
+/// A token response (RFC 6749 §5.1, RFC 8693 §2.2.1).
+fn token_response(
+    token: &str,
+    issued_token_type: Option<&str>,
+    token_type: &str,
+    expires_in: Duration,
+    scope: Option<&str>,
+) -> Response {
+    let mut body = Map::new();
+    body.insert("access_token".into(), token.into());
+    if let Some(issued_token_type) = issued_token_type {
+        body.insert("issued_token_type".into(), issued_token_type.into());
+    }
+    body.insert("token_type".into(), token_type.into());
+    body.insert("expires_in".into(), expires_in.as_secs().into());
+    if let Some(scope) = scope {
+        body.insert("scope".into(), scope.into());
+    }
+    json_no_store(StatusCode::OK, Value::Object(body))
+}
+
+/// What a token exchange asks for, with the parameters that kind of token needs.
+enum ExchangeRequest<'a> {
+    /// An access token or a JWT (RFC 8693 §3).
+    Token {
+        issued_token_type: &'static str,
+        audience: Vec<String>,
+    },
+    /// An ID-JAG for the authorization server `audience`.
+    IdJag {
+        audience: &'a str,
+        resource: Option<&'a str>,
+    },
+    /// A Transaction Token for the trust domain `audience`.
+    TxnToken {
+        audience: &'a str,
+        purpose: &'a str,
+        context: Map<String, Value>,
+    },
+}
+
+impl<'a> ExchangeRequest<'a> {
+    fn parse(
+        params: &'a Params,
+        client_id: &str,
+        scope: Option<&'a str>,
+    ) -> Result<Self, OAuthError> {
+        let token = |issued_token_type| {
+            Ok(ExchangeRequest::Token {
+                issued_token_type,
+                audience: requested_audience(params, client_id)?,
+            })
+        };
+        match params.single("requested_token_type")? {
+            None | Some(ACCESS_TOKEN_TYPE) => token(ACCESS_TOKEN_TYPE),
+            Some(JWT_TOKEN_TYPE) => token(JWT_TOKEN_TYPE),
+            Some(ID_JAG_TOKEN_TYPE) => {
+                let audience = single_audience(params, "an ID-JAG")?;
+                let resource = params.single("resource")?;
+                if let Some(resource) = resource {
+                    check_resource(resource)?;
+                }
+                Ok(ExchangeRequest::IdJag { audience, resource })
+            }
+            Some(TXN_TOKEN_TYPE) => {
+                let audience = single_audience(params, "a Transaction Token")?;
+                let purpose = scope.ok_or_else(|| {
+                    OAuthError::invalid_request(
+                        "scope (the purpose) is required for a Transaction Token",
+                    )
+                })?;
+                let context = match params.single("request_context")? {
+                    None => Map::new(),
+                    Some(encoded) => decode_request_context(encoded)?,
+                };
+                Ok(ExchangeRequest::TxnToken {
+                    audience,
+                    purpose,
+                    context,
+                })
+            }
+            Some(_) => Err(OAuthError::invalid_request(
+                "requested_token_type must be the access_token, jwt, id-jag or txn_token token type",
+            )),
+        }
+    }
+}
+
+/// The one `audience` an ID-JAG or a Transaction Token is for.
+fn single_audience<'a>(params: &'a Params, what: &str) -> Result<&'a str, OAuthError> {
+    match params.all("audience") {
+        [audience] => Ok(audience),
+        [] => Err(OAuthError::invalid_request(format!(
+            "audience is required for {what}"
+        ))),
+        _ => Err(OAuthError::invalid_request(format!(
+            "{what} has exactly one audience"
+        ))),
+    }
+}
+
+/// `request_context`: the unpadded base64url of a JSON object.
+fn decode_request_context(encoded: &str) -> Result<Map<String, Value>, OAuthError> {
+    let malformed =
+        || OAuthError::invalid_request("request_context is not the base64url of a JSON object");
+    let bytes = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| malformed())?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(context)) => Ok(context),
+        _ => Err(malformed()),
+    }
+}
+
+/// A verified JWT-bearer assertion.
+struct Assertion {
+    sub: String,
+    /// JOSE `typ` `oauth-id-jag+jwt`.
+    is_id_jag: bool,
+    claims: Map<String, Value>,
+}
+
+/// Whether the JOSE `typ` names `expected`, with or without `application/` (RFC 7515 §4.1.9
+/// allows both, compared case-insensitively).
+fn media_type_is(typ: &str, expected: &str) -> bool {
+    let short = match typ.get(..12) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("application/") => &typ[12..],
+        _ => typ,
+    };
+    short.eq_ignore_ascii_case(expected)
+}
+
+/// Resources must be absolute URIs without a fragment (RFC 8707 §2).
+fn check_resource(resource: &str) -> Result<(), OAuthError> {
+    if url::Url::parse(resource).is_ok_and(|url| url.fragment().is_none()) {
+        Ok(())
+    } else {
+        Err(OAuthError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_target",
+            "resource must be an absolute URI without a fragment",
+        ))
+    }
+}
+
 /// The `aud` of an issued token: the `audience` values, else the `resource` values, else the
-/// requesting client. Resources must be absolute URIs without a fragment (RFC 8707 §2).
+/// requesting client.
 fn requested_audience(params: &Params, client_id: &str) -> Result<Vec<String>, OAuthError> {
     let resources = params.all("resource");
     for resource in resources {
-        let absolute = url::Url::parse(resource).is_ok_and(|url| url.fragment().is_none());
-        if !absolute {
-            return Err(OAuthError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_target",
-                "resource must be an absolute URI without a fragment",
-            ));
-        }
+        check_resource(resource)?;
     }
     let audiences = params.all("audience");
     let chosen: &[String] = if !audiences.is_empty() {
@@ -858,6 +1330,8 @@ struct OAuthError {
     status: StatusCode,
     code: &'static str,
     description: String,
+    /// Further members of the error object, e.g. a step-up's `acr_values`.
+    extra: Map<String, Value>,
 }
 
 impl OAuthError {
@@ -866,6 +1340,7 @@ impl OAuthError {
             status,
             code,
             description: description.into(),
+            extra: Map::new(),
         }
     }
 
@@ -889,6 +1364,18 @@ impl OAuthError {
         )
     }
 
+    /// RFC 9470 §3: the subject must authenticate again, more strongly or more recently.
+    fn insufficient_user_authentication() -> Self {
+        let mut error = Self::new(
+            StatusCode::BAD_REQUEST,
+            "insufficient_user_authentication",
+            "a stronger authentication is required",
+        );
+        error.extra.insert("acr_values".into(), STEP_UP_ACR.into());
+        error.extra.insert("max_age".into(), STEP_UP_MAX_AGE.into());
+        error
+    }
+
     fn server_error() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -900,10 +1387,11 @@ impl OAuthError {
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
-        let mut response = json_no_store(
-            self.status,
-            json!({ "error": self.code, "error_description": self.description }),
-        );
+        let mut body = Map::new();
+        body.insert("error".into(), self.code.into());
+        body.insert("error_description".into(), self.description.into());
+        body.extend(self.extra);
+        let mut response = json_no_store(self.status, Value::Object(body));
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::actor::TokenFile;
 use super::resilience::Resilience;
 use crate::config::{
-    ActorSettings, CallerPolicy, ConfigProblem, ExchangeSettings, ModeSettings,
+    ActorSettings, CallerPolicy, ConfigProblem, ContextAttribute, ExchangeSettings, ModeSettings,
     TokenServiceSettings,
 };
 
@@ -96,6 +96,11 @@ pub enum Mode {
     },
     /// The gateway's own token for the route; the caller's token is checked, never sent.
     ClientCredentials { caller: CallerPolicy },
+    /// Steps in order, each an impersonation whose subject is the previous step's result
+    /// (the caller's token for the first).
+    Chain { steps: Vec<Arc<ExchangeProfile>> },
+    /// A Transaction Token per request, with these request attributes as its context.
+    TransactionToken { context: Vec<ContextAttribute> },
 }
 
 impl Mode {
@@ -155,6 +160,19 @@ impl ExchangeProfile {
                         )),
                     },
                     require_may_act: *require_may_act,
+                },
+                ModeSettings::Chain { steps } => Mode::Chain {
+                    steps: steps
+                        .iter()
+                        .enumerate()
+                        .map(|(i, step)| {
+                            ExchangeProfile::build(&format!("{path}.chain[{i}]"), step, services)
+                                .map(Arc::new)
+                        })
+                        .collect::<Result<_, _>>()?,
+                },
+                ModeSettings::TransactionToken { context } => Mode::TransactionToken {
+                    context: context.clone(),
                 },
             };
         Ok(ExchangeProfile {

@@ -131,9 +131,12 @@ impl Resilience {
         let mut breaker = self.lock();
         let healthy = match result {
             Ok(()) => Some(true),
-            Err(ExchangeError::SubjectRejected { .. } | ExchangeError::Forbidden { .. }) => {
-                Some(true)
-            }
+            // The STS answered, about the user: it is working.
+            Err(
+                ExchangeError::SubjectRejected { .. }
+                | ExchangeError::Forbidden { .. }
+                | ExchangeError::StepUp(_),
+            ) => Some(true),
             // Our own setup failing says nothing about the STS (a signing failure or a
             // missing actor never reached it).
             Err(ExchangeError::ClientRejected { .. } | ExchangeError::SigningFailed(_)) => None,

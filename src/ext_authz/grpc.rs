@@ -66,11 +66,13 @@ impl tonic::server::UnaryService<CheckRequest> for Checker {
 /// The request a Check describes: method, target (path and query as sent), host, and the
 /// headers (pseudo-headers left out; the host goes in `Host`).
 fn described(check: CheckRequest) -> Result<Described, GatewayError> {
-    let http = check
-        .attributes
-        .and_then(|a| a.request)
-        .and_then(|r| r.http)
-        .unwrap_or_default();
+    let attributes = check.attributes.unwrap_or_default();
+    let client = attributes
+        .source
+        .and_then(|peer| peer.address)
+        .and_then(|address| address.socket_address)
+        .and_then(|socket| socket.address.parse().ok());
+    let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
     let HttpRequest {
         id: _,
         method,
@@ -119,6 +121,7 @@ fn described(check: CheckRequest) -> Result<Described, GatewayError> {
         method,
         uri,
         headers: map,
+        client,
     })
 }
 
@@ -196,6 +199,7 @@ mod tests {
     fn check(http: HttpRequest) -> CheckRequest {
         CheckRequest {
             attributes: Some(AttributeContext {
+                source: None,
                 request: Some(AttributeRequest { http: Some(http) }),
             }),
         }

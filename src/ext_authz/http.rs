@@ -31,6 +31,9 @@ async fn check(State(current): State<CurrentState>, request: axum::extract::Requ
         method: parts.method,
         uri: parts.uri,
         headers: parts.headers,
+        // Envoy's HTTP contract does not say who the caller is (its `x-forwarded-for` is
+        // whatever Envoy was configured to write).
+        client: None,
     };
     answer(super::check(&current, Transport::Http, &described).await)
 }

@@ -13,11 +13,37 @@ pub struct CheckRequest {
     pub attributes: Option<AttributeContext>,
 }
 
-/// `envoy.service.auth.v3.AttributeContext` (only `request`).
+/// `envoy.service.auth.v3.AttributeContext` (only `source` and `request`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AttributeContext {
+    /// The downstream peer Envoy received the request from.
+    #[prost(message, optional, tag = "1")]
+    pub source: Option<Peer>,
     #[prost(message, optional, tag = "4")]
     pub request: Option<AttributeRequest>,
+}
+
+/// `envoy.service.auth.v3.AttributeContext.Peer` (only `address`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Peer {
+    #[prost(message, optional, tag = "1")]
+    pub address: Option<Address>,
+}
+
+/// `envoy.config.core.v3.Address` (only `socket_address`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Address {
+    #[prost(message, optional, tag = "1")]
+    pub socket_address: Option<SocketAddress>,
+}
+
+/// `envoy.config.core.v3.SocketAddress` (only `address` and `port_value`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SocketAddress {
+    #[prost(string, tag = "2")]
+    pub address: String,
+    #[prost(uint32, tag = "3")]
+    pub port_value: u32,
 }
 
 /// `envoy.service.auth.v3.AttributeContext.Request` (only `http`).

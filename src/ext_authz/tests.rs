@@ -43,6 +43,7 @@ fn described(method: &str, target: &str, headers: &[(&str, &str)]) -> Described 
         method: method.parse().unwrap(),
         uri: target.parse().unwrap(),
         headers: map,
+        client: None,
     }
 }
 
@@ -70,6 +71,7 @@ async fn a_public_route_is_allowed_without_the_callers_token_anywhere() {
             ("x-internal", "1"),
             ("x-route", "caller-value"),
             ("x-fine", "ok"),
+            ("txn-token", "from-outside"),
         ],
     );
     let Verdict::Allow(m) = verdict(Transport::Grpc, &d).await else {
@@ -79,6 +81,7 @@ async fn a_public_route_is_allowed_without_the_callers_token_anywhere() {
         m.remove,
         vec![
             header::AUTHORIZATION,
+            HeaderName::from_static("txn-token"),
             HeaderName::from_static("x-internal"),
             HeaderName::from_static("x-forwarded-access-token"),
         ]
@@ -154,4 +157,25 @@ async fn checks_are_counted_by_transport_and_status() {
         .with_label_values(&["orders", "401", "http"])
         .get();
     assert_eq!(counted, 1);
+}
+
+/// `mode: transaction_token` sends its token in `txn-token`, and then no `authorization`.
+#[test]
+fn the_upstream_token_goes_in_the_header_its_mode_names() {
+    let value = HeaderValue::from_static("token-value");
+    let txn = UpstreamToken {
+        header: TokenHeader::TxnToken,
+        value: Some(value.clone()),
+        ..UpstreamToken::default()
+    };
+    assert_eq!(upstream_headers(&txn), Some((TXN_TOKEN, value.clone())));
+    let bearer = UpstreamToken {
+        value: Some(value.clone()),
+        ..UpstreamToken::default()
+    };
+    assert_eq!(
+        upstream_headers(&bearer),
+        Some((header::AUTHORIZATION, value))
+    );
+    assert_eq!(upstream_headers(&UpstreamToken::default()), None);
 }

@@ -266,6 +266,17 @@ impl JwtValidator {
 
     async fn verify(&self, token: &str) -> Result<ValidatedToken, InboundError> {
         let header = JwsHeader::parse(token)?;
+        // RFC 8725 §3.11: explicit typing keeps a token of one kind from passing as another.
+        if let Some(wanted) = &self.settings.typ {
+            let typ = header.typ.as_deref().unwrap_or_default();
+            let typ = typ
+                .get(..12)
+                .filter(|p| p.eq_ignore_ascii_case("application/"))
+                .map_or(typ, |_| &typ[12..]);
+            if !typ.eq_ignore_ascii_case(wanted) {
+                return Err(invalid("wrong typ"));
+            }
+        }
         let checks = self
             .checks
             .iter()
@@ -366,6 +377,8 @@ impl Drop for RefresherGuard {
 struct JwsHeader {
     alg: Algorithm,
     kid: Option<String>,
+    /// `typ` (RFC 7515 §4.1.9), compared case-insensitively without an `application/` prefix.
+    typ: Option<String>,
 }
 
 impl JwsHeader {
@@ -407,9 +420,14 @@ impl JwsHeader {
             Some(Value::String(kid)) => Some(kid.clone()),
             Some(_) => return Err(invalid("malformed kid")),
         };
+        let typ = match header.get("typ") {
+            None => None,
+            Some(Value::String(typ)) => Some(typ.clone()),
+            Some(_) => return Err(invalid("malformed typ")),
+        };
         // `jku`, `x5u`, `jwk` and `x5c` are ignored: keys come only from the configured JWKS,
         // never from locations the token names (RFC 8725 §3.10).
-        Ok(JwsHeader { alg, kid })
+        Ok(JwsHeader { alg, kid, typ })
     }
 }
 

@@ -13,6 +13,7 @@ use crate::admission::{Admitted, Caller};
 use crate::redact;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static TXN_TOKEN: HeaderName = HeaderName::from_static("txn-token");
 // The same names as written on the wire. pingora's `insert_header` turns a custom `HeaderName`
 // into its wire spelling by copying it; a `&'static str` is used as it is.
 pub(crate) const WIRE_X_REQUEST_ID: &str = "X-Request-Id";
@@ -45,6 +46,11 @@ pub fn rewrite(
 ) -> Result<(), UnbuildableUri> {
     // `remove_header` drops every value of the name at once.
     upstream.remove_header(&header::AUTHORIZATION);
+    // A Transaction Token from outside the trust domain is never passed on: only an internal
+    // route, which validates it, keeps the one it was sent.
+    if admitted.target.route.txn_token.is_none() {
+        upstream.remove_header(&TXN_TOKEN);
+    }
     // pingora has set the version the upstream speaks. HTTP/2 has no upgrade (RFC 9113 §8.6)
     // and no connection-specific headers (§8.2.2) but one: `te: trailers`, which gRPC sends to
     // find proxies that would drop its trailers, and which therefore passes to an HTTP/2
@@ -73,8 +79,8 @@ pub fn rewrite(
     if let Some(id) = hop.request_id.filter(|_| rules.request_id) {
         let _ = upstream.insert_header(WIRE_X_REQUEST_ID, id.clone());
     }
-    if let Some(authorization) = &admitted.upstream.authorization {
-        let _ = upstream.insert_header(header::AUTHORIZATION, authorization.clone());
+    if let Some(value) = &admitted.upstream.value {
+        let _ = upstream.insert_header(admitted.upstream.header.wire_name(), value.clone());
     }
     Ok(())
 }

@@ -489,7 +489,13 @@ impl TestIssuer {
     }
 
     /// Signs `claims` (ES256, with this issuer's kid). `iss` and `exp` are added unless present.
-    pub fn sign(&self, mut claims: serde_json::Value) -> String {
+    pub fn sign(&self, claims: serde_json::Value) -> String {
+        self.sign_typed("JWT", claims)
+    }
+
+    /// [`TestIssuer::sign`] with the JOSE `typ` set to `typ` (a Transaction Token's is
+    /// `txntoken+jwt`).
+    pub fn sign_typed(&self, typ: &str, mut claims: serde_json::Value) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -502,8 +508,30 @@ impl TestIssuer {
         }
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
         header.kid = Some(self.kid.clone());
+        header.typ = Some(typ.to_string());
         jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
     }
+}
+
+/// A development STS on `127.0.0.1:0` with the gateway (`gateway`, [`CLIENT_SECRET`]) as its
+/// client: the STS, its issuer URL, and the sender that stops it.
+pub async fn dev_sts() -> (Arc<txgate::dev::sts::DevSts>, String, oneshot::Sender<()>) {
+    use txgate::dev::sts::{DevClient, DevSts, DevStsOptions};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let issuer = format!("http://{}", listener.local_addr().unwrap());
+    let sts = DevSts::new(DevStsOptions::new(
+        issuer.clone(),
+        vec![DevClient {
+            client_id: "gateway".into(),
+            client_secret: txgate::secret::Secret::new(CLIENT_SECRET),
+        }],
+    ))
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(sts.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    (sts, issuer, stop)
 }
 
 /// A JWT with the given claims and a meaningless signature, for paths that do not verify.

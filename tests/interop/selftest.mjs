@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Checks sts.mjs against its contract (README.md) before any Rust test relies on it: it starts
-// the STS as a child process, talks to it over HTTP only, and verifies every token it gets back
-// with the STS's published JWKS. Exits non-zero on any failure; the last line is
+// the STS as a child process (two of them, as two trust domains, for the ID-JAG, JWT-grant and
+// jwt-bearer flows), talks to it over HTTP only, and verifies every token it gets back with the
+// STS's published JWKS. Exits non-zero on any failure; the last line is
 // "N passed, M failed".
 //
 // Usage: node tests/interop/selftest.mjs   (STS_SELFTEST_VERBOSE=1 also prints the STS's stderr)
@@ -9,6 +10,7 @@
 import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -573,6 +575,328 @@ async function main() {
   } finally {
     await stopSts(short);
     if (failed && !VERBOSE) process.stderr.write(`--- STS (second instance) stderr ---\n${short.stderr}\n---\n`);
+  }
+
+  await twoTrustDomains();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two processes as two trust domains. A is the user's IdP: it issues user tokens, ID-JAGs, JWT
+// grants and Transaction Tokens. B trusts A (and T, an issuer this script plays itself, to sign
+// assertions A would never issue) and redeems their assertions with the jwt-bearer grant.
+
+const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+const ID_JAG = 'urn:ietf:params:oauth:token-type:id-jag';
+const TXN_TOKEN = 'urn:ietf:params:oauth:token-type:txn_token';
+const API_B = 'https://api.b.example';
+
+// Serves a JWKS at /jwks on 127.0.0.1:0; the private key signs assertions.
+async function startTestIssuer() {
+  const { publicKey, privateKey } = await generateKeyPair('ES256', { extractable: true });
+  const jwk = { ...(await exportJWK(publicKey)), kid: 'test-issuer-1', alg: 'ES256', use: 'sig' };
+  const server = createServer((req, res) => {
+    res.writeHead(req.url === '/jwks' ? 200 : 404, { 'content-type': 'application/json' });
+    res.end(req.url === '/jwks' ? JSON.stringify({ keys: [jwk] }) : '{}');
+  });
+  await new Promise((resolve) => { server.listen(0, '127.0.0.1', resolve); });
+  const issuer = `http://127.0.0.1:${server.address().port}`;
+  const sign = (claims, { typ = 'JWT', exp = '60s', iss = issuer } = {}) => new SignJWT(claims)
+    .setProtectedHeader({ alg: 'ES256', kid: jwk.kid, typ })
+    .setIssuer(iss)
+    .setIssuedAt()
+    .setJti(randomUUID())
+    .setExpirationTime(exp)
+    .sign(privateKey);
+  return {
+    issuer, jwksUri: `${issuer}/jwks`, sign, close: () => new Promise((r) => { server.close(r); }),
+  };
+}
+
+async function twoTrustDomains() {
+  const testIssuer = await startTestIssuer();
+  const a = startSts({
+    clients: [
+      { client_id: 'gateway', client_secret: 's3cret' },
+      { client_id: 'user-app', client_secret: 'user-secret' },
+      { client_id: 'stepup-user', client_secret: 'user-secret' },
+      { client_id: 'entra-user', client_secret: 'user-secret' },
+      { client_id: 'consent-user', client_secret: 'user-secret' },
+    ],
+    resources: [ORDERS],
+    step_up: {
+      'stepup-user': { error: 'insufficient_user_authentication', acr_values: 'urn:example:mfa', max_age: 0 },
+      'entra-user': {
+        error: 'interaction_required',
+        error_description: 'AADSTS50076: multi-factor authentication is required',
+        claims: '{"access_token":{"capolids":{"essential":true,"values":["c1"]}}}',
+      },
+      'consent-user': { error: 'consent_required' },
+    },
+  });
+  let b;
+  try {
+    const aMeta = await a.ready;
+    b = startSts({
+      clients: [
+        { client_id: 'gateway', client_secret: 's3cret' },
+        { client_id: 'other-app', client_secret: 'other-secret' },
+      ],
+      resources: [API_B],
+      trusted_issuers: [
+        { issuer: aMeta.issuer, jwks_uri: `${aMeta.issuer}/jwks` },
+        { issuer: testIssuer.issuer, jwks_uri: testIssuer.jwksUri },
+      ],
+      step_up: { 'stepup-user': { error: 'insufficient_user_authentication', acr_values: 'urn:example:mfa', max_age: 300 } },
+    });
+    const bMeta = await b.ready;
+    const aDisco = (await getJson(`${aMeta.issuer}/.well-known/openid-configuration`)).body;
+    const bDisco = (await getJson(`${bMeta.issuer}/.well-known/openid-configuration`)).body;
+    const gw = { basic: ['gateway', 's3cret'] };
+    const atA = (form, opts = gw) => postForm(aDisco.token_endpoint, form, opts);
+    const atB = (form, opts = gw) => postForm(bDisco.token_endpoint, form, opts);
+    const verifyAt = async (disco, token, options = {}) => jwtVerify(token, createLocalJWKSet((await getJson(disco.jwks_uri)).body), { issuer: disco.issuer, ...options });
+    const userTokenAt = async (clientId) => {
+      const res = await atA({ grant_type: 'client_credentials', resource: ORDERS }, { basic: [clientId, 'user-secret'] });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      return res.body.access_token;
+    };
+    const userToken = await userTokenAt('user-app');
+    const exchangeAtA = (form, opts) => atA({
+      grant_type: TE, subject_token: userToken, subject_token_type: AT, ...form,
+    }, opts);
+
+    await check('two domains: discovery lists the jwt-bearer grant', async () => {
+      assert.ok(aDisco.grant_types_supported.includes(JWT_BEARER));
+      assert.ok(bDisco.grant_types_supported.includes(JWT_BEARER));
+      assert.ok(bDisco.grant_types_supported.includes(TE));
+    });
+
+    let idJag;
+    await check('two domains: A issues an ID-JAG for B (typ oauth-id-jag+jwt, N_A, <= 300 s)', async () => {
+      const res = await exchangeAtA({
+        requested_token_type: ID_JAG, audience: bMeta.issuer, resource: API_B, scope: 'orders:read todo:write',
+      });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.issued_token_type, ID_JAG);
+      assert.equal(res.body.token_type, 'N_A');
+      assert.equal(res.body.expires_in, 300);
+      assert.equal(res.body.scope, 'orders:read todo:write');
+      assert.equal(res.headers.get('cache-control'), 'no-store');
+      idJag = res.body.access_token;
+      const { payload, protectedHeader } = await verifyAt(aDisco, idJag, { audience: bMeta.issuer });
+      assert.equal(protectedHeader.typ, 'oauth-id-jag+jwt');
+      assert.equal(payload.iss, aMeta.issuer);
+      assert.equal(payload.sub, 'user-app');
+      assert.equal(payload.aud, bMeta.issuer);
+      assert.equal(payload.client_id, 'gateway');
+      assert.equal(payload.resource, API_B);
+      assert.equal(payload.scope, 'orders:read todo:write');
+      assert.ok(payload.jti && payload.exp - payload.iat <= 300);
+      console.log(`       ID-JAG: ${JSON.stringify({ header: protectedHeader, payload })}`);
+    });
+
+    await check('two domains: B redeems A\'s ID-JAG (jwt-bearer) for its own access token', async () => {
+      const res = await atB({
+        grant_type: JWT_BEARER, assertion: idJag, scope: 'orders:read', requested_token_use: 'on_behalf_of',
+      });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.issued_token_type, AT);
+      assert.equal(res.body.token_type, 'Bearer');
+      assert.ok(res.body.expires_in > 0);
+      const { payload } = await verifyAt(bDisco, res.body.access_token);
+      assert.equal(payload.iss, bMeta.issuer);
+      assert.equal(payload.sub, 'user-app');
+      assert.equal(payload.aud, API_B);
+      assert.equal(payload.client_id, 'gateway');
+      // The ID-JAG's scope, not the narrower request.
+      assert.equal(payload.scope, 'orders:read todo:write');
+      console.log(`       access token at B: ${JSON.stringify(payload)}`);
+    });
+
+    await check('two domains: an ID-JAG is refused for another client, a wider scope, or as a subject token', async () => {
+      const other = await atB({ grant_type: JWT_BEARER, assertion: idJag }, { basic: ['other-app', 'other-secret'] });
+      expectOAuthError(other, 400, 'invalid_grant');
+      assert.match(other.body.error_description, /another client/);
+      expectOAuthError(await atB({ grant_type: JWT_BEARER, assertion: idJag, scope: 'orders:read admin' }), 400, 'invalid_scope');
+      expectOAuthError(await atA({ grant_type: TE, subject_token: idJag, subject_token_type: AT, audience: ORDERS }), 400, 'invalid_grant');
+    });
+
+    await check('two domains: a JWT grant (requested_token_type jwt) from A is redeemed at B', async () => {
+      const res = await exchangeAtA({ requested_token_type: JWT_TYPE, audience: bMeta.issuer, scope: 'todo:read' });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.issued_token_type, JWT_TYPE);
+      assert.equal(res.body.token_type, 'N_A');
+      const grant = res.body.access_token;
+      const { payload, protectedHeader } = await verifyAt(aDisco, grant, { audience: bMeta.issuer });
+      assert.equal(protectedHeader.typ, 'JWT');
+      assert.equal(payload.sub, 'user-app');
+      assert.equal(payload.client_id, 'gateway');
+      assert.equal(payload.scope, 'todo:read');
+      assert.ok(payload.jti);
+
+      // Not an ID-JAG: audience and scope come from the request.
+      const redeemed = await atB({
+        grant_type: JWT_BEARER, assertion: grant, resource: API_B, scope: 'todo:read todo:write',
+      }, { basic: ['other-app', 'other-secret'] });
+      assert.equal(redeemed.status, 200, JSON.stringify(redeemed.body));
+      const claims = (await verifyAt(bDisco, redeemed.body.access_token)).payload;
+      assert.equal(claims.iss, bMeta.issuer);
+      assert.equal(claims.sub, 'user-app');
+      assert.equal(claims.aud, API_B);
+      assert.equal(claims.scope, 'todo:read todo:write');
+      assert.equal(claims.client_id, 'other-app');
+
+      const bare = await atB({ grant_type: JWT_BEARER, assertion: grant });
+      assert.equal(bare.status, 200, JSON.stringify(bare.body));
+      assert.equal(decodeJwt(bare.body.access_token).aud, 'gateway');
+
+      // With an actor token the JWT grant carries act, as access tokens do.
+      const actor = (await atA({ grant_type: 'client_credentials', resource: ORDERS })).body.access_token;
+      const delegated = await exchangeAtA({
+        requested_token_type: JWT_TYPE, audience: bMeta.issuer, actor_token: actor, actor_token_type: AT,
+      });
+      assert.equal(delegated.status, 200, JSON.stringify(delegated.body));
+      assert.deepEqual(decodeJwt(delegated.body.access_token).act, { sub: 'gateway' });
+    });
+
+    await check('two domains: assertions with a wrong aud, expired, untrusted or without sub are invalid_grant', async () => {
+      const wrongAud = await exchangeAtA({ requested_token_type: ID_JAG, audience: 'https://as.c.example' });
+      assert.equal(wrongAud.status, 200, JSON.stringify(wrongAud.body));
+      const cases = {
+        'wrong aud': [wrongAud.body.access_token, /aud/],
+        expired: [await testIssuer.sign({ sub: 'user-app', aud: bMeta.issuer }, { exp: Math.floor(Date.now() / 1000) - 10 }), /expired/],
+        untrusted: [await testIssuer.sign({ sub: 'user-app', aud: bMeta.issuer }, { iss: 'https://untrusted.example' }), /not trusted/],
+        'no sub': [await testIssuer.sign({ aud: bMeta.issuer }), /sub/],
+        'not a JWT': ['not-a-jwt', /not a JWT/],
+      };
+      for (const [what, [assertion, description]] of Object.entries(cases)) {
+        const res = await atB({ grant_type: JWT_BEARER, assertion });
+        expectOAuthError(res, 400, 'invalid_grant');
+        assert.match(res.body.error_description, description, what);
+      }
+      expectOAuthError(await atB({ grant_type: JWT_BEARER }), 400, 'invalid_request');
+      // The token endpoint URL names B too.
+      const res = await atB({ grant_type: JWT_BEARER, assertion: await testIssuer.sign({ sub: 'carol', aud: bDisco.token_endpoint }) });
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(decodeJwt(res.body.access_token).sub, 'carol');
+    });
+
+    await check('two domains: malformed ID-JAG requests', async () => {
+      expectOAuthError(await exchangeAtA({ requested_token_type: ID_JAG }), 400, 'invalid_request');
+      expectOAuthError(await exchangeAtA({ requested_token_type: ID_JAG, audience: [bMeta.issuer, 'https://as.c.example'] }), 400, 'invalid_request');
+      expectOAuthError(await exchangeAtA({ requested_token_type: ID_JAG, audience: bMeta.issuer, resource: [API_B, 'https://api.c.example'] }), 400, 'invalid_request');
+      expectOAuthError(await exchangeAtA({ requested_token_type: ID_JAG, audience: bMeta.issuer, resource: '/relative' }), 400, 'invalid_target');
+    });
+
+    await check('two domains: A issues Transaction Tokens (typ txntoken+jwt, txn, purp, rctx)', async () => {
+      const context = { req_ip: '10.0.0.7', authn: 'mfa', req_wl: 'forged' };
+      const form = {
+        requested_token_type: TXN_TOKEN, audience: 'trust-domain.example', scope: 'orders:read',
+        request_context: Buffer.from(JSON.stringify(context)).toString('base64url'),
+      };
+      const res = await exchangeAtA(form);
+      assert.equal(res.status, 200, JSON.stringify(res.body));
+      assert.equal(res.body.issued_token_type, TXN_TOKEN);
+      assert.equal(res.body.token_type, 'N_A');
+      assert.equal(res.body.expires_in, 60);
+      const { payload, protectedHeader } = await verifyAt(aDisco, res.body.access_token, { audience: 'trust-domain.example' });
+      assert.equal(protectedHeader.typ, 'txntoken+jwt');
+      assert.equal(payload.iss, aMeta.issuer);
+      assert.equal(payload.aud, 'trust-domain.example');
+      assert.equal(payload.sub, 'user-app');
+      assert.equal(payload.scope, 'orders:read');
+      assert.equal(payload.purp, 'orders:read');
+      assert.deepEqual(payload.rctx, { req_ip: '10.0.0.7', authn: 'mfa', req_wl: 'gateway' });
+      assert.match(payload.txn, /^[0-9a-f]{32}$/);
+      assert.ok(payload.exp - payload.iat <= 60);
+      console.log(`       Transaction Token: ${JSON.stringify({ header: protectedHeader, payload })}`);
+
+      const txns = new Set([payload.txn]);
+      for (let i = 0; i < 5; i += 1) {
+        const again = await exchangeAtA({ requested_token_type: TXN_TOKEN, audience: 'trust-domain.example', scope: 'orders:read' });
+        const claims = decodeJwt(again.body.access_token);
+        assert.deepEqual(claims.rctx, { req_wl: 'gateway' });
+        txns.add(claims.txn);
+      }
+      assert.equal(txns.size, 6, 'every Transaction Token has its own txn');
+    });
+
+    await check('two domains: malformed Transaction Token requests are invalid_request', async () => {
+      const base = { requested_token_type: TXN_TOKEN, audience: 'td', scope: 'orders:read' };
+      for (const form of [
+        { ...base, audience: undefined },
+        { ...base, scope: undefined },
+        { ...base, request_context: '!!' },
+        { ...base, request_context: Buffer.from('{"a":1}').toString('base64') },
+        { ...base, request_context: Buffer.from('[1]').toString('base64url') },
+        { ...base, request_context: Buffer.from('{nope').toString('base64url') },
+      ]) {
+        expectOAuthError(await exchangeAtA(form), 400, 'invalid_request');
+      }
+    });
+
+    await check('two domains: configured subjects get their step-up answer, at A and at B', async () => {
+      const stepUp = await atA({ grant_type: TE, subject_token: await userTokenAt('stepup-user'), subject_token_type: AT, audience: ORDERS });
+      assert.equal(stepUp.status, 400);
+      assert.deepEqual(stepUp.body, {
+        error: 'insufficient_user_authentication', error_description: 'a stronger authentication is required', acr_values: 'urn:example:mfa', max_age: 0,
+      });
+      assert.equal(stepUp.headers.get('cache-control'), 'no-store');
+
+      const entra = await atA({
+        grant_type: TE, subject_token: await userTokenAt('entra-user'), subject_token_type: AT, requested_token_type: ID_JAG, audience: bMeta.issuer,
+      });
+      assert.equal(entra.status, 400);
+      assert.deepEqual(entra.body, {
+        error: 'interaction_required',
+        error_description: 'AADSTS50076: multi-factor authentication is required',
+        claims: '{"access_token":{"capolids":{"essential":true,"values":["c1"]}}}',
+      });
+
+      const consent = await atA({
+        grant_type: TE, subject_token: await userTokenAt('consent-user'), subject_token_type: AT, requested_token_type: TXN_TOKEN, audience: 'td', scope: 's',
+      });
+      assert.equal(consent.status, 400);
+      assert.deepEqual(consent.body, { error: 'consent_required', error_description: 'a stronger authentication is required' });
+
+      const atBStepUp = await atB({ grant_type: JWT_BEARER, assertion: await testIssuer.sign({ sub: 'stepup-user', aud: bMeta.issuer }) });
+      assert.equal(atBStepUp.status, 400);
+      assert.deepEqual(atBStepUp.body, {
+        error: 'insufficient_user_authentication', error_description: 'a stronger authentication is required', acr_values: 'urn:example:mfa', max_age: 300,
+      });
+    });
+
+    await check('two domains: /__test/stats and /__test/exchanges count the new grants', async () => {
+      const stats = (await getJson(`${bMeta.issuer}/__test/stats`)).body;
+      assert.ok(stats.issued[JWT_BEARER] >= 4, JSON.stringify(stats));
+      assert.ok(stats.requests[JWT_BEARER] > stats.issued[JWT_BEARER], JSON.stringify(stats));
+      const aStats = (await getJson(`${aMeta.issuer}/__test/stats`)).body;
+      assert.ok(aStats.issued_token_types[ID_JAG] >= 2, JSON.stringify(aStats));
+      assert.equal(aStats.issued_token_types[TXN_TOKEN], 6, JSON.stringify(aStats));
+      assert.ok(aStats.issued_token_types[JWT_TYPE] >= 1, JSON.stringify(aStats));
+      assert.ok(aStats.issued.client_credentials >= 4, JSON.stringify(aStats));
+
+      const records = (await getJson(`${bMeta.issuer}/__test/exchanges`)).body;
+      const redeemed = records.find((e) => e.params.grant_type === JWT_BEARER && e.status === 200 && e.issued.aud === API_B);
+      assert.ok(redeemed, 'jwt-bearer recorded');
+      assert.equal(redeemed.subject.iss, aMeta.issuer);
+      assert.equal(redeemed.subject.typ, 'oauth-id-jag+jwt');
+      assert.equal(redeemed.params.assertion, idJag);
+      const stepUp = records.find((e) => e.error === 'insufficient_user_authentication');
+      assert.ok(stepUp && stepUp.status === 400 && stepUp.issued === null);
+      const aRecords = (await getJson(`${aMeta.issuer}/__test/exchanges`)).body;
+      const txn = aRecords.find((e) => e.issued?.issued_token_type === TXN_TOKEN);
+      assert.ok(txn.issued.txn && txn.issued.typ === 'txntoken+jwt');
+      for (const stderr of [a.stderr, b.stderr]) {
+        assert.ok(!stderr.includes(idJag), 'tokens never reach the log');
+        assert.ok(!stderr.includes(userToken), 'tokens never reach the log');
+      }
+    });
+  } finally {
+    await stopSts(a);
+    if (b) await stopSts(b);
+    await testIssuer.close();
+    if (failed && !VERBOSE) process.stderr.write(`--- STS A stderr ---\n${a.stderr}\n--- STS B stderr ---\n${b?.stderr}\n---\n`);
   }
 }
 

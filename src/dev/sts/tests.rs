@@ -18,6 +18,12 @@ const CLIENT_ID: &str = "txgate";
 const CLIENT_SECRET: &str = "s3cret+with/odd:chars";
 const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+const ID_JAG: &str = "urn:ietf:params:oauth:token-type:id-jag";
+const TXN_TOKEN: &str = "urn:ietf:params:oauth:token-type:txn_token";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const OTHER_CLIENT_ID: &str = "other-app";
+const API_B: &str = "https://api.b.example";
 
 /// A dev STS listening on an ephemeral port; stops when dropped.
 struct Running {
@@ -30,16 +36,28 @@ struct Running {
 
 impl Running {
     async fn start() -> Running {
+        Running::start_with(|_| {}).await
+    }
+
+    /// Two clients, [`CLIENT_ID`] and [`OTHER_CLIENT_ID`], and whatever `adjust` changes.
+    async fn start_with(adjust: impl FnOnce(&mut DevStsOptions)) -> Running {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let sts = DevSts::new(DevStsOptions::new(
+        let mut options = DevStsOptions::new(
             base.clone(),
-            vec![DevClient {
-                client_id: CLIENT_ID.into(),
-                client_secret: Secret::new(CLIENT_SECRET),
-            }],
-        ))
-        .unwrap();
+            vec![
+                DevClient {
+                    client_id: CLIENT_ID.into(),
+                    client_secret: Secret::new(CLIENT_SECRET),
+                },
+                DevClient {
+                    client_id: OTHER_CLIENT_ID.into(),
+                    client_secret: Secret::new(CLIENT_SECRET),
+                },
+            ],
+        );
+        adjust(&mut options);
+        let sts = DevSts::new(options).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(Arc::clone(&sts).serve(listener, async {
             let _ = stopped.await;
@@ -61,10 +79,31 @@ impl Running {
         &self,
         form: &[(&str, &str)],
     ) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
+        self.token_as(CLIENT_ID, form).await
+    }
+
+    async fn token_as(
+        &self,
+        client_id: &str,
+        form: &[(&str, &str)],
+    ) -> (reqwest::StatusCode, reqwest::header::HeaderMap, Value) {
         let mut body: Vec<(&str, &str)> =
-            vec![("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)];
+            vec![("client_id", client_id), ("client_secret", CLIENT_SECRET)];
         body.extend_from_slice(form);
         self.post_form("/token", &body, None).await
+    }
+
+    /// Exchanges a fresh user token of `sub` and returns the whole answer.
+    async fn exchange_for(&self, sub: &str, form: &[(&str, &str)]) -> (reqwest::StatusCode, Value) {
+        let subject = self.user_token(sub).await;
+        let mut body = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", subject.as_str()),
+            ("subject_token_type", ACCESS_TOKEN),
+        ];
+        body.extend_from_slice(form);
+        let (status, _, answer) = self.token(&body).await;
+        (status, answer)
     }
 
     async fn post_form(
@@ -193,7 +232,7 @@ async fn discovery_and_jwks_describe_the_issuer() {
     );
     assert_eq!(
         discovery["grant_types_supported"],
-        serde_json::json!([TOKEN_EXCHANGE, "client_credentials"])
+        serde_json::json!([TOKEN_EXCHANGE, "client_credentials", JWT_BEARER])
     );
     assert_eq!(
         discovery["token_endpoint_auth_methods_supported"],
@@ -294,6 +333,7 @@ async fn exchange_defaults_audience_and_nests_prior_actors() {
         first["issued_token_type"],
         "urn:ietf:params:oauth:token-type:jwt"
     );
+    assert_eq!(first["token_type"], "N_A");
     assert!(first.get("scope").is_none());
     let first_token = first["access_token"].as_str().unwrap();
     let claims = sts.verified_claims(first_token, &[CLIENT_ID]).await;
@@ -677,6 +717,507 @@ async fn user_token_endpoint_mints_subject_tokens() {
     assert!(sts.sts.issue_user_token(&longest, None, None).is_ok());
     // User tokens are not token-endpoint issuance.
     assert_eq!(sts.sts.tokens_issued(), 0);
+}
+
+/// The JOSE header and the claims of `token`, verified against the published JWKS; `aud` must
+/// contain `audience`.
+async fn typed_claims(
+    sts: &Running,
+    token: &str,
+    audience: &str,
+) -> (Option<String>, Map<String, Value>) {
+    let typ = jsonwebtoken::decode_header(token).unwrap().typ;
+    (typ, sts.verified_claims(token, &[audience]).await)
+}
+
+#[tokio::test]
+async fn an_id_jag_is_issued_and_redeemed_with_jwt_bearer() {
+    let sts = Running::start().await;
+    let (status, body) = sts
+        .exchange_for(
+            "alice",
+            &[
+                ("requested_token_type", ID_JAG),
+                ("audience", &sts.base),
+                ("resource", API_B),
+                ("scope", "orders.read orders.write"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["issued_token_type"], ID_JAG);
+    assert_eq!(body["token_type"], "N_A");
+    assert_eq!(body["expires_in"], 300);
+    let id_jag = body["access_token"].as_str().unwrap().to_owned();
+    let (typ, claims) = typed_claims(&sts, &id_jag, &sts.base).await;
+    assert_eq!(typ.as_deref(), Some("oauth-id-jag+jwt"));
+    assert_eq!(claims["iss"], sts.base.as_str());
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], sts.base.as_str());
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(claims["resource"], API_B);
+    assert_eq!(claims["scope"], "orders.read orders.write");
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 32);
+    let lifetime = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert!(lifetime <= 300, "{lifetime}");
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::TokenExchange), 1);
+
+    // Redeemed: the resource claim is the audience, the ID-JAG's scope the scope, even when a
+    // narrower scope and another audience are asked for.
+    let (status, headers, body) = sts
+        .token(&[
+            ("grant_type", JWT_BEARER),
+            ("assertion", &id_jag),
+            ("scope", "orders.read"),
+            ("audience", "https://ignored.example"),
+            ("requested_token_use", "on_behalf_of"),
+        ])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(body["issued_token_type"], ACCESS_TOKEN);
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["expires_in"], 300);
+    let (typ, claims) = typed_claims(&sts, body["access_token"].as_str().unwrap(), API_B).await;
+    assert_eq!(typ.as_deref(), Some("JWT"));
+    assert_eq!(claims["iss"], sts.base.as_str());
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], API_B);
+    assert_eq!(claims["scope"], "orders.read orders.write");
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(
+        claims["exp"].as_u64().unwrap(),
+        claims["iat"].as_u64().unwrap() + 300
+    );
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::JwtBearer), 1);
+    assert_eq!(sts.sts.tokens_issued(), 2);
+}
+
+#[tokio::test]
+async fn an_id_jag_without_resource_takes_the_requested_audience() {
+    let sts = Running::start().await;
+    // aud = the token endpoint URL is accepted as naming this STS too.
+    let (_, body) = sts
+        .exchange_for(
+            "alice",
+            &[
+                ("requested_token_type", ID_JAG),
+                ("audience", &sts.sts.token_endpoint()),
+            ],
+        )
+        .await;
+    let id_jag = body["access_token"].as_str().unwrap().to_owned();
+    assert!(body.get("scope").is_none());
+
+    let (status, _, body) = sts
+        .token(&[
+            ("grant_type", JWT_BEARER),
+            ("assertion", &id_jag),
+            ("resource", API_B),
+        ])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, claims) = typed_claims(&sts, body["access_token"].as_str().unwrap(), API_B).await;
+    assert!(claims.get("scope").is_none());
+
+    let (status, _, body) = sts
+        .token(&[("grant_type", JWT_BEARER), ("assertion", &id_jag)])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, claims) = typed_claims(&sts, body["access_token"].as_str().unwrap(), CLIENT_ID).await;
+    assert_eq!(claims["aud"], CLIENT_ID);
+
+    // No scope granted: any requested scope exceeds it.
+    let (status, _, body) = sts
+        .token(&[
+            ("grant_type", JWT_BEARER),
+            ("assertion", &id_jag),
+            ("scope", "x"),
+        ])
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_scope");
+}
+
+#[tokio::test]
+async fn id_jag_refusals() {
+    let sts = Running::start().await;
+    let (_, body) = sts
+        .exchange_for(
+            "alice",
+            &[
+                ("requested_token_type", ID_JAG),
+                ("audience", &sts.base),
+                ("scope", "orders.read"),
+            ],
+        )
+        .await;
+    let id_jag = body["access_token"].as_str().unwrap().to_owned();
+    let issued = sts.sts.tokens_issued();
+
+    // Bound to the client it was issued to.
+    let (status, _, body) = sts
+        .token_as(
+            OTHER_CLIENT_ID,
+            &[("grant_type", JWT_BEARER), ("assertion", &id_jag)],
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant", "{body}");
+
+    // A scope outside the ID-JAG's.
+    let (status, _, body) = sts
+        .token(&[
+            ("grant_type", JWT_BEARER),
+            ("assertion", &id_jag),
+            ("scope", "orders.read orders.write"),
+        ])
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_scope", "{body}");
+
+    // An ID-JAG is a grant, not a subject token.
+    let (status, _, body) = sts
+        .token(&[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", &id_jag),
+            ("subject_token_type", ACCESS_TOKEN),
+        ])
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_grant", "{body}");
+
+    // Malformed ID-JAG requests.
+    let base = sts.base.clone();
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("requested_token_type", ID_JAG)], "invalid_request"),
+        (
+            vec![
+                ("requested_token_type", ID_JAG),
+                ("audience", &base),
+                ("audience", "https://as.c.example"),
+            ],
+            "invalid_request",
+        ),
+        (
+            vec![
+                ("requested_token_type", ID_JAG),
+                ("audience", &base),
+                ("resource", API_B),
+                ("resource", "https://api.c.example"),
+            ],
+            "invalid_request",
+        ),
+        (
+            vec![
+                ("requested_token_type", ID_JAG),
+                ("audience", &base),
+                ("resource", "/relative"),
+            ],
+            "invalid_target",
+        ),
+    ];
+    for (form, expected) in cases {
+        let (status, body) = sts.exchange_for("alice", &form).await;
+        assert_eq!(status, 400, "{form:?}: {body}");
+        assert_eq!(body["error"], expected, "{form:?}: {body}");
+    }
+    assert_eq!(sts.sts.tokens_issued(), issued);
+}
+
+#[tokio::test]
+async fn a_jwt_grant_is_issued_and_redeemed_with_jwt_bearer() {
+    let sts = Running::start().await;
+    let (status, body) = sts
+        .exchange_for(
+            "alice",
+            &[
+                ("requested_token_type", JWT),
+                ("audience", &sts.base),
+                ("scope", "orders.read"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["issued_token_type"], JWT);
+    assert_eq!(body["token_type"], "N_A");
+    let grant = body["access_token"].as_str().unwrap().to_owned();
+    let (typ, claims) = typed_claims(&sts, &grant, &sts.base).await;
+    assert_eq!(typ.as_deref(), Some("JWT"));
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], sts.base.as_str());
+    assert_eq!(claims["client_id"], CLIENT_ID);
+    assert_eq!(claims["scope"], "orders.read");
+    assert!(claims["jti"].is_string());
+
+    // Not an ID-JAG: audience and scope come from the request, and any client may redeem it.
+    let (status, _, body) = sts
+        .token_as(
+            OTHER_CLIENT_ID,
+            &[
+                ("grant_type", JWT_BEARER),
+                ("assertion", &grant),
+                ("audience", API_B),
+                ("scope", "billing.read"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["scope"], "billing.read");
+    let (_, claims) = typed_claims(&sts, body["access_token"].as_str().unwrap(), API_B).await;
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["aud"], API_B);
+    assert_eq!(claims["scope"], "billing.read");
+    assert_eq!(claims["client_id"], OTHER_CLIENT_ID);
+
+    let (status, _, body) = sts
+        .token(&[("grant_type", JWT_BEARER), ("assertion", &grant)])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("scope").is_none());
+    let (_, claims) = typed_claims(&sts, body["access_token"].as_str().unwrap(), CLIENT_ID).await;
+    assert!(claims.get("scope").is_none());
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::JwtBearer), 2);
+}
+
+#[tokio::test]
+async fn jwt_bearer_refuses_assertions_not_meant_for_this_sts() {
+    let sts = Running::start().await;
+    let signed = |edit: &dyn Fn(&mut Map<String, Value>)| {
+        let mut claims = sts.sts.base_claims(Duration::from_secs(60));
+        claims.insert("sub".into(), "alice".into());
+        claims.insert("aud".into(), sts.base.clone().into());
+        edit(&mut claims);
+        sts.sts.sign(&claims).unwrap()
+    };
+    // The control: right issuer, key, audience and lifetime.
+    let (status, _, body) = sts
+        .token(&[("grant_type", JWT_BEARER), ("assertion", &signed(&|_| {}))])
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    let impostor = DevSts::new(DevStsOptions::new(sts.base.clone(), Vec::new())).unwrap();
+    let mut foreign = impostor.base_claims(Duration::from_secs(60));
+    foreign.insert("sub".into(), "alice".into());
+    foreign.insert("aud".into(), sts.base.clone().into());
+    let foreign = impostor.sign(&foreign).unwrap();
+
+    let cases = [
+        (
+            "wrong aud",
+            signed(&|c| {
+                c.insert("aud".into(), "https://as.elsewhere.example".into());
+            }),
+        ),
+        // A user token is addressed to its resource, not to the STS.
+        ("user token", sts.user_token("alice").await),
+        (
+            "expired",
+            signed(&|c| {
+                c.insert("exp".into(), (now() - 5).into());
+            }),
+        ),
+        (
+            "no sub",
+            signed(&|c| {
+                c.remove("sub");
+            }),
+        ),
+        (
+            "other issuer",
+            signed(&|c| {
+                c.insert("iss".into(), "https://as.elsewhere.example".into());
+            }),
+        ),
+        ("other key", foreign),
+        ("not a JWT", "not-a-jwt".to_owned()),
+    ];
+    for (what, assertion) in &cases {
+        let (status, headers, body) = sts
+            .token(&[("grant_type", JWT_BEARER), ("assertion", assertion)])
+            .await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert_eq!(body["error"], "invalid_grant", "{what}: {body}");
+        assert_eq!(headers["cache-control"], "no-store");
+    }
+    let (status, _, body) = sts.token(&[("grant_type", JWT_BEARER)]).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"], "invalid_request");
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::JwtBearer), 1);
+}
+
+#[tokio::test]
+async fn a_transaction_token_carries_purpose_and_context() {
+    let sts = Running::start().await;
+    let context = serde_json::json!({ "req_ip": "10.0.0.7", "authn": "mfa", "req_wl": "forged" });
+    let encoded = URL_SAFE_NO_PAD.encode(context.to_string());
+    let form = [
+        ("requested_token_type", TXN_TOKEN),
+        ("audience", "trust-domain.example"),
+        ("scope", "orders.read"),
+        ("request_context", encoded.as_str()),
+    ];
+    let before = now();
+    let (status, body) = sts.exchange_for("alice", &form).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["issued_token_type"], TXN_TOKEN);
+    assert_eq!(body["token_type"], "N_A");
+    assert_eq!(body["expires_in"], 60);
+    let (typ, claims) = typed_claims(
+        &sts,
+        body["access_token"].as_str().unwrap(),
+        "trust-domain.example",
+    )
+    .await;
+    assert_eq!(typ.as_deref(), Some("txntoken+jwt"));
+    assert_eq!(claims["iss"], sts.base.as_str());
+    assert_eq!(claims["aud"], "trust-domain.example");
+    assert_eq!(claims["sub"], "alice");
+    assert_eq!(claims["scope"], "orders.read");
+    assert_eq!(claims["purp"], "orders.read");
+    assert_eq!(
+        claims["rctx"],
+        serde_json::json!({ "req_ip": "10.0.0.7", "authn": "mfa", "req_wl": CLIENT_ID })
+    );
+    let txn = claims["txn"].as_str().unwrap().to_owned();
+    assert_eq!(txn.len(), 32);
+    assert!(txn.bytes().all(|b| b.is_ascii_hexdigit()));
+    let iat = claims["iat"].as_u64().unwrap();
+    assert!(iat >= before);
+    assert_eq!(claims["exp"].as_u64().unwrap(), iat + 60);
+    assert!(claims.get("jti").is_none());
+
+    // Every request gets its own txn; without a context, rctx names the workload only.
+    let (_, again) = sts.exchange_for("alice", &form[..3]).await;
+    let (_, claims) = typed_claims(
+        &sts,
+        again["access_token"].as_str().unwrap(),
+        "trust-domain.example",
+    )
+    .await;
+    assert_ne!(claims["txn"], txn.as_str());
+    assert_eq!(claims["rctx"], serde_json::json!({ "req_wl": CLIENT_ID }));
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::TokenExchange), 2);
+
+    // A shorter token_ttl shortens Transaction Tokens too.
+    let short = Running::start_with(|o| o.token_ttl = Duration::from_secs(20)).await;
+    let (_, body) = short.exchange_for("alice", &form).await;
+    assert_eq!(body["expires_in"], 20);
+}
+
+#[tokio::test]
+async fn malformed_transaction_token_requests_are_rejected() {
+    let sts = Running::start().await;
+    let padded = STANDARD.encode("{\"a\":1}");
+    assert!(padded.ends_with('='));
+    let array = URL_SAFE_NO_PAD.encode("[1]");
+    let not_json = URL_SAFE_NO_PAD.encode("{nope");
+    for (extra, expected) in [
+        (vec![("scope", "orders.read")], "missing audience"),
+        (vec![("audience", "td")], "missing scope"),
+        (
+            vec![("audience", "td"), ("audience", "td2"), ("scope", "s")],
+            "two audiences",
+        ),
+        (
+            vec![
+                ("audience", "td"),
+                ("scope", "s"),
+                ("request_context", "!!"),
+            ],
+            "not base64url",
+        ),
+        (
+            vec![
+                ("audience", "td"),
+                ("scope", "s"),
+                ("request_context", &padded),
+            ],
+            "padded",
+        ),
+        (
+            vec![
+                ("audience", "td"),
+                ("scope", "s"),
+                ("request_context", &array),
+            ],
+            "not an object",
+        ),
+        (
+            vec![
+                ("audience", "td"),
+                ("scope", "s"),
+                ("request_context", &not_json),
+            ],
+            "not JSON",
+        ),
+    ] {
+        let mut form = vec![("requested_token_type", TXN_TOKEN)];
+        form.extend(extra);
+        let (status, body) = sts.exchange_for("alice", &form).await;
+        assert_eq!(status, 400, "{expected}: {body}");
+        assert_eq!(body["error"], "invalid_request", "{expected}: {body}");
+    }
+    assert_eq!(sts.sts.tokens_issued(), 0);
+}
+
+#[tokio::test]
+async fn configured_subjects_must_step_up() {
+    let sts = Running::start_with(|o| o.step_up_subjects = vec!["bob".into()]).await;
+    let step_up = serde_json::json!({
+        "error": "insufficient_user_authentication",
+        "error_description": "a stronger authentication is required",
+        "acr_values": "urn:txgate:dev:mfa",
+        "max_age": 300,
+    });
+    let base = sts.base.clone();
+    for form in [
+        vec![],
+        vec![
+            ("requested_token_type", ID_JAG),
+            ("audience", base.as_str()),
+        ],
+        vec![("requested_token_type", JWT), ("audience", base.as_str())],
+        vec![
+            ("requested_token_type", TXN_TOKEN),
+            ("audience", "td"),
+            ("scope", "s"),
+        ],
+    ] {
+        let (status, body) = sts.exchange_for("bob", &form).await;
+        assert_eq!(status, 400, "{form:?}");
+        assert_eq!(body, step_up, "{form:?}");
+        // Others are unaffected.
+        let (status, body) = sts.exchange_for("alice", &form).await;
+        assert_eq!(status, 200, "{form:?}: {body}");
+    }
+
+    // JWT bearer: an assertion about bob, signed here.
+    let mut claims = sts.sts.base_claims(Duration::from_secs(60));
+    claims.insert("sub".into(), "bob".into());
+    claims.insert("aud".into(), sts.base.clone().into());
+    claims.insert("client_id".into(), CLIENT_ID.into());
+    let assertion = sts
+        .sts
+        .sign_typed(&claims, Some("oauth-id-jag+jwt"))
+        .unwrap();
+    let (status, headers, body) = sts
+        .token(&[("grant_type", JWT_BEARER), ("assertion", &assertion)])
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(body, step_up);
+    assert_eq!(headers["cache-control"], "no-store");
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::JwtBearer), 0);
+    assert_eq!(sts.sts.tokens_issued_by(DevGrant::TokenExchange), 4);
+}
+
+#[test]
+fn jose_types_compare_as_media_types() {
+    assert!(media_type_is("oauth-id-jag+jwt", ID_JAG_TYP));
+    assert!(media_type_is("application/OAuth-ID-JAG+JWT", ID_JAG_TYP));
+    assert!(!media_type_is("at+jwt", ID_JAG_TYP));
+    assert!(!media_type_is("application/", ID_JAG_TYP));
+    assert!(media_type_is("txntoken+jwt", TXN_TOKEN_TYP));
 }
 
 #[tokio::test]
