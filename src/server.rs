@@ -392,21 +392,23 @@ fn build_server(
         })),
     });
 
-    if let Some((_, socket)) = listeners.ext_authz_grpc {
-        server.add_service(ext_authz_service(
+    let ext_authz_doors = [
+        (
             "txgate ext_authz grpc",
-            socket,
-            ext_authz::grpc::router(current.clone()),
-            settings.threads,
-        ));
-    }
-    if let Some((_, socket)) = listeners.ext_authz_http {
-        server.add_service(ext_authz_service(
+            listeners.ext_authz_grpc,
+            ext_authz::grpc::router as fn(_) -> _,
+        ),
+        (
             "txgate ext_authz http",
-            socket,
-            ext_authz::http::router(current.clone()),
-            settings.threads,
-        ));
+            listeners.ext_authz_http,
+            ext_authz::http::router,
+        ),
+    ];
+    for (name, bound, router) in ext_authz_doors {
+        if let Some((_, socket)) = bound {
+            let router = router(current.clone());
+            server.add_service(ext_authz_service(name, socket, router, settings.threads));
+        }
     }
 
     if let Some((addr, socket)) = listeners.admin {
