@@ -100,10 +100,13 @@ pub async fn admit(state: &GatewayState, request: Request<'_>) -> Result<Admitte
         }
         _ => None,
     };
-    let txn_token = validation::txn_token_of(state, &target, request);
-    validation::check_txn_token(txn_token)
-        .await
-        .map_err(|e| on_route(e, None))?;
+    // Boxed: only internal routes validate a Txn-Token, and inline its validation would grow
+    // every request's future.
+    if let Some(read) = validation::txn_token_of(state, &target, request) {
+        Box::pin(validation::check_txn_token(read))
+            .await
+            .map_err(|e| on_route(e, None))?;
+    }
     let checked = validation::check(&chosen, &target, &caller)
         .await
         .map_err(|e| on_route(e, None))?;

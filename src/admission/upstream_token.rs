@@ -135,7 +135,14 @@ pub async fn obtain(
     };
     if let Mode::TransactionToken { .. } = profile.mode {
         digest()?;
-        return transaction_token(state, profile, subject, context.as_deref()).await;
+        // Boxed for the same reason as a chain (see `fetch`).
+        return Box::pin(transaction_token(
+            state,
+            profile,
+            subject,
+            context.as_deref(),
+        ))
+        .await;
     }
     let waited = Instant::now();
     let (key, actor) = match &profile.mode {
@@ -246,8 +253,10 @@ async fn fetch(
     subject_digest: Option<TokenDigest>,
 ) -> Result<exchange::ExchangedToken, exchange::ExchangeError> {
     match (&profile.mode, tokens.subject, subject_digest) {
+        // Boxed: inline, a chain's nested cache lookups would grow every request's future
+        // (cache hits included), and copying it costs more than the allocation of a miss.
         (Mode::Chain { steps }, Some(subject), Some(digest)) => {
-            run_chain(cache, metrics, steps, subject, &digest).await
+            Box::pin(run_chain(cache, metrics, steps, subject, &digest)).await
         }
         // Admission requires a caller token on every chain route; never send the steps'
         // container as a request of its own.

@@ -91,12 +91,11 @@ pub fn txn_token_of<'s>(
 /// Validates what [`txn_token_of`] read: a Transaction Token of the trust domain, from its
 /// Transaction Token Service.
 pub async fn check_txn_token(
-    read: Option<(&Arc<JwtValidator>, Option<String>)>,
+    read: (&Arc<JwtValidator>, Option<String>),
 ) -> Result<(), GatewayError> {
     match read {
-        None => Ok(()),
-        Some((_, None)) => Err(GatewayError::TxnTokenRequired),
-        Some((validator, Some(token))) => match validator.validate(&token).await {
+        (_, None) => Err(GatewayError::TxnTokenRequired),
+        (validator, Some(token)) => match validator.validate(&token).await {
             Ok(_) => Ok(()),
             Err(crate::inbound::InboundError::Invalid(why)) => {
                 Err(GatewayError::InvalidTxnToken(why))
