@@ -263,15 +263,6 @@ impl Route {
             ),
         }
     }
-
-    /// Every exchange the route may run: one, or one per issuer.
-    pub fn exchanges(&self) -> Vec<&Arc<ExchangeSettings>> {
-        match &self.exchange {
-            Exchange::None => Vec::new(),
-            Exchange::Token(settings) => vec![settings],
-            Exchange::ByIssuer(choices) => choices.iter().map(|c| &c.exchange).collect(),
-        }
-    }
 }
 
 /// `match.host`: exact (case-insensitive) or `*.suffix` (one or more labels before the suffix).
