@@ -270,8 +270,8 @@ async fn fetch(
 /// Runs a chain for the caller's token `subject` (whose digest is `digest`): every step but
 /// the last through the cache (each result kept by its own expiry, concurrent callers sharing
 /// one call per step), the last one here (its result is the route's entry, cached by the
-/// caller). A step that rejects a result taken from the cache (an authorization server that
-/// takes each assertion once) gets a fresh one, once.
+/// caller). When the last step refuses the cached result it was given (an authorization
+/// server that takes each assertion once), that result is dropped and obtained afresh, once.
 async fn run_chain(
     cache: &TokenCache,
     metrics: &Metrics,
@@ -284,17 +284,13 @@ async fn run_chain(
             "a chain without steps".into(),
         ));
     };
-    let mut fresh_from = before.len();
+    // Whether the last intermediate result was already dropped once for being refused.
+    let mut renewed = false;
     'again: loop {
         let mut input: Option<(Arc<crate::cache::CachedToken>, CacheKey, bool)> = None;
-        for (i, step) in before.iter().enumerate() {
+        for step in before {
             let previous = input.as_ref().map(|(t, _, _)| t.token());
             let key = TokenCache::key(&step.settings, digest, None);
-            if i >= fresh_from
-                && let Some((token, _, _)) = &input
-            {
-                cache.purge(key, &token.authorization).await;
-            }
             let tokens = Tokens {
                 subject: Some(previous.unwrap_or(subject)),
                 actor: None,
@@ -322,13 +318,13 @@ async fn run_chain(
             (
                 Err(e @ exchange::ExchangeError::SubjectRejected { .. }),
                 Some((token, key, true)),
-            ) if fresh_from == before.len() => {
+            ) if !renewed => {
                 tracing::debug!(
                     outcome = e.outcome(),
                     "a chain step refused a cached input; obtaining a fresh one"
                 );
                 cache.purge(*key, &token.authorization).await;
-                fresh_from = before.len() - 1;
+                renewed = true;
                 continue 'again;
             }
             _ => {}
