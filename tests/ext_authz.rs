@@ -335,3 +335,56 @@ async fn a_reload_applies_to_the_next_check() {
     );
     assert_eq!(refused.json()["error"], "unauthorized");
 }
+
+/// A `transaction_token` route behind Envoy: the Check's answer sets `txn-token` and removes
+/// the caller's `authorization`, so the upstream gets the Transaction Token alone; one a caller
+/// wrote itself is replaced; every request gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_forwards_a_transaction_token_and_nothing_of_the_callers() {
+    let tts = TestSts::start(Behavior::Reply {
+        status: 200,
+        body: serde_json::json!({
+            "access_token": "issued-txn-token-0123456789",
+            "issued_token_type": "urn:ietf:params:oauth:token-type:txn_token",
+            "token_type": "N_A",
+        })
+        .to_string(),
+        headers: vec![("content-type".into(), "application/json".into())],
+    })
+    .await;
+    let upstream = RecordingUpstream::start().await;
+    let gw = gateway(&format!(
+        "server: {{ listen: [], ext_authz: {{ grpc_listen: \"127.0.0.1:0\" }} }}\ntoken_services:\n  tts: {{ token_endpoint: \"{}\", client_id: gateway, client_secret: \"${{TEST_CLIENT_SECRET}}\" }}\nroutes:\n  - {{ name: txn, match: {{ path_prefix: /txn }}, upstream: \"{}\", exchange: {{ mode: transaction_token, token_service: tts, trust_domain: \"https://trust.example\", purpose: orders.read }} }}\n",
+        tts.token_endpoint(),
+        upstream.url()
+    ))
+    .await;
+    let envoy = Envoy::start(
+        upstream.addr,
+        Authz::Grpc(gw.ext_authz.grpc.expect("the gRPC ext_authz listener")),
+    )
+    .await;
+    let token = caller_token();
+    for round in 0..2 {
+        let reply = client()
+            .post(format!("{}/txn/7", envoy.url()))
+            .bearer_auth(&token)
+            .header("txn-token", "forged-by-the-caller-0123")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200, "{}", envoy.output());
+        let seen = &upstream.seen()[round];
+        assert_eq!(
+            seen.header("txn-token"),
+            Some("issued-txn-token-0123456789")
+        );
+        assert_eq!(seen.header("authorization"), None, "{}", seen.everything());
+        assert!(!seen.everything().contains(&token), "{}", seen.everything());
+        assert!(!seen.everything().contains("forged-by-the-caller"));
+    }
+    assert_eq!(tts.calls(), 2, "a Transaction Token per request");
+    let call = &tts.captured()[0];
+    assert_eq!(call.param("subject_token"), Some(token.as_str()));
+    assert_eq!(call.param("audience"), Some("https://trust.example"));
+}
